@@ -1,0 +1,111 @@
+"""Attention over packed keys/values in pure torch: the twin (and spec) of the Triton attention kernels.
+
+Math (per query head h, query i; GQA: query head h reads KV head ``h // G``)::
+
+    s_ij   = scale · ⟨rotate_query(q_i), rotated(K_j)⟩  (+ scale · ⟨S·q_i, γ_j√(π/2)/d·sign_j⟩ with QJL)
+    m_i    = max_j s_ij,   l_i = Σ_j exp(s_ij − m_i),   lse_i = m_i + log l_i
+    out_i  = unrotate(Σ_j exp(s_ij − m_i)·rotated(V_j)) / l_i
+
+Keys are never reconstructed in the original space and values are rotated back once per query, exactly
+as a fused kernel does. The sequence is processed in chunks with an online softmax, so memory stays
+``O(chunk)`` rather than a dense fp32 copy of the cache. Returning ``lse`` lets the caller merge this
+part with attention over the full-precision window (:func:`merge_partials`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Packed
+
+__all__ = ["attend_packed", "merge_partials"]
+
+
+def attend_packed(
+    q: torch.Tensor,
+    k_codec,
+    k_packed: Packed,
+    v_codec,
+    v_packed: Packed,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over packed K/V.
+
+    Args:
+        q: ``[B, Hq, Lq, d]`` queries (any float dtype).
+        k_codec, v_codec: the codecs that produced the packed state (``rotate_query``/``rotated``/``unrotate``).
+        k_packed, v_packed: fields ``[B, Hkv, T, width]``; ``Hq`` must be a multiple of ``Hkv``.
+        scale: softmax scale applied to the scores.
+        mask: optional boolean ``[B, 1 or Hq, Lq, T]``, True where query i may attend key j (causality,
+            padding and sliding windows are all expressed here).
+        chunk: tokens per online-softmax step.
+
+    Returns:
+        ``(out, lse)``: ``out [B, Hq, Lq, d]`` float32 in the original space, already normalised;
+        ``lse [B, Hq, Lq]`` float32 log-sum-exp of the scaled scores (``-inf`` where nothing is attended,
+        with ``out`` = 0 there).
+    """
+    B, Hq, Lq, d = q.shape
+    lead = k_packed.lead_shape
+    if len(lead) != 3 or lead[0] != B:
+        raise ValueError(f"packed keys must have lead shape [B={B}, Hkv, T], got {tuple(lead)}")
+    Hkv, T = lead[1], lead[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    G = Hq // Hkv
+    # [B, Hkv, G·Lq, d]: all query heads of a GQA group against their KV head's packed state at once.
+    qg = q.reshape(B, Hkv, G * Lq, d)
+    q_rot = k_codec.rotate_query(qg)
+    k_qjl = getattr(k_codec, "qjl", False)
+    v_qjl = getattr(v_codec, "qjl", False)
+    q_sk = k_codec.sketch_query(qg) if k_qjl else None
+    if mask is not None:
+        mask = mask.expand(B, Hq, Lq, T).reshape(B, Hkv, G * Lq, T)
+
+    m = torch.full((B, Hkv, G * Lq), -math.inf, device=q.device)
+    l = torch.zeros((B, Hkv, G * Lq), device=q.device)
+    acc = torch.zeros((B, Hkv, G * Lq, d), device=q.device)
+    acc_qjl = torch.zeros_like(acc) if v_qjl else None
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, min(t0 + chunk, T))
+        kc = k_packed.map(lambda t: t[:, :, sl])
+        vc = v_packed.map(lambda t: t[:, :, sl])
+        s = q_rot @ k_codec.rotated(kc).transpose(-1, -2)
+        if k_qjl:
+            s = s + q_sk @ k_codec.qjl_vectors(kc).transpose(-1, -2)
+        s = s * scale
+        if mask is not None:
+            s = s.masked_fill(~mask[..., sl], -math.inf)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.exp(m - m_safe)
+        l = l * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + p @ v_codec.rotated(vc)
+        if v_qjl:
+            acc_qjl = acc_qjl * alpha[..., None] + p @ v_codec.qjl_vectors(vc)
+        m = m_new
+    out = v_codec.unrotate(acc)
+    if v_qjl:
+        out = out + v_codec.unsketch(acc_qjl)
+    out = out / l.clamp_min(1e-30)[..., None]
+    lse = torch.where(l > 0, m + torch.log(l.clamp_min(1e-30)), torch.full_like(m, -math.inf))
+    return out.reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
+
+
+def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge normalised partial attentions ``(out [..., d], lse [...])`` over disjoint key sets.
+
+    ``out = Σ_k out_k · exp(lse_k − lse)``, ``lse = log Σ_k exp(lse_k)``; parts that attended nothing
+    (``lse = -inf``) contribute zero.
+    """
+    lses = torch.stack([p[1] for p in parts])
+    lse = torch.logsumexp(lses, dim=0)
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    out = sum(o.float() * torch.exp(l - lse_safe)[..., None] for o, l in parts)
+    return out, lse

@@ -1,0 +1,344 @@
+"""TurboQuant (arXiv 2504.19874) in pure torch: the specification every kernel is tested against.
+
+**MSE stage, b bits.** For a vector ``x ∈ R^d``: ``n = ‖x‖``, ``y = R·x/n`` (R a seeded random rotation),
+``idx_j = argmin_k |y_j − c_k|`` with ``c`` the Lloyd–Max levels for the coordinate density of a rotated
+unit vector (codebook.py). Store the b-bit ``idx`` (packing.py) and one fp16 scale: ``n``, or with norm
+correction ``n/‖c[idx]‖`` so that ``x̂ = scale·Rᵀc[idx]`` keeps ``‖x̂‖ = ‖x‖`` exactly.
+
+**QJL stage (TurboQuant-prod).** With ``qjl=True`` and b total bits, the MSE stage gets b−1 bits; the
+residual ``r = x − x̂`` is stored as ``sign(S·r)`` (1 bit per coordinate, S a d×d standard Gaussian matrix
+seeded independently of R) and ``γ = ‖r‖`` (fp16). Unbiased inner product (paper Thm. 2):
+``⟨q, x⟩ ≈ ⟨q, x̂⟩ + γ·√(π/2)/d·⟨S·q, sign(S·r)⟩``.
+
+**Fractional bits.** ``bits = 3.5`` splits the channels into two independent instances ("segments"), one at
+4 and one at 3 bits, each with its own rotation, codebook and norm. ``split="halves"`` gives the extra bit
+to a fixed set of channels (the first ones); ``split="outliers"`` to the channels of largest RMS in the
+first data seen (:meth:`TurboQuantizer.calibrate`). The high-bit segment is always segment 0.
+
+**Scores in the rotated space.** Attention never reconstructs keys: ``⟨q, x̂⟩ = Σ_s scale_s·⟨R_s q_s, c[idx_s]⟩``,
+so the query is rotated once (:meth:`rotate_query`) and compared with centroid values (:meth:`rotated`);
+a value-weighted sum is accumulated in the rotated space and rotated back once (:meth:`unrotate`).
+
+Packed fields (all ``[*lead, width]``; see docs/formats.md)::
+
+    codes      uint8    [*lead, Σ_s d_s·b_s/8]  segment 0's bit stream, then segment 1's
+    norms      float16  [*lead, S]              per-segment scale (‖x_s‖ or ‖x_s‖/‖c[idx_s]‖)
+    qjl_signs  uint8    [*lead, d/8]            sign(S·r) as 1-bit codes (1 = positive), qjl only
+    qjl_norms  float16  [*lead, 1]              γ = ‖r‖, qjl only
+
+Example::
+
+    >>> q = TurboQuantizer(dim=128, bits=3)
+    >>> x = torch.randn(4, 128)
+    >>> packed = q.quantize(x)
+    >>> q.dequantize(packed).shape, round(packed.bits_per_element, 3)
+    (torch.Size([4, 128]), 3.125)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Packed, check_input
+from .codebook import codebook
+from .packing import pack_bits, packed_width, unpack_bits
+from .rotation import rotation_matrix
+
+__all__ = ["TurboQuantizer", "derive_seed", "segments_for"]
+
+_TINY = 1e-30
+_FP16_MAX = 65504.0
+
+
+def derive_seed(seed: int, *tags: int) -> int:
+    """Mix ``seed`` with integer tags (splitmix64), giving independent 63-bit seeds per layer/segment/role."""
+    z = int(seed) & 0xFFFFFFFFFFFFFFFF
+    for t in tags:
+        z = (z + 0x9E3779B97F4A7C15 + (int(t) & 0xFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        z ^= z >> 31
+    return z & 0x7FFFFFFFFFFFFFFF
+
+
+def segments_for(dim: int, mse_bits: float) -> list[tuple[int, int]]:
+    """Channel segments ``[(channels, bits), ...]`` for a (possibly fractional) MSE bit-width.
+
+    Whole bits give one segment. ``b + f`` (0 < f < 1) gives ``f·dim`` channels at ``b+1`` bits and the rest
+    at ``b``; both counts must be whole multiples of 8 so each segment packs into whole bytes.
+    """
+    lo = math.floor(mse_bits)
+    frac = mse_bits - lo
+    if frac == 0:
+        packed_width(dim, lo)  # raises if dim·bits is not whole bytes
+        return [(dim, lo)]
+    hi_channels = frac * dim
+    if abs(hi_channels - round(hi_channels)) > 1e-9 or round(hi_channels) % 8 or (dim - round(hi_channels)) % 8:
+        raise ValueError(
+            f"bits={mse_bits:g} is not representable for dim={dim}: the fractional part needs "
+            f"{hi_channels:g} channels at {lo + 1} bits, which must be a whole multiple of 8 (e.g. 2.5, 3.25, 3.5 for dim 128)"
+        )
+    hi = round(hi_channels)
+    return [(hi, lo + 1), (dim - hi, lo)]
+
+
+class TurboQuantizer(torch.nn.Module):
+    """TurboQuant-MSE / TurboQuant-prod quantizer for vectors of size ``dim``.
+
+    Args:
+        dim: vector size (head_dim); ``dim·bits`` must pack into whole bytes (any multiple of 8 works).
+        bits: total bits per coordinate including the QJL sign bit when ``qjl=True``; may be fractional
+            (2.5, 3.5, ...; see :func:`segments_for`).
+        qjl: add the 1-bit QJL residual sketch (unbiased inner products).
+        rotation: ``"hadamard"`` or ``"haar"`` (non-power-of-two segment sizes always use Haar).
+        norm_correction: store ``‖x‖/‖c[idx]‖`` so reconstructions keep the exact norm.
+        seed: seed of the rotations and the QJL matrix (explicit; no global RNG is touched).
+        split: fractional-bit channel choice, ``"halves"`` or ``"outliers"``.
+        channel_scale: divide channels by their RMS (set by :meth:`calibrate`) before rotating.
+        density: codebook density, ``"exact"`` (Beta-type, exact for a rotated unit vector) or ``"gaussian"``.
+
+    All state (rotations, codebooks, sketch, channel permutation and scales) lives in buffers, so
+    ``.to(device)`` moves it and ``state_dict()`` saves it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bits: float = 4,
+        qjl: bool = False,
+        rotation: str = "hadamard",
+        norm_correction: bool = True,
+        seed: int = 0,
+        split: str = "halves",
+        channel_scale: bool = False,
+        density: str = "exact",
+    ):
+        super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 8 or dim % 8:
+            raise ValueError(f"dim must be a positive multiple of 8, got {dim!r}")
+        try:
+            bits = float(bits)
+        except (TypeError, ValueError):
+            raise ValueError(f"bits must be a number, got {bits!r}") from None
+        mse_bits = bits - 1 if qjl else bits
+        if not 1 <= mse_bits <= 8 or math.isnan(bits):
+            rng = "2..9 (qjl=True spends one bit on the sign sketch)" if qjl else "1..8"
+            raise ValueError(f"TurboQuant bits must be in {rng}, got bits={bits:g}")
+        if rotation not in ("hadamard", "haar"):
+            raise ValueError(f"rotation must be 'hadamard' or 'haar', got {rotation!r}")
+        if split not in ("halves", "outliers"):
+            raise ValueError(f"split must be 'halves' or 'outliers', got {split!r}")
+        self.dim, self.bits, self.qjl = dim, bits, bool(qjl)
+        self.rotation_kind, self.norm_correction, self.seed = rotation, bool(norm_correction), int(seed)
+        self.split, self.use_channel_scale, self.density = split, bool(channel_scale), density
+        self.segments = segments_for(dim, mse_bits)
+
+        for s, (d_s, b_s) in enumerate(self.segments):
+            self.register_buffer(f"rot{s}", rotation_matrix(d_s, derive_seed(seed, 1, s), rotation))
+            levels = codebook(d_s, b_s, density)
+            self.register_buffer(f"levels{s}", levels)
+            self.register_buffer(f"bounds{s}", 0.5 * (levels[1:] + levels[:-1]))
+        if self.qjl:
+            gen = torch.Generator().manual_seed(derive_seed(seed, 2))
+            self.register_buffer("sketch", torch.randn(dim, dim, generator=gen, dtype=torch.float64).float())
+        # Channel order: perm[:d_0] are segment 0's channels. Data-dependent (outliers) after calibrate().
+        self.register_buffer("perm", torch.arange(dim))
+        self.register_buffer("channel_scale", torch.ones(dim))
+        self.register_buffer("calibrated", torch.tensor(not self.needs_calibration))
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def needs_calibration(self) -> bool:
+        """True when channel choices depend on data (outlier split or channel scaling)."""
+        return (self.split == "outliers" and len(self.segments) > 1) or self.use_channel_scale
+
+    def field_widths(self) -> dict[str, tuple[int, torch.dtype]]:
+        """Width and dtype of every packed field (see the module docstring)."""
+        widths = {
+            "codes": (sum(packed_width(d_s, b_s) for d_s, b_s in self.segments), torch.uint8),
+            "norms": (len(self.segments), torch.float16),
+        }
+        if self.qjl:
+            widths["qjl_signs"] = (self.dim // 8, torch.uint8)
+            widths["qjl_norms"] = (1, torch.float16)
+        return widths
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per element including norms and QJL metadata."""
+        total = sum(w * torch.empty((), dtype=dt).element_size() for w, dt in self.field_widths().values())
+        return 8.0 * total / self.dim
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, bits={self.bits:g}, qjl={self.qjl}, rotation={self.rotation_kind}, "
+            f"norm_correction={self.norm_correction}, segments={self.segments}, seed={self.seed}"
+        )
+
+    def _seg(self, s: int):
+        return getattr(self, f"rot{s}"), getattr(self, f"levels{s}"), getattr(self, f"bounds{s}")
+
+    # ------------------------------------------------------------------ calibration
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Choose data-dependent channel handling from sample vectors ``x [..., dim]`` (e.g. a prefill's keys).
+
+        ``split="outliers"``: segment 0 (the extra bit) gets the channels of largest RMS.
+        ``channel_scale=True``: channels are divided by their RMS before rotation.
+        Does nothing when :attr:`needs_calibration` is False. Calibrating twice keeps the first choice, so a
+        cache's stored codes never change meaning.
+        """
+        if bool(self.calibrated):
+            return
+        check_input(x, self.dim)
+        rms = x.detach().float().reshape(-1, self.dim).pow(2).mean(0).sqrt()
+        if self.use_channel_scale:
+            floor = rms.mean().clamp_min(_TINY) * 1e-2  # keep tiny channels from being blown up
+            self.channel_scale.copy_(torch.maximum(rms, floor))
+        if self.split == "outliers" and len(self.segments) > 1:
+            d0 = self.segments[0][0]
+            top = torch.argsort(rms, descending=True, stable=True)
+            hi = torch.sort(top[:d0]).values
+            lo = torch.sort(top[d0:]).values
+            self.perm.copy_(torch.cat([hi, lo]))
+        self.calibrated.fill_(True)
+
+    # ------------------------------------------------------------------ quantize / dequantize
+    def _to_working(self, x: torch.Tensor) -> torch.Tensor:
+        """Original space -> permuted, channel-scaled fp32 space in which the segments are cut."""
+        xf = x.float()
+        if self.use_channel_scale:
+            xf = xf / self.channel_scale
+        return xf[..., self.perm]
+
+    def _from_working(self, xw: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(xw)
+        out[..., self.perm] = xw
+        if self.use_channel_scale:
+            out = out * self.channel_scale
+        return out
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor, *, check: bool = True) -> Packed:
+        """Quantize ``x [..., dim]`` (fp16/bf16/fp32) into a :class:`Packed` with the fields above.
+
+        Zero vectors are stored with norm 0 and decode to exact zeros. ``check=False`` skips the
+        NaN/inf scan (one device sync) for hot paths whose inputs are known finite.
+        """
+        check_input(x, self.dim, check_finite=check)
+        if self.needs_calibration and not bool(self.calibrated):
+            self.calibrate(x)
+        xw = self._to_working(x)
+        codes, norms, rot_parts = [], [], []
+        off = 0
+        for s, (d_s, b_s) in enumerate(self.segments):
+            rot, levels, bounds = self._seg(s)
+            xs = xw[..., off : off + d_s]
+            off += d_s
+            n = xs.norm(dim=-1, keepdim=True)
+            y = (xs @ rot.T) / n.clamp_min(_TINY)
+            # bucketize(right=False) counts boundaries strictly below y: ties go to the lower level.
+            idx = torch.bucketize(y, bounds)
+            c = levels[idx]
+            scale = n / c.norm(dim=-1, keepdim=True).clamp_min(_TINY) if self.norm_correction else n
+            scale = scale.clamp_max(_FP16_MAX).half()
+            codes.append(pack_bits(idx, b_s))
+            norms.append(scale)
+            rot_parts.append(scale.float() * c)
+        fields = {"codes": torch.cat(codes, -1), "norms": torch.cat(norms, -1)}
+        if self.qjl:
+            # Residual against what is actually stored (fp16 scales), in the working space.
+            r = xw - self._unrotate_working(torch.cat(rot_parts, -1))
+            proj = r @ self.sketch.T
+            fields["qjl_signs"] = pack_bits((proj > 0).to(torch.int64), 1)
+            fields["qjl_norms"] = r.norm(dim=-1, keepdim=True).clamp_max(_FP16_MAX).half()
+        return Packed(fields=fields, dim=self.dim, dtype=x.dtype)
+
+    def _check_packed(self, packed: Packed) -> None:
+        if not isinstance(packed, Packed):
+            raise TypeError(f"expected a Packed state, got {type(packed).__name__}")
+        for name, (w, dt) in self.field_widths().items():
+            t = packed.fields.get(name)
+            if t is None or t.shape[-1] != w or t.dtype != dt:
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                raise ValueError(f"packed field {name!r} should be [..., {w}] {dt}, got {got}")
+
+    def rotated(self, packed: Packed) -> torch.Tensor:
+        """MSE reconstruction in the rotated space, ``[..., dim]`` fp32: ``concat_s scale_s·c_s[idx_s]``."""
+        self._check_packed(packed)
+        codes, norms = packed["codes"], packed["norms"].float()
+        parts, byte = [], 0
+        for s, (d_s, b_s) in enumerate(self.segments):
+            _, levels, _ = self._seg(s)
+            w = packed_width(d_s, b_s)
+            idx = unpack_bits(codes[..., byte : byte + w], b_s, d_s)
+            byte += w
+            parts.append(norms[..., s : s + 1] * levels[idx])
+        return torch.cat(parts, -1)
+
+    def _unrotate_working(self, y: torch.Tensor) -> torch.Tensor:
+        parts, off = [], 0
+        for s, (d_s, _) in enumerate(self.segments):
+            parts.append(y[..., off : off + d_s] @ self._seg(s)[0])  # x = y·R (R orthogonal)
+            off += d_s
+        return torch.cat(parts, -1)
+
+    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
+        """Map a rotated-space vector (e.g. a value-weighted sum of :meth:`rotated`) back: ``[..., dim]`` fp32."""
+        return self._from_working(self._unrotate_working(y.float()))
+
+    def rotate_query(self, q: torch.Tensor) -> torch.Tensor:
+        """The query in the rotated space, ``[..., dim]`` fp32, so that ``⟨q, x̂⟩ = ⟨rotate_query(q), rotated(p)⟩``."""
+        qf = q.float()
+        if self.use_channel_scale:
+            qf = qf * self.channel_scale  # ⟨q, x⟩ = ⟨q·s, x/s⟩
+        qw = qf[..., self.perm]
+        parts, off = [], 0
+        for s, (d_s, _) in enumerate(self.segments):
+            parts.append(qw[..., off : off + d_s] @ self._seg(s)[0].T)
+            off += d_s
+        return torch.cat(parts, -1)
+
+    # ------------------------------------------------------------------ QJL
+    @property
+    def qjl_scale(self) -> float:
+        """√(π/2)/d, the constant of the unbiased QJL inner-product estimator."""
+        return math.sqrt(math.pi / 2) / self.dim
+
+    def sketch_query(self, q: torch.Tensor) -> torch.Tensor:
+        """``S·q`` in the working space, ``[..., dim]`` fp32 (qjl only)."""
+        qf = q.float()
+        if self.use_channel_scale:
+            qf = qf * self.channel_scale
+        return qf[..., self.perm] @ self.sketch.T
+
+    def qjl_vectors(self, packed: Packed) -> torch.Tensor:
+        """``γ·√(π/2)/d·sign(S·r)`` as ``[..., dim]`` fp32 (±1 signs times the per-vector constant)."""
+        signs = unpack_bits(packed["qjl_signs"], 1, self.dim).float() * 2 - 1
+        return packed["qjl_norms"].float() * self.qjl_scale * signs
+
+    def unsketch(self, z: torch.Tensor) -> torch.Tensor:
+        """``Sᵀ·z`` mapped back to the original space: the QJL part of a reconstruction, ``[..., dim]`` fp32."""
+        return self._from_working(z.float() @ self.sketch)
+
+    # ------------------------------------------------------------------ public reconstructions
+    def dequantize(self, packed: Packed) -> torch.Tensor:
+        """Reconstruct ``x̂ [..., dim]`` in the input's dtype (with QJL: ``x̂_mse + γ√(π/2)/d·Sᵀsign(S·r)``)."""
+        xw = self._unrotate_working(self.rotated(packed))
+        if self.qjl:
+            xw = xw + self.qjl_vectors(packed) @ self.sketch
+        return self._from_working(xw).to(packed.dtype)
+
+    def inner_product(self, y: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Estimate ``⟨y, x⟩`` for each packed vector; ``y [..., dim]`` broadcasts against the packed lead dims.
+
+        Unbiased when ``qjl=True`` (paper Thm. 2); otherwise the (biased, lower-variance) MSE estimate.
+        """
+        if y.shape[-1] != self.dim:
+            raise ValueError(f"last dimension must be dim={self.dim}, got {tuple(y.shape)}")
+        ip = (self.rotate_query(y) * self.rotated(packed)).sum(-1)
+        if self.qjl:
+            ip = ip + (self.sketch_query(y) * self.qjl_vectors(packed)).sum(-1)
+        return ip

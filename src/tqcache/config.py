@@ -1,0 +1,205 @@
+"""Frozen configuration: one :class:`CodecConfig` per tensor kind (keys, values), one :class:`CacheConfig`.
+
+Scheme strings parse here and nowhere else::
+
+    >>> cfg = parse_scheme("k4v3")
+    >>> cfg.key.bits, cfg.value.bits
+    (4.0, 3.0)
+
+Every validation error names the bad value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Literal
+
+__all__ = ["CodecConfig", "CacheConfig", "SCHEMES", "parse_scheme", "scheme_names"]
+
+CodecKind = Literal["turbo", "affine", "none"]
+_KINDS = ("turbo", "affine", "none")
+_ROTATIONS = ("hadamard", "haar")
+_SPLITS = ("halves", "outliers")
+_AXES = ("token", "channel")
+
+
+@dataclasses.dataclass(frozen=True)
+class CodecConfig:
+    """How one tensor kind (keys or values) is stored.
+
+    Attributes:
+        kind: ``"turbo"`` (rotation + Lloyd–Max), ``"affine"`` (min/max groups) or ``"none"`` (kept as is).
+        bits: bits per coordinate of the codes. TurboQuant accepts fractional values (2.5, 3.5, ...): the
+            channels are split between two instances at ``floor(bits)`` and ``ceil(bits)`` bits. With
+            ``qjl=True`` the total includes the 1-bit sign sketch (``bits - 1`` go to the MSE stage).
+        qjl: add the QJL residual sign sketch (TurboQuant-prod); unbiased inner products.
+        rotation: ``"hadamard"`` (randomized Walsh–Hadamard; power-of-two dims) or ``"haar"`` (dense QR).
+            Non-power-of-two dims always use ``"haar"`` (documented in docs/design.md).
+        norm_correction: store ``‖x‖/‖c[idx]‖`` instead of ``‖x‖`` so the reconstruction keeps the exact norm.
+        split: for fractional bits, which channels get the extra bit: ``"halves"`` (fixed: the first
+            channels) or ``"outliers"`` (the largest-RMS channels, chosen from the first data seen).
+        group_size: affine group size (elements per scale/zero pair).
+        axis: affine grouping: ``"token"`` (groups run along channels of one token) or ``"channel"``
+            (groups run along tokens of one channel; codec only, the cache uses ``"token"``).
+        channel_scale: per-channel key scaling before the rotation (KIVI-style treatment of outlier
+            channels): channels are divided by their RMS over the first data seen, and the query side is
+            multiplied by it, so inner products are unchanged.
+    """
+
+    kind: CodecKind = "turbo"
+    bits: float = 4.0
+    qjl: bool = False
+    rotation: str = "hadamard"
+    norm_correction: bool = True
+    split: str = "halves"
+    group_size: int = 32
+    axis: str = "token"
+    channel_scale: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"codec kind must be one of {_KINDS}, got {self.kind!r}")
+        try:
+            bits = float(self.bits)
+        except (TypeError, ValueError):
+            raise ValueError(f"bits must be a number, got {self.bits!r}") from None
+        object.__setattr__(self, "bits", bits)
+        if self.kind == "none":
+            return
+        if self.rotation not in _ROTATIONS:
+            raise ValueError(f"rotation must be one of {_ROTATIONS}, got {self.rotation!r}")
+        if self.split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {self.split!r}")
+        if self.axis not in _AXES:
+            raise ValueError(f"axis must be one of {_AXES}, got {self.axis!r}")
+        if self.kind == "affine":
+            if bits != int(bits) or not 1 <= bits <= 8:
+                raise ValueError(f"affine bits must be a whole number in 1..8, got {self.bits!r}")
+            if self.qjl:
+                raise ValueError("qjl=True applies to TurboQuant only, not to the affine codec")
+            if self.group_size < 1:
+                raise ValueError(f"group_size must be positive, got {self.group_size!r}")
+            return
+        mse_bits = bits - 1 if self.qjl else bits
+        lo = 1.0
+        if not (lo <= mse_bits <= 8) or math.isnan(bits):
+            need = "2..9" if self.qjl else "1..8"
+            raise ValueError(
+                f"TurboQuant bits must be in {need}{' with qjl=True' if self.qjl else ''}, got {self.bits!r}"
+            )
+
+    @property
+    def mse_bits(self) -> float:
+        """Bits per coordinate spent by the MSE stage (``bits`` minus the QJL sign bit)."""
+        return self.bits - 1 if (self.kind == "turbo" and self.qjl) else self.bits
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """A whole cache scheme: how keys and values are stored and which tokens/layers stay full precision.
+
+    Attributes:
+        key, value: codec of keys and of values.
+        window: number of most recent tokens kept in full precision (a rolling window; older tokens are
+            compressed as they leave it). 0 compresses every token.
+        sinks: number of first tokens (attention sinks) kept in full precision forever.
+        fp_layers: layer indices kept entirely in full precision (negative indices count from the end,
+            e.g. ``(0, -1)`` for the first and last layer).
+        two_phase: keep everything full precision during prefill and compress at the first decode step.
+        seed: seed of every rotation, sketch and codebook-free random choice; layer ``i`` uses a seed
+            derived from ``(seed, i)`` so layers are independent and reproducible.
+        name: the scheme string this came from (informational).
+    """
+
+    key: CodecConfig = CodecConfig()
+    value: CodecConfig = CodecConfig()
+    window: int = 128
+    sinks: int = 0
+    fp_layers: tuple[int, ...] = ()
+    two_phase: bool = False
+    seed: int = 0
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for field in ("window", "sinks", "seed"):
+            v = getattr(self, field)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{field} must be a non-negative integer, got {v!r}")
+        object.__setattr__(self, "fp_layers", tuple(int(i) for i in self.fp_layers))
+        if (self.key.kind == "none") != (self.value.kind == "none"):
+            raise ValueError(
+                "key and value must both be compressed or both be 'none' "
+                f"(got key={self.key.kind!r}, value={self.value.kind!r})"
+            )
+
+    @property
+    def compressed(self) -> bool:
+        return self.key.kind != "none"
+
+    def replace(self, **changes) -> "CacheConfig":
+        """A copy with fields changed, e.g. ``cfg.replace(window=0)``; validated again."""
+        return dataclasses.replace(self, **changes)
+
+    def is_fp_layer(self, layer_idx: int, num_layers: int) -> bool:
+        return any((i % num_layers) == layer_idx for i in self.fp_layers) if num_layers else False
+
+
+def _turbo(bits: float, **kw) -> CodecConfig:
+    return CodecConfig(kind="turbo", bits=bits, **kw)
+
+
+# Named presets. Each says which fractional route it uses: `turboX.5` splits channels (half the
+# channels at ceil, half at floor bits); `kXvY` gives keys and values different whole bit-widths.
+SCHEMES: dict[str, CacheConfig] = {
+    "none": CacheConfig(CodecConfig(kind="none"), CodecConfig(kind="none"), window=0, name="none"),
+    "turbo4": CacheConfig(_turbo(4), _turbo(4), name="turbo4"),
+    "turbo3.5": CacheConfig(_turbo(3.5), _turbo(3.5), name="turbo3.5"),
+    "turbo3": CacheConfig(_turbo(3), _turbo(3), name="turbo3"),
+    "turbo2.5": CacheConfig(_turbo(2.5), _turbo(2.5), name="turbo2.5"),
+    "turbo2": CacheConfig(_turbo(2), _turbo(2), name="turbo2"),
+    "k8v4": CacheConfig(_turbo(8), _turbo(4), name="k8v4"),
+    "k4v3": CacheConfig(_turbo(4), _turbo(3), name="k4v3"),
+    "k4v2": CacheConfig(_turbo(4), _turbo(2), name="k4v2"),
+    "affine4": CacheConfig(CodecConfig("affine", 4), CodecConfig("affine", 4), name="affine4"),
+    "affine8": CacheConfig(CodecConfig("affine", 8), CodecConfig("affine", 8), name="affine8"),
+    "affine2": CacheConfig(CodecConfig("affine", 2), CodecConfig("affine", 2), name="affine2"),
+}
+
+_PATTERNS = (
+    (re.compile(r"^turbo(\d+(?:\.\d+)?)$"), lambda m: (_turbo(float(m[1])), _turbo(float(m[1])))),
+    (re.compile(r"^k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?)$"), lambda m: (_turbo(float(m[1])), _turbo(float(m[2])))),
+    (
+        re.compile(r"^affine(\d)$"),
+        lambda m: (CodecConfig("affine", int(m[1])), CodecConfig("affine", int(m[1]))),
+    ),
+)
+
+
+def scheme_names() -> list[str]:
+    return list(SCHEMES)
+
+
+def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
+    """Turn a scheme string (``"turbo3.5"``, ``"k4v3"``, ``"affine4"``, ``"none"``, ...) into a config.
+
+    Besides the named presets, ``turbo<bits>``, ``k<bits>v<bits>`` and ``affine<bits>`` parse for any valid
+    bit-width. A :class:`CacheConfig` passes through unchanged.
+    """
+    if isinstance(scheme, CacheConfig):
+        return scheme
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a string or CacheConfig, got {type(scheme).__name__}")
+    name = scheme.strip().lower()
+    if name in SCHEMES:
+        return SCHEMES[name]
+    for pattern, build in _PATTERNS:
+        m = pattern.match(name)
+        if m:
+            key, value = build(m)
+            return CacheConfig(key, value, name=name)
+    raise ValueError(
+        f"unknown scheme {scheme!r}; valid names: {', '.join(SCHEMES)} "
+        "(or turbo<bits>, k<bits>v<bits>, affine<bits>)"
+    )
