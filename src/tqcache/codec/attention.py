@@ -20,7 +20,41 @@ import torch
 
 from .base import Packed
 
-__all__ = ["attend_packed", "merge_partials"]
+__all__ = ["attend_packed", "build_mask", "merge_partials"]
+
+
+def build_mask(
+    B: int,
+    Lq: int,
+    T: int,
+    *,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
+    window: int | None = None,
+    device=None,
+) -> torch.Tensor | None:
+    """Boolean ``[B, 1, Lq, T]`` mask (True = attend) from the structured arguments kernels take.
+
+    Key slot ``j`` is visible to query ``i`` of sequence ``b`` when ``kv_start[b] <= j < kv_end[b]`` (left
+    padding / valid length), and, if ``q_pos`` is given (causal), ``j <= q_pos[b] + i``, and, if ``window`` is
+    given (sliding window), ``j > q_pos[b] + i - window``. Returns None when nothing is masked.
+    """
+    if kv_start is None and kv_end is None and q_pos is None:
+        return None
+    j = torch.arange(T, device=device).view(1, 1, T)
+    i = torch.arange(Lq, device=device).view(1, Lq, 1)
+    ok = torch.ones(B, Lq, T, dtype=torch.bool, device=device)
+    if kv_start is not None:
+        ok &= j >= kv_start.to(device).view(B, 1, 1)
+    if kv_end is not None:
+        ok &= j < kv_end.to(device).view(B, 1, 1)
+    if q_pos is not None:
+        pos = q_pos.to(device).view(B, 1, 1) + i
+        ok &= j <= pos
+        if window is not None:
+            ok &= j > pos - window
+    return ok[:, None]
 
 
 def attend_packed(
@@ -31,6 +65,10 @@ def attend_packed(
     v_packed: Packed,
     *,
     scale: float,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
+    window: int | None = None,
     mask: torch.Tensor | None = None,
     chunk: int = 2048,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +79,11 @@ def attend_packed(
         k_codec, v_codec: the codecs that produced the packed state (``rotate_query``/``rotated``/``unrotate``).
         k_packed, v_packed: fields ``[B, Hkv, T, width]``; ``Hq`` must be a multiple of ``Hkv``.
         scale: softmax scale applied to the scores.
-        mask: optional boolean ``[B, 1 or Hq, Lq, T]``, True where query i may attend key j (causality,
-            padding and sliding windows are all expressed here).
+        kv_start, kv_end: optional int ``[B]``: valid key slots are ``kv_start[b] <= j < kv_end[b]``.
+        q_pos: optional int ``[B]``: causal; query ``i`` sits at key slot ``q_pos[b] + i``.
+        window: with ``q_pos``, sliding window: only the last ``window`` slots up to the query's own.
+        mask: optional boolean ``[B, 1 or Hq, Lq, T]`` (True = attend), ANDed with the above; the torch
+            reference only (kernels take the structured arguments).
         chunk: tokens per online-softmax step.
 
     Returns:
@@ -64,6 +105,9 @@ def attend_packed(
     k_qjl = getattr(k_codec, "qjl", False)
     v_qjl = getattr(v_codec, "qjl", False)
     q_sk = k_codec.sketch_query(qg) if k_qjl else None
+    structured = build_mask(B, Lq, T, kv_start=kv_start, kv_end=kv_end, q_pos=q_pos, window=window, device=q.device)
+    if structured is not None:
+        mask = structured if mask is None else (mask & structured)
     if mask is not None:
         mask = mask.expand(B, Hq, Lq, T).reshape(B, Hkv, G * Lq, T)
 
