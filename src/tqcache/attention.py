@@ -1,0 +1,150 @@
+"""The ``"tqcache"`` attention implementation: attention that reads the compressed cache.
+
+``import tqcache`` registers it with transformers' ``AttentionInterface`` (and the matching mask
+function), so a model loaded with ``attn_implementation="tqcache"`` calls :func:`tqcache_attention`.
+
+For a :class:`~tqcache.cache.TurboQuantLayer` step the keys arrive with a :class:`~tqcache.cache.StepHandle`
+attached; attention is computed per part and merged by log-sum-exp::
+
+    sinks (full precision)  ─┐
+    compressed prefix        ├─ (out_k, lse_k) each ──► merge_partials ──► output
+    window + new tokens (fp) ┘
+
+The compressed part goes to the fused Triton kernel when one is available for the device and
+configuration (``tqcache.kernels``), otherwise to the pure-torch reference
+(:func:`tqcache.codec.attention.attend_packed`). Anything else (a ``DynamicCache``, the ``"none"``
+scheme, a prefill with nothing compressed yet) falls through to transformers' SDPA unchanged, which is why
+scheme ``"none"`` is bit-identical to ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .codec.attention import attend_packed, merge_partials
+
+__all__ = ["tqcache_attention", "register", "dense_partial", "attend_compressed"]
+
+_QUERY_CHUNK = 1024  # query rows per dense-part block: bounds the fp32 score matrix at long prefill
+
+
+def dense_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """Attention over full-precision keys with its log-sum-exp (SDPA does not return one).
+
+    ``q [B, Hq, Lq, d]``, ``k/v [B, Hkv, T, d]``, ``mask`` boolean broadcastable to ``[B, 1, Lq, T]`` or None.
+    Returns ``(out [B, Hq, Lq, d] fp32, lse [B, Hq, Lq] fp32)``.
+    """
+    B, Hq, Lq, d = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    kf, vf = k.float(), v.float()
+    outs, lses = [], []
+    for i0 in range(0, Lq, _QUERY_CHUNK):
+        i1 = min(i0 + _QUERY_CHUNK, Lq)
+        qc = q[:, :, i0:i1].float().reshape(B, Hkv, G * (i1 - i0), d)
+        s = (qc @ kf.transpose(-1, -2)).reshape(B, Hkv, G, i1 - i0, T) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask[:, :, None, i0:i1], -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        p = torch.exp(s - lse_safe[..., None]).reshape(B, Hkv, G * (i1 - i0), T)
+        outs.append((p @ vf).reshape(B, Hq, i1 - i0, d))
+        lses.append(lse.reshape(B, Hq, i1 - i0))
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def _visible(pos: torch.Tensor, step, mask: torch.Tensor | None, B: int, Lq: int) -> torch.Tensor:
+    """Boolean ``[B or 1, 1, Lq, n]``: which keys at absolute positions ``pos [n]`` (-1 = empty) each query sees."""
+    if mask is not None:
+        cols = pos - step.kv_offset
+        ok = (pos >= 0) & (cols >= 0) & (cols < mask.shape[-1])
+        m = mask[..., cols.clamp(0, mask.shape[-1] - 1)]
+        return m & ok
+    q_pos = step.q_start + torch.arange(Lq, device=pos.device)
+    m = (pos[None, :] >= 0) & (pos[None, :] <= q_pos[:, None])
+    if step.sliding_window is not None:
+        m &= pos[None, :] > q_pos[:, None] - step.sliding_window
+    return m[None, None]
+
+
+def attend_compressed(query: torch.Tensor, step, mask_c: torch.Tensor, scale: float):
+    """Attention of ``query`` over the compressed slots of ``step``: fused kernel when possible, else torch."""
+    layer = step.layer
+    kp, vp = layer.packed("k", step.n_slots), layer.packed("v", step.n_slots)
+    kernel = _kernel_for(query, layer)
+    if kernel is not None and step.slot_pos is None:
+        # Full layer: every compressed token is older than every query, so the only masking is left
+        # padding, i.e. a per-sequence first visible slot (the mask's first True column).
+        m = mask_c.expand(query.shape[0], 1, query.shape[2], step.n_slots)[:, 0, -1]
+        kv_start = torch.where(m.any(-1), m.int().argmax(-1), torch.full_like(m[:, 0], step.n_slots, dtype=torch.int))
+        out = kernel(query, layer.k_codec, kp, layer.v_codec, vp, scale=scale, kv_start=kv_start.to(torch.int32))
+        if out is not None:
+            layer.paths["kernel"] = layer.paths.get("kernel", 0) + 1
+            return out
+    layer.paths["reference"] = layer.paths.get("reference", 0) + 1
+    return attend_packed(query, layer.k_codec, kp, layer.v_codec, vp, scale=scale, mask=mask_c)
+
+
+def _kernel_for(query: torch.Tensor, layer):
+    """The fused kernel's entry point if it can serve this device/configuration, else None."""
+    if not query.is_cuda:
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    attend = getattr(kernels, "attend", None)
+    if attend is None or not kernels.available(query.device):
+        return None
+    return attend
+
+
+def tqcache_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+):
+    """transformers attention function (``AttentionInterface`` signature); returns ``([B, Lq, Hq, d], None)``."""
+    step = getattr(key, "_tqcache_step", None)
+    if step is None or (step.n_slots == 0 and step.sink_k is None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by the tqcache attention")
+    B, Hq, Lq, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    mask = attention_mask
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask > torch.finfo(mask.dtype).min / 2  # additive mask: 0 = visible, large negative = masked
+    dev = query.device
+    parts = []
+    if step.sink_k is not None and step.sink_k.shape[-2]:
+        pos = torch.arange(step.sink_k.shape[-2], device=dev)
+        parts.append(dense_partial(query, step.sink_k, step.sink_v, _visible(pos, step, mask, B, Lq), scale))
+    if step.n_slots:
+        pos = step.slot_pos if step.slot_pos is not None else step.c_lo + torch.arange(step.n_slots, device=dev)
+        parts.append(attend_compressed(query, step, _visible(pos, step, mask, B, Lq), scale))
+    pos = step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev)
+    parts.append(dense_partial(query, step.fp_k, step.fp_v, _visible(pos, step, mask, B, Lq), scale))
+    out, _ = merge_partials(parts)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _tqcache_mask(*args, **kwargs):
+    # The same boolean [B, 1, Lq, kv_length] mask SDPA gets; None when it is purely causal without padding.
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register ``"tqcache"`` with transformers (idempotent; done by ``import tqcache``)."""
+    AttentionInterface.register("tqcache", tqcache_attention)
+    AttentionMaskInterface.register("tqcache", _tqcache_mask)

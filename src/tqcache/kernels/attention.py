@@ -1,0 +1,482 @@
+"""Split-K (flash-decoding) attention over a TurboQuant-packed KV cache, in Triton.
+
+Twin and spec: :func:`tqcache.codec.attention.attend_packed`. Same arguments, same return contract.
+
+Math, per KV head (GQA group of ``G`` query heads, ``Lq`` queries each; ``M = G·Lq`` rows ``m = i·G + g``)::
+
+    q̃_m   = rotate_query(q_m) · scale · log2(e)                       (torch, once per step: one [d, d] matmul)
+    s_mj  = Σ_s n^K_{j,s} · ⟨q̃_{m,s}, c^K_s[idx^K_{j,s}]⟩              (+ γ_j·√(π/2)/d·⟨S q̃_m, sign_j⟩ with QJL)
+    per split σ over the key slots:  m_σ = max_j s_mj,  l_σ = Σ_j 2^(s_mj − m_σ),
+                                     a_σ = Σ_j 2^(s_mj − m_σ) · (n^V_{j,s} · c^V_s[idx^V_{j,s}])_s
+    merge:   m = max_σ m_σ,  l = Σ_σ l_σ 2^(m_σ − m),  out = unrotate(Σ_σ a_σ 2^(m_σ − m) / l),  lse = ln2·(m + log2 l)
+
+Keys are never rotated back; values are accumulated in the rotated space and rotated back once per output
+row (a [d, d] matmul inside the merge kernel). ``c_s`` are the Lloyd–Max centroids of segment ``s``
+(one segment for whole bits, two for fractional bits), ``n_{j,s}`` the fp16 per-segment scales.
+
+Work decomposition: one program per (batch·KV head, split, query tile) covers all ``G`` query heads of the
+group, so each compressed K/V byte is read once per query tile (exactly once at decode: ``Lq ≤ 16/G``
+... or ``M ≤ BLOCK_M``). The GQA group is padded to ``BLOCK_M = 16`` rows so both products run on the
+tensor cores (``tl.dot``). A second small kernel merges the splits by log-sum-exp and rotates back.
+
+Bytes read per token per KV head (d = 128): codes ``d·b/8`` + norms ``2·S`` for K and for V, e.g. 4 bits:
+64 + 2 + 64 + 2 = 132 B; 3 bits: 100 B; 3.5 bits: 120 B; K4/V3: 116 B. Everything else (queries,
+partials, tables) is O(B·Hq·Lq·d) and does not grow with the context.
+
+Unpacking (docs/formats.md, LSB-first bit stream per token row): for b ∈ {1, 2, 4, 8} one contiguous,
+vectorisable byte load per token row and ``8/b`` shift/mask planes; for b = 3 three byte planes at stride 3
+(8 codes per 3 bytes) combined into a 24-bit word. The planes are re-interleaved with ``tl.join`` so the
+codes come out in natural channel order, then the centroid value is gathered from a ≤ 256-entry table
+(fp16, ≤ 512 B, stays in L1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_BITS_OK = (1, 2, 3, 4, 8)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _unpack_codes(row_ptr, nmask, BITS: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes of ``DS`` channels at ``BITS`` bits for ``BLOCK_N`` token rows: int32 ``[BLOCK_N, DS]``, natural order.
+
+    ``row_ptr [BLOCK_N]`` points at each row's first byte of this segment's bit stream.
+    """
+    if BITS == 8:
+        offs = tl.arange(0, DS)
+        x = tl.load(row_ptr[:, None] + offs[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    elif BITS == 4:
+        offs = tl.arange(0, DS // 2)
+        b = tl.load(row_ptr[:, None] + offs[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        # byte i = c_{2i} | c_{2i+1} << 4; join puts the pair on a new minor axis -> channel 2i + k.
+        x = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, DS))
+    elif BITS == 2:
+        offs = tl.arange(0, DS // 4)
+        b = tl.load(row_ptr[:, None] + offs[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+        x0 = b & 3
+        x1 = (b >> 2) & 3
+        x2 = (b >> 4) & 3
+        x3 = (b >> 6) & 3
+        # [i, t, u] = x_{2t+u} -> flat 4i + 2t + u: natural order.
+        x = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_N, DS))
+    else:
+        # 8 codes per BITS bytes (BITS = 1 or 3): a 24-bit (or 8-bit) word per group of 8 channels.
+        offs = tl.arange(0, DS // 8)
+        p = row_ptr[:, None] + offs[None, :] * BITS
+        w = tl.load(p, mask=nmask[:, None], other=0).to(tl.int32)
+        if BITS == 3:
+            w = w | (tl.load(p + 1, mask=nmask[:, None], other=0).to(tl.int32) << 8)
+            w = w | (tl.load(p + 2, mask=nmask[:, None], other=0).to(tl.int32) << 16)
+        MK: tl.constexpr = (1 << BITS) - 1
+        x0 = w & MK
+        x1 = (w >> BITS) & MK
+        x2 = (w >> (2 * BITS)) & MK
+        x3 = (w >> (3 * BITS)) & MK
+        x4 = (w >> (4 * BITS)) & MK
+        x5 = (w >> (5 * BITS)) & MK
+        x6 = (w >> (6 * BITS)) & MK
+        x7 = (w >> (7 * BITS)) & MK
+        # [i, t, u, v] = x_{4t+2u+v} -> flat 8i + 4t + 2u + v: natural order.
+        x = tl.join(tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7)))
+        x = tl.reshape(x, (BLOCK_N, DS))
+    return x
+
+
+@triton.jit
+def _seg_values(row_ptr, nmask, lv_ptr, BITS: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Centroid values ``c[idx]`` ``[BLOCK_N, DS]`` in the table's dtype (the dot operand dtype)."""
+    idx = _unpack_codes(row_ptr, nmask, BITS, DS, BLOCK_N)
+    return tl.load(lv_ptr + idx)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _attn_fwd_kernel(
+    Q, stride_qb, stride_qh, stride_qm,  # [B, Hkv, M, DQ] rotated, pre-scaled queries (dot dtype)
+    KC, stride_kcb, stride_kch, stride_kct,  # [B, Hkv, T, wK] uint8 key codes
+    KN, stride_knb, stride_knh, stride_knt,  # [B, Hkv, T, S_K] fp16 key scales
+    KS, stride_ksb, stride_ksh, stride_kst,  # [B, Hkv, T, d/8] uint8 QJL signs (K_QJL only)
+    KG, stride_kgb, stride_kgh, stride_kgt,  # [B, Hkv, T, 1] fp16 QJL residual norms (K_QJL only)
+    VC, stride_vcb, stride_vch, stride_vct,  # [B, Hkv, T, wV] uint8 value codes
+    VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, S_V] fp16 value scales
+    LVK, LVV,  # [2, 256] centroid tables (dot dtype), row s = segment s
+    KV_START, KV_END, QPOS,  # int32 [B] (or dummies when the flags are off)
+    PACC, PM, PL,  # partials: [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2
+    T, M, Lq, window, qjl_c,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    KD0: tl.constexpr, KB0: tl.constexpr, KD1: tl.constexpr, KB1: tl.constexpr,
+    VD0: tl.constexpr, VB0: tl.constexpr, VD1: tl.constexpr, VB1: tl.constexpr,
+    K_QJL: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    DT = LVK.dtype.element_ty
+    PREC: tl.constexpr = "tf32x3" if DOT_FP32 else "tf32"
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mvalid = offs_m < M
+    qi = offs_m // G  # query index within the chunk (rows are m = i·G + g)
+
+    # ---- key range of this (sequence, query tile, split): only slots some row can see are read.
+    lo = 0
+    hi = T
+    if HAS_START:
+        lo = tl.load(KV_START + b)
+    if HAS_END:
+        hi = tl.minimum(tl.load(KV_END + b), T)
+    if CAUSAL:
+        qp = tl.load(QPOS + b)
+        i_hi = tl.minimum(pid_m * BLOCK_M + BLOCK_M - 1, M - 1) // G
+        hi = tl.minimum(hi, qp + i_hi + 1)
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, qp + (pid_m * BLOCK_M) // G - window + 1)
+    lo = tl.maximum(lo, 0)
+    n_tok = tl.maximum(hi - lo, 0)
+    per = tl.cdiv(tl.cdiv(n_tok, SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * per
+    s_hi = tl.minimum(s_lo + per, hi)
+
+    # ---- queries, rotated and pre-scaled by scale·log2(e) in torch: [BLOCK_M, D_s] per segment.
+    q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+    q0 = tl.load(q_base + tl.arange(0, KD0)[None, :], mask=mvalid[:, None], other=0.0)
+    if KD1 > 0:
+        q1 = tl.load(q_base + KD0 + tl.arange(0, KD1)[None, :], mask=mvalid[:, None], other=0.0)
+    if K_QJL:
+        qs = tl.load(q_base + D + tl.arange(0, D)[None, :], mask=mvalid[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, VD0], tl.float32)
+    if VD1 > 0:
+        acc1 = tl.zeros([BLOCK_M, VD1], tl.float32)
+
+    kc_base = KC + b * stride_kcb + h * stride_kch
+    kn_base = KN + b * stride_knb + h * stride_knh
+    vc_base = VC + b * stride_vcb + h * stride_vch
+    vn_base = VN + b * stride_vnb + h * stride_vnh
+    KW0: tl.constexpr = KD0 * KB0 // 8
+    VW0: tl.constexpr = VD0 * VB0 // 8
+
+    print("dbg", lo, hi, n_tok, per, s_lo, s_hi)
+    for start in range(s_lo, s_hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        nmask = offs_n < s_hi
+        # ---- scores s[m, j] (base 2): per segment a [BLOCK_M, D_s] x [D_s, BLOCK_N] product of centroids.
+        kc_row = kc_base + offs_n * stride_kct
+        kn_row = kn_base + offs_n * stride_knt
+        ck = _seg_values(kc_row, nmask, LVK, KB0, KD0, BLOCK_N)
+        kn0 = tl.load(kn_row, mask=nmask, other=0.0).to(tl.float32)
+        s = tl.dot(q0, tl.trans(ck), input_precision=PREC) * kn0[None, :]
+        if KD1 > 0:
+            ck1 = _seg_values(kc_row + KW0, nmask, LVK + 256, KB1, KD1, BLOCK_N)
+            kn1 = tl.load(kn_row + 1, mask=nmask, other=0.0).to(tl.float32)
+            s += tl.dot(q1, tl.trans(ck1), input_precision=PREC) * kn1[None, :]
+        if K_QJL:
+            ks_row = KS + b * stride_ksb + h * stride_ksh + offs_n * stride_kst
+            sg = _unpack_codes(ks_row, nmask, 1, D, BLOCK_N)
+            sgn = (sg * 2 - 1).to(DT)
+            kg = tl.load(KG + b * stride_kgb + h * stride_kgh + offs_n * stride_kgt, mask=nmask, other=0.0)
+            s += tl.dot(qs, tl.trans(sgn), input_precision=PREC) * (kg.to(tl.float32) * qjl_c)[None, :]
+
+        ok = nmask[None, :] & mvalid[:, None]
+        if CAUSAL:
+            pos = qp + qi
+            ok = ok & (offs_n[None, :] <= pos[:, None])
+            if HAS_WINDOW:
+                ok = ok & (offs_n[None, :] > pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+
+        # ---- online softmax in base 2; rows that saw nothing yet keep m = -inf (m_safe = 0).
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+
+        # ---- values: acc_s += (p · n^V_s) @ c^V_s[idx]; the scale rides on p so the centroids stay raw.
+        vc_row = vc_base + offs_n * stride_vct
+        vn_row = vn_base + offs_n * stride_vnt
+        cv = _seg_values(vc_row, nmask, LVV, VB0, VD0, BLOCK_N)
+        vn0 = tl.load(vn_row, mask=nmask, other=0.0).to(tl.float32)
+        acc0 = acc0 * alpha[:, None] + tl.dot((p * vn0[None, :]).to(DT), cv, input_precision=PREC)
+        if VD1 > 0:
+            cv1 = _seg_values(vc_row + VW0, nmask, LVV + 256, VB1, VD1, BLOCK_N)
+            vn1 = tl.load(vn_row + 1, mask=nmask, other=0.0).to(tl.float32)
+            acc1 = acc1 * alpha[:, None] + tl.dot((p * vn1[None, :]).to(DT), cv1, input_precision=PREC)
+
+    # ---- partials of this split (rows past M are not stored).
+    prow = (pid_bh * SPLITS + split) * M + offs_m
+    tl.store(PM + prow, m_i, mask=mvalid)
+    tl.store(PL + prow, l_i, mask=mvalid)
+    pa = PACC + prow[:, None] * D
+    tl.store(pa + tl.arange(0, VD0)[None, :], acc0, mask=mvalid[:, None])
+    if VD1 > 0:
+        tl.store(pa + VD0 + tl.arange(0, VD1)[None, :], acc1, mask=mvalid[:, None])
+
+
+@triton.jit
+def _attn_merge_kernel(
+    PACC, PM, PL,  # partials as written by _attn_fwd_kernel
+    U,  # [D, D] fp32: row j = unrotate(e_j), so out = acc @ U
+    OUT, stride_ob, stride_oh, stride_ol,  # [B, Hq, Lq, D] fp32
+    LSE, stride_lb, stride_lh,  # [B, Hq, Lq] fp32 (contiguous last dim)
+    M,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, DC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mvalid = offs_m < M
+    offs_d = tl.arange(0, D)
+
+    m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_g = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for sp in range(SPLITS):
+        prow = (pid_bh * SPLITS + sp) * M + offs_m
+        m_s = tl.load(PM + prow, mask=mvalid, other=float("-inf"))
+        l_s = tl.load(PL + prow, mask=mvalid, other=0.0)
+        a_s = tl.load(PACC + prow[:, None] * D + offs_d[None, :], mask=mvalid[:, None], other=0.0)
+        m_new = tl.maximum(m_g, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.math.exp2(m_g - m_safe)
+        w_s = tl.math.exp2(m_s - m_safe)
+        l_g = l_g * w_old + l_s * w_s
+        acc = acc * w_old[:, None] + a_s * w_s[:, None]
+        m_g = m_new
+    acc = (acc / tl.maximum(l_g, 1e-30)[:, None]).to(U.dtype.element_ty)
+    lse = tl.where(l_g > 0, (m_g + tl.log2(tl.maximum(l_g, 1e-30))) * 0.6931471805599453, float("-inf"))
+
+    head = h * G + offs_m % G
+    qi = offs_m // G
+    o_row = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ol
+    # Back to the original space, DC output columns at a time (a whole [256, 256] fp32 U would spill).
+    offs_c = tl.arange(0, DC)
+    for c0 in tl.static_range(0, D, DC):
+        u = tl.load(U + offs_d[:, None] * D + (c0 + offs_c)[None, :])
+        out = tl.dot(acc, u, input_precision="tf32x3")  # ≈ fp32 accuracy on the tensor cores
+        tl.store(o_row + (c0 + offs_c)[None, :], out, mask=mvalid[:, None])
+    tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse, mask=mvalid)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packed=None) -> str | None:
+    """Why the Triton kernel cannot run this configuration (None when it can)."""
+    from ..codec.turbo import TurboQuantizer
+
+    for name, c in (("key", k_codec), ("value", v_codec)):
+        if not isinstance(c, TurboQuantizer):
+            return f"{name} codec is {type(c).__name__}, the kernel reads TurboQuant only"
+        if len(c.segments) > 2:
+            return f"{name} codec has {len(c.segments)} segments"
+        for d_s, b_s in c.segments:
+            if b_s not in _BITS_OK:
+                return f"{name} segment of {b_s} bits (kernel unpacks {_BITS_OK})"
+            if not _pow2(d_s) or d_s < 16:
+                return f"{name} segment of {d_s} channels (needs a power of two >= 16)"
+    if v_codec.qjl:
+        return "QJL on values: the torch reference handles it (the kernel supports QJL on keys only)"
+    d = q.shape[-1]
+    if not _pow2(d) or not 16 <= d <= 256:
+        return f"head_dim {d} (kernel covers powers of two 16..256)"
+    if k_codec.dim != d or v_codec.dim != d:
+        return "codec dim differs from head_dim"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"query dtype {q.dtype}"
+    return None
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few splits keep CPU tests fast while still exercising the merge
+
+
+def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device) -> dict:
+    """Block sizes, split count and warps for one shape (recorded by :func:`tqcache.kernels.info`).
+
+    Splits: enough programs for ~4 per SM (the kernel is bound by loading bytes, so it needs many loads in
+    flight), but each split keeps ≥ 4 blocks of tokens so the per-split overhead (query load, partial
+    write, merge read) stays small against the tokens it streams.
+    """
+    block_m = 16 if M <= 16 else 64
+    block_n = 64 if d <= 128 else 32
+    m_tiles = triton.cdiv(M, block_m)
+    progs = B * Hkv * m_tiles
+    target = 4 * _num_sms(device)
+    max_splits = max(1, triton.cdiv(T, 4 * block_n))
+    splits = max(1, min(triton.cdiv(target, progs), max_splits, 128))
+    num_warps = 4 if block_m == 16 else 8
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
+
+
+_MAT_CACHE: dict = {}
+
+
+def _codec_key(c, device) -> tuple:
+    return (id(c), str(device), c.perm._version, c.channel_scale._version, c.perm.data_ptr())
+
+
+def _matrices(k_codec, v_codec, device, dot_dtype):
+    """(A [d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype)."""
+    key = (_codec_key(k_codec, device), _codec_key(v_codec, device), dot_dtype)
+    hit = _MAT_CACHE.get(key)
+    if hit is not None and hit[0] is k_codec and hit[1] is v_codec:
+        return hit[2]
+    d = k_codec.dim
+    eye = torch.eye(d, device=device, dtype=torch.float32)
+    with torch.no_grad():
+        a = k_codec.rotate_query(eye)
+        if k_codec.qjl:
+            a = torch.cat([a, k_codec.sketch_query(eye)], dim=1)
+        u = v_codec.unrotate(eye).contiguous()
+
+        def table(c):
+            t = torch.zeros(2, 256, device=device, dtype=torch.float32)
+            for s, (_, b_s) in enumerate(c.segments):
+                t[s, : 1 << b_s] = getattr(c, f"levels{s}")
+            return t.to(dot_dtype).contiguous()
+
+        out = (a.contiguous(), u, table(k_codec), table(v_codec))
+    if len(_MAT_CACHE) > 64:
+        _MAT_CACHE.clear()
+    _MAT_CACHE[key] = (k_codec, v_codec, out)
+    return out
+
+
+def attend_packed_triton(
+    q: torch.Tensor,
+    k_codec,
+    k_packed,
+    v_codec,
+    v_packed,
+    *,
+    scale: float,
+    kv_start: torch.Tensor | None = None,
+    kv_end: torch.Tensor | None = None,
+    q_pos: torch.Tensor | None = None,
+    window: int | None = None,
+    mask: torch.Tensor | None = None,
+    splits: int | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of :func:`tqcache.codec.attention.attend_packed` (same arguments, same returns).
+
+    Args:
+        q: ``[B, Hq, Lq, d]`` fp16/bf16/fp32 queries; ``Hq = G·Hkv``.
+        k_packed, v_packed: TurboQuant fields ``[B, Hkv, T, width]`` (codes uint8, norms fp16, and for keys with
+            QJL ``qjl_signs`` uint8 ``[.., d/8]``, ``qjl_norms`` fp16 ``[.., 1]``); any strides with a
+            contiguous last dim (cache buffers of capacity ≥ T are fine: pass views ``[:, :, :T]``).
+        kv_start, kv_end, q_pos: optional int ``[B]`` tensors on q's device; window: int (needs q_pos).
+        mask: not supported (raises): use the structured arguments.
+        splits, config: override the launch configuration (benchmarks, tests).
+
+    Returns:
+        ``(out [B, Hq, Lq, d] fp32 original space, normalised; lse [B, Hq, Lq] fp32, -inf where empty)``.
+
+    Example::
+
+        >>> out, lse = attend_packed_triton(q, kc, kc.quantize(k), vc, vc.quantize(v), scale=d**-0.5)
+    """
+    if mask is not None:
+        raise ValueError("the Triton kernel takes structured masks only (kv_start/kv_end/q_pos/window), not mask=")
+    why = unsupported_reason(q, k_codec, v_codec)
+    if why:
+        raise ValueError(f"unsupported by the Triton attention kernel: {why}")
+    B, Hq, Lq, d = q.shape
+    lead = k_packed.lead_shape
+    if len(lead) != 3 or lead[0] != B or tuple(v_packed.lead_shape) != tuple(lead):
+        raise ValueError(f"packed K/V must share lead shape [B={B}, Hkv, T], got {tuple(lead)}, {tuple(v_packed.lead_shape)}")
+    Hkv, T = lead[1], lead[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if window is not None and q_pos is None:
+        raise ValueError("window needs q_pos (the sliding window is relative to the query's slot)")
+    k_codec._check_packed(k_packed)
+    v_codec._check_packed(v_packed)
+    G = Hq // Hkv
+    M = G * Lq
+    dev = q.device
+    dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
+    A, U, lvk, lvv = _matrices(k_codec, v_codec, dev, dot_dtype)
+
+    # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
+    qg = q.reshape(B, Hkv, G, Lq, d).transpose(2, 3).reshape(B, Hkv, M, d)
+    qk = (torch.matmul(qg.float(), A) * (scale * _LOG2E)).to(dot_dtype)
+
+    cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev)
+    if splits is not None:
+        cfg["SPLITS"] = int(splits)
+    SPL, BM, BN = cfg["SPLITS"], cfg["BLOCK_M"], cfg["BLOCK_N"]
+    m_tiles = triton.cdiv(M, BM)
+
+    kc, kn = k_packed["codes"], k_packed["norms"]
+    vc, vn = v_packed["codes"], v_packed["norms"]
+    for t in (kc, kn, vc, vn):
+        if t.stride(-1) != 1:
+            raise ValueError("packed fields need a contiguous last dimension")
+    if k_codec.qjl:
+        ks, kg = k_packed["qjl_signs"], k_packed["qjl_norms"]
+    else:
+        ks, kg = kc, kn  # unused
+    i32 = lambda t: t.to(device=dev, dtype=torch.int32).contiguous() if t is not None else None  # noqa: E731
+    st, en, qp = i32(kv_start), i32(kv_end), i32(q_pos)
+    dummy = torch.zeros(1, dtype=torch.int32, device=dev)
+
+    pacc = torch.empty(B * Hkv * SPL * M * d, device=dev, dtype=torch.float32)
+    pm = torch.empty(B * Hkv * SPL * M, device=dev, dtype=torch.float32)
+    pl = torch.empty_like(pm)
+    (KD0, KB0), (KD1, KB1) = (k_codec.segments + [(0, 0)])[:2]
+    (VD0, VB0), (VD1, VB1) = (v_codec.segments + [(0, 0)])[:2]
+
+    _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](
+        qk, qk.stride(0), qk.stride(1), qk.stride(2),
+        kc, kc.stride(0), kc.stride(1), kc.stride(2),
+        kn, kn.stride(0), kn.stride(1), kn.stride(2),
+        ks, ks.stride(0), ks.stride(1), ks.stride(2),
+        kg, kg.stride(0), kg.stride(1), kg.stride(2),
+        vc, vc.stride(0), vc.stride(1), vc.stride(2),
+        vn, vn.stride(0), vn.stride(1), vn.stride(2),
+        lvk, lvv,
+        st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
+        pacc, pm, pl,
+        T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
+        HKV=Hkv, G=G, D=d,
+        KD0=KD0, KB0=KB0, KD1=KD1, KB1=KB1, VD0=VD0, VB0=VB0, VD1=VD1, VB1=VB1,
+        K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
+        CAUSAL=qp is not None, HAS_WINDOW=window is not None,
+        SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+    )
+    out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
+    _attn_merge_kernel[(B * Hkv, m_tiles)](
+        pacc, pm, pl, U,
+        out, out.stride(0), out.stride(1), out.stride(2),
+        lse, lse.stride(0), lse.stride(1),
+        M, HKV=Hkv, G=G, D=d, SPLITS=SPL, BLOCK_M=BM, DC=min(d, 64), num_warps=4,
+    )
+    return out, lse
