@@ -91,9 +91,9 @@ def attend_compressed(query: torch.Tensor, step, mask_c: torch.Tensor, scale: fl
 
 
 def _kernel_for(query: torch.Tensor, layer):
-    """The fused kernel's entry point if it can serve this device/configuration, else None."""
-    if not query.is_cuda:
-        return None
+    """The fused kernel's entry point if Triton can run on this device (a GPU, or the CPU under
+    ``TRITON_INTERPRET=1``), else None. The kernels probe each configuration themselves and fall back
+    to the torch twin when a configuration is not covered or its self-test failed."""
     try:
         from . import kernels
     except ImportError:

@@ -15,7 +15,7 @@ COMMANDS = {
     "demo": ("tqcache.demo", "quantize real keys/values of a bundled model and print a fidelity table"),
     "generate": ("tqcache.generate", "generate text with a compressed KV cache and report memory/speed"),
     "eval": ("tqcache.evaluate", "fidelity of schemes vs full precision on a real model (KL, top-1, ppl)"),
-    "info": ("tqcache.kernels.report", "GPU, Triton version, kernel self-tests and launch configurations"),
+    "info": ("tqcache.info", "GPU, Triton version, kernel self-tests and launch configurations"),
     "import-dense": ("tqcache.persist_cli", "compress a saved dense cache (safetensors) into a tqcache file"),
 }
 
