@@ -27,12 +27,24 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
 
 
+def _byte_shifts(n: int, device) -> torch.Tensor:
+    return torch.arange(0, 8 * n, 8, device=device, dtype=torch.int64)
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack ``codes [..., n]`` (integers in ``[0, 2**bits)``) into ``[..., n·bits/8]`` uint8."""
-    width = packed_width(codes.shape[-1], bits)
+    n = codes.shape[-1]
+    width = packed_width(n, bits)
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     lead = codes.shape[:-1]
+    if n % 8 == 0:
+        # Fast path: 8 codes of b bits are exactly b bytes. Build each group's 8b-bit word (≤ 64 bits)
+        # with shifts, then cut it into bytes: a handful of vector ops instead of one per bit.
+        c = codes.to(torch.int64).reshape(*lead, n // 8, 8)
+        word = (c << torch.arange(0, 8 * bits, bits, device=codes.device, dtype=torch.int64)).sum(-1)
+        out = (word[..., None] >> _byte_shifts(bits, codes.device)) & 0xFF
+        return out.to(torch.uint8).reshape(*lead, width)
     shifts = torch.arange(bits, device=codes.device, dtype=torch.int32)
     # [..., n, bits] bit planes, LSB first -> the row's bit stream -> groups of 8 bits -> bytes.
     stream = ((codes.to(torch.int32)[..., None] >> shifts) & 1).reshape(*lead, width, 8)
@@ -48,6 +60,12 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if bits == 8:
         return packed.to(torch.int64)
     lead = packed.shape[:-1]
+    if n % 8 == 0:
+        # Fast path, inverse of pack_bits': b bytes -> one word -> 8 codes.
+        g = packed.to(torch.int64).reshape(*lead, n // 8, bits)
+        word = (g << _byte_shifts(bits, packed.device)).sum(-1)
+        codes = (word[..., None] >> torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)) & ((1 << bits) - 1)
+        return codes.reshape(*lead, n)
     shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
     stream = ((packed.to(torch.int32)[..., None] >> shifts) & 1).reshape(*lead, n, bits)
     weights = torch.tensor([1 << k for k in range(bits)], device=packed.device, dtype=torch.int32)
