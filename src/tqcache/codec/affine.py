@@ -88,6 +88,11 @@ class AffineQuantizer(torch.nn.Module):
         g = xf.reshape(*xf.shape[:-1], n // self.group_size, self.group_size)
         lo, hi = g.amin(-1), g.amax(-1)
         levels = (1 << self.bits) - 1
+        if check and g.numel() and bool((g.abs() > 65504).any()):
+            raise ValueError(
+                f"input magnitude {g.abs().max().item():.4g} exceeds the fp16 range (65504) in which the affine "
+                "codec stores scales and zero points; rescale the input"
+            )
         scale = ((hi - lo) / levels).half()
         zero = lo.half()
         # A constant group has scale 0: any code decodes to `zero`, so divide by 1 instead.

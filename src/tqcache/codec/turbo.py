@@ -133,7 +133,15 @@ class TurboQuantizer(torch.nn.Module):
         self.dim, self.bits, self.qjl = dim, bits, bool(qjl)
         self.rotation_kind, self.norm_correction, self.seed = rotation, bool(norm_correction), int(seed)
         self.split, self.use_channel_scale, self.density = split, bool(channel_scale), density
-        self.segments = segments_for(dim, mse_bits)
+        try:
+            self.segments = segments_for(dim, mse_bits)
+        except ValueError as e:
+            if not qjl:
+                raise
+            raise ValueError(
+                f"bits={bits:g} with qjl=True is not representable for dim={dim}: QJL spends one bit on the sign "
+                f"sketch, leaving {mse_bits:g} bits for the MSE stage ({e})"
+            ) from None
 
         for s, (d_s, b_s) in enumerate(self.segments):
             self.register_buffer(f"rot{s}", rotation_matrix(d_s, derive_seed(seed, 1, s), rotation))
@@ -224,8 +232,10 @@ class TurboQuantizer(torch.nn.Module):
     def quantize(self, x: torch.Tensor, *, check: bool = True) -> Packed:
         """Quantize ``x [..., dim]`` (fp16/bf16/fp32) into a :class:`Packed` with the fields above.
 
-        Zero vectors are stored with norm 0 and decode to exact zeros. ``check=False`` skips the
-        NaN/inf scan (one device sync) for hot paths whose inputs are known finite.
+        Zero vectors are stored with norm 0 and decode to exact zeros. Norms are stored as fp16: a norm
+        above 65504 raises ``ValueError`` (with ``check=False`` it is clamped to 65504), and norms below
+        ~6e-5 are fp16 subnormals (relative precision degrades; below ~6e-8 they decode to zero).
+        ``check=False`` skips these scans (device syncs) for hot paths whose inputs are known sane.
         """
         check_input(x, self.dim, check_finite=check)
         if self.needs_calibration and not bool(self.calibrated):
@@ -243,6 +253,11 @@ class TurboQuantizer(torch.nn.Module):
             idx = torch.bucketize(y, bounds)
             c = levels[idx]
             scale = n / c.norm(dim=-1, keepdim=True).clamp_min(_TINY) if self.norm_correction else n
+            if check and scale.numel() and bool((scale > _FP16_MAX).any()):
+                raise ValueError(
+                    f"a vector norm of {scale.max().item():.4g} exceeds the fp16 range (65504) in which TurboQuant "
+                    "stores norms; rescale the input"
+                )
             scale = scale.clamp_max(_FP16_MAX).half()
             codes.append(pack_bits(idx, b_s))
             norms.append(scale)
