@@ -1,0 +1,312 @@
+"""Decode attention over a TurboQuant cache vs torch SDPA over a bf16 cache (and encode throughput).
+
+Providers (lines): ``sdpa-bf16`` (``scaled_dot_product_attention(..., enable_gqa=True)`` over bf16 K/V),
+``triton-<scheme>`` (our split-K kernel, :func:`tqcache.kernels.attention.attend_packed_triton`, whole step
+included: query rotation in torch, attention kernel, merge + unrotation kernel), ``torch-<scheme>`` (the
+torch reference ``attend_packed``, small N only).
+
+Sweep: B ∈ {1, 8}, 32 query / 8 KV heads, head_dim 128, N ∈ {4K, 16K, 64K, 128K}, one decode query.
+Timing: ``triton.testing.do_bench`` (CUDA events), median with p20/p80, eager launches, and the same step
+replayed from a CUDA graph (what a decode loop runs; removes CPU launch gaps for every provider alike).
+Inputs are fresh random data (codes are random bytes — every byte is a valid code — norms random
+positive), rotated among enough copies that their bytes exceed 3× L2, so nothing is timed out of cache.
+GB/s counts the compressed bytes the kernel must read (codes + norms of K and V); SDPA's counts its bf16 K/V.
+
+Usage: ``PYTHONPATH=src python benchmarks/bench_attention.py --commit $(git rev-parse HEAD) --out res.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from tqcache.codec import TurboQuantizer
+from tqcache.codec.attention import attend_packed
+from tqcache.codec.base import Packed
+from tqcache.config import parse_scheme
+from tqcache.kernels.attention import attend_packed_triton, launch_config
+from tqcache.kernels.encode import encode_into
+
+HQ, HKV, D = 32, 8, 128
+
+
+def _q(xs):
+    if not isinstance(xs, (list, tuple)):
+        xs = [xs]
+    return [float(x) * 1000.0 for x in xs]  # ms -> µs
+
+
+def time_fn(fns, graph=True):
+    """Median/p20/p80 µs per call of ``fns[i]`` cycled; plus CUDA-graph replay µs (median)."""
+    it = [0]
+
+    def step():
+        fns[it[0] % len(fns)]()
+        it[0] += 1
+
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    med, p20, p80 = _q(do_bench(step, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
+    g_us = None
+    if graph:
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for f in fns:
+                    f()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for f in fns:
+                    f()
+            g_us = _q(do_bench(g.replay, warmup=25, rep=200, quantiles=[0.5]))[0] / len(fns)
+        except Exception as e:  # noqa: BLE001
+            print(f"  graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
+    return med, p20, p80, g_us
+
+
+def n_sets(nbytes: int) -> int:
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(16, math.ceil(3 * l2 / max(nbytes, 1))))
+
+
+def random_packed(codec, B, H, N, dev):
+    f = {}
+    for name, (w, dt) in codec.field_widths().items():
+        if dt == torch.uint8:
+            f[name] = torch.randint(0, 256, (B, H, N, w), dtype=torch.uint8, device=dev)
+        else:
+            f[name] = (torch.rand(B, H, N, w, device=dev) * 4 + 0.5).to(dt)
+    return Packed(fields=f, dim=codec.dim, dtype=torch.bfloat16)
+
+
+def bytes_per_token(codec) -> int:
+    return sum(w * dt.itemsize for w, dt in codec.field_widths().values())
+
+
+def copy_bandwidth(dev) -> float:
+    n = 1 << 28  # 1 GiB of fp32
+    a = torch.randn(n // 4, device=dev)
+    b = torch.empty_like(a)
+    ms = _q(do_bench(lambda: b.copy_(a), warmup=10, rep=100, quantiles=[0.5]))[0] / 1000.0
+    return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9  # read + write
+
+
+def codecs_for(scheme: str, dev):
+    cfg = parse_scheme(scheme)
+    kc = TurboQuantizer(D, cfg.key.bits, qjl=cfg.key.qjl, seed=1).to(dev)
+    vc = TurboQuantizer(D, cfg.value.bits, qjl=cfg.value.qjl, seed=2).to(dev)
+    return kc, vc
+
+
+def check_correctness(dev, schemes) -> dict:
+    """Kernel vs torch reference at a bench shape (B=2, N=4K), bf16 queries: relative error of out."""
+    res = {}
+    for sch in schemes:
+        kc, vc = codecs_for(sch, dev)
+        k = torch.randn(2, HKV, 4096, D, device=dev)
+        v = torch.randn(2, HKV, 4096, D, device=dev)
+        kp, vp = kc.quantize(k), vc.quantize(v)
+        q = torch.randn(2, HQ, 1, D, device=dev).to(torch.bfloat16)
+        o, l = attend_packed_triton(q, kc, kp, vc, vp, scale=D**-0.5)
+        r, rl = attend_packed(q.float(), kc, kp, vc, vp, scale=D**-0.5)
+        res[sch] = {"rel_err_out": float((o - r).norm() / r.norm()), "max_abs_dlse": float((l - rl).abs().max())}
+    return res
+
+
+def bench_attention(dev, Bs, Ns, schemes, ref_max_n, graph=True):
+    rows = []
+    scale = D**-0.5
+    for B in Bs:
+        for N in Ns:
+            # ---- SDPA over bf16
+            kv_bytes = 2 * B * HKV * N * D * 2
+            sets = []
+            for _ in range(n_sets(kv_bytes)):
+                q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+                k = torch.randn(B, HKV, N, D, device=dev, dtype=torch.bfloat16)
+                v = torch.randn(B, HKV, N, D, device=dev, dtype=torch.bfloat16)
+                sets.append((q, k, v))
+            fns = [lambda s=s: F.scaled_dot_product_attention(s[0], s[1], s[2], scale=scale, enable_gqa=True) for s in sets]
+            med, p20, p80, g = time_fn(fns, graph)
+            sdpa = dict(provider="sdpa-bf16", scheme="bf16", B=B, N=N, median_us=med, p20_us=p20, p80_us=p80,
+                        graph_us=g, bytes=kv_bytes, gbps=kv_bytes / (med * 1e-6) / 1e9,
+                        gbps_graph=kv_bytes / (g * 1e-6) / 1e9 if g else None, ratio_vs_sdpa=1.0, ratio_graph=1.0)
+            rows.append(sdpa)
+            print(f"B={B} N={N:6d} sdpa-bf16      {med:8.1f} us  graph {g or float('nan'):8.1f} us  {sdpa['gbps']:7.0f} GB/s", flush=True)
+            del sets, fns
+            torch.cuda.empty_cache()
+            # ---- ours
+            for sch in schemes:
+                kc, vc = codecs_for(sch, dev)
+                nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
+                sets = []
+                for _ in range(n_sets(nbytes)):
+                    q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
+                    sets.append((q, random_packed(kc, B, HKV, N, dev), random_packed(vc, B, HKV, N, dev)))
+                fns = [lambda s=s: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale) for s in sets]
+                med, p20, p80, g = time_fn(fns, graph)
+                cfg = launch_config(B, HKV, HQ // HKV, N, D, dev)
+                row = dict(provider=f"triton-{sch}", scheme=sch, B=B, N=N, median_us=med, p20_us=p20, p80_us=p80,
+                           graph_us=g, bytes=nbytes, gbps=nbytes / (med * 1e-6) / 1e9,
+                           gbps_graph=nbytes / (g * 1e-6) / 1e9 if g else None,
+                           ratio_vs_sdpa=sdpa["median_us"] / med,
+                           ratio_graph=(sdpa["graph_us"] / g) if (g and sdpa["graph_us"]) else None, config=cfg)
+                rows.append(row)
+                print(f"B={B} N={N:6d} triton-{sch:8s} {med:8.1f} us  graph {g or float('nan'):8.1f} us  "
+                      f"{row['gbps']:7.0f} GB/s  x{row['ratio_vs_sdpa']:.2f} (graph x{row['ratio_graph'] or float('nan'):.2f})  {cfg}", flush=True)
+                if N <= ref_max_n:
+                    s0 = sets[0]
+                    med, p20, p80, _ = time_fn([lambda: attend_packed(s0[0], kc, s0[1], vc, s0[2], scale=scale)], graph=False)
+                    rows.append(dict(provider=f"torch-{sch}", scheme=sch, B=B, N=N, median_us=med, p20_us=p20, p80_us=p80,
+                                     graph_us=None, bytes=nbytes, gbps=nbytes / (med * 1e-6) / 1e9,
+                                     ratio_vs_sdpa=sdpa["median_us"] / med))
+                    print(f"B={B} N={N:6d} torch-{sch:9s} {med:8.1f} us", flush=True)
+                del sets, fns
+                torch.cuda.empty_cache()
+    return rows
+
+
+def sweep(dev, schemes, B, N):
+    """Launch-configuration sweep (BLOCK_N, warps, stages, split multiplier) at one shape."""
+    out = []
+    scale = D**-0.5
+    for sch in schemes:
+        kc, vc = codecs_for(sch, dev)
+        nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
+        sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16), random_packed(kc, B, HKV, N, dev),
+                 random_packed(vc, B, HKV, N, dev)) for _ in range(n_sets(nbytes))]
+        base = launch_config(B, HKV, HQ // HKV, N, D, dev)
+        for bn in (64, 128):
+            for nw in (4, 8):
+                for ns in (2,):
+                    for smul in (1, 2):
+                        cfg = dict(base, BLOCK_N=bn, num_warps=nw, num_stages=ns,
+                                   SPLITS=max(1, min(base["SPLITS"] * smul, triton.cdiv(N, 4 * bn))))
+                        fns = [lambda s=s, cfg=cfg: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale, config=cfg)
+                               for s in sets]
+                        try:
+                            _, _, _, g = time_fn(fns, graph=True)
+                        except Exception as e:  # noqa: BLE001
+                            print(f"  sweep {cfg} failed: {e}", flush=True)
+                            continue
+                        out.append(dict(scheme=sch, B=B, N=N, graph_us=g, gbps=nbytes / (g * 1e-6) / 1e9, **cfg))
+                        print(f"sweep {sch} B={B} N={N} BN={bn} w={nw} st={ns} splits={cfg['SPLITS']}: {g:.1f} us "
+                              f"{nbytes / (g * 1e-6) / 1e9:.0f} GB/s", flush=True)
+        del sets
+    return out
+
+
+def bench_encode(dev, schemes, N=32768):
+    rows = []
+    for sch in schemes:
+        kc, _ = codecs_for(sch, dev)
+        x = torch.randn(1, HKV, N, D, device=dev, dtype=torch.bfloat16)
+        fields = {n: torch.empty(1, HKV, N, w, dtype=t, device=dev) for n, (w, t) in kc.field_widths().items()}
+        in_bytes = x.numel() * 2
+        out_bytes = HKV * N * bytes_per_token(kc)
+        med, p20, p80, g = time_fn([lambda: encode_into(kc, x, fields, 0)], graph=True)
+        tmed, _, _, _ = time_fn([lambda: kc.quantize(x, check=False)], graph=False)
+        ref = kc.quantize(x)
+        mism = {n: int((fields[n] != ref[n]).sum()) for n in ref.fields}
+        rows.append(dict(scheme=sch, tokens=N, kv_heads=HKV, median_us=med, p20_us=p20, p80_us=p80, graph_us=g,
+                         gbps_input=in_bytes / (med * 1e-6) / 1e9, gbps_read_write=(in_bytes + out_bytes) / (med * 1e-6) / 1e9,
+                         torch_quantize_us=tmed, mismatched_elements=mism))
+        print(f"encode {sch:8s} 32K tok: {med:8.1f} us  {rows[-1]['gbps_input']:6.0f} GB/s of bf16 input "
+              f"(torch codec {tmed:8.1f} us)  mismatches {mism}", flush=True)
+    return rows
+
+
+def diag(dev, out_dir):
+    """Where the time goes: variants of the kernel that drop one stage, and the compiled IR for reading."""
+    import os
+
+    scale = D**-0.5
+    for sch in ("turbo4", "turbo3"):
+        kc, vc = codecs_for(sch, dev)
+        for B, N in ((1, 131072), (8, 131072)):
+            nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
+            s = (torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16), random_packed(kc, B, HKV, N, dev),
+                 random_packed(vc, B, HKV, N, dev))
+            base = launch_config(B, HKV, HQ // HKV, N, D, dev)
+            for name, extra in (("default", {}),):  # add stage-dropping variants here when profiling
+                cfg = dict(base, **extra)
+                _, _, _, g = time_fn([lambda cfg=cfg: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale, config=cfg)])
+                print(f"diag {sch} B={B} N={N} {name:10s} {g:8.1f} us {nbytes / (g * 1e-6) / 1e9:6.0f} GB/s", flush=True)
+    from tqcache.kernels import attention as A
+
+    kern = A._attn_fwd_kernel
+    for dev_cache in kern.device_caches.values():
+        for i, ck in enumerate(dev_cache[0].values()):
+            for k in ("ttgir", "ptx", "cubin"):
+                if k in ck.asm and i < 2:
+                    data = ck.asm[k]
+                    with open(os.path.join(out_dir, f"attn_{i}.{k}"), "wb" if isinstance(data, bytes) else "w") as f:
+                        f.write(data)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/attention_h100.json")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--schemes", default="turbo4,turbo3,turbo3.5,k4v3")
+    ap.add_argument("--B", default="1,8")
+    ap.add_argument("--N", default="4096,16384,65536,131072")
+    ap.add_argument("--ref-max-n", type=int, default=16384)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-encode", action="store_true")
+    ap.add_argument("--diag", default=None, help="write IR here and time stage-dropping variants, then exit")
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    schemes = a.schemes.split(",")
+    p = torch.cuda.get_device_properties(0)
+    meta = dict(gpu=p.name, sm_count=p.multi_processor_count, l2_bytes=p.L2_cache_size, torch=torch.__version__,
+                triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                commit=a.commit, heads=f"{HQ}/{HKV}", head_dim=D, query_dtype="bfloat16",
+                timing="do_bench median (p20/p80), eager; graph_us = CUDA-graph replay median")
+    meta["copy_gbps"] = copy_bandwidth(dev)
+    print(f"{p.name}: device-to-device copy {meta['copy_gbps']:.0f} GB/s (read + write)", flush=True)
+    meta["correctness_bench_shape"] = check_correctness(dev, schemes)
+    print("correctness at B=2 N=4K bf16:", meta["correctness_bench_shape"], flush=True)
+    res = dict(meta=meta)
+    if a.diag:
+        diag(dev, a.diag)
+        return
+    if a.sweep:
+        res["sweep"] = sweep(dev, schemes[:2], 1, 131072) + sweep(dev, schemes[:2], 8, 131072)
+    res["attention"] = bench_attention(dev, [int(x) for x in a.B.split(",")], [int(x) for x in a.N.split(",")],
+                                       schemes, a.ref_max_n)
+    if not a.no_encode:
+        res["encode"] = bench_encode(dev, schemes[:3])
+    from tqcache.kernels.attention import COMPILED
+
+    res["compiled"] = COMPILED
+    print("compiled attention kernels (registers/spills):", COMPILED)
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+    # ---- short table last
+    print("\nB      N  provider          median_us  graph_us   GB/s(graph)  x_sdpa(eager)  x_sdpa(graph)")
+    for r in res["attention"]:
+        if r["provider"].startswith("torch"):
+            continue
+        print(f"{r['B']:1d} {r['N']:6d}  {r['provider']:16s} {r['median_us']:9.1f} {r['graph_us'] or float('nan'):9.1f} "
+              f"{r.get('gbps_graph') or float('nan'):10.0f} {r['ratio_vs_sdpa']:10.2f} {r.get('ratio_graph') or float('nan'):12.2f}")
+    bw = meta["copy_gbps"]
+    print(f"copy {bw:.0f} GB/s; 70% = {0.7 * bw:.0f} GB/s")
+    for r in res.get("encode", []):
+        print(f"encode {r['scheme']}: {r['median_us']:.1f} us, {r['gbps_input']:.0f} GB/s bf16 input ({100 * r['gbps_input'] / bw:.0f}% of copy)")
+
+
+if __name__ == "__main__":
+    main()

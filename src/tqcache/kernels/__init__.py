@@ -1,0 +1,246 @@
+"""Triton kernels for TurboQuant caches, with a self-test on first use and a torch fallback.
+
+Public surface::
+
+    available(device) -> bool                  can Triton kernels run on this device at all
+    attend(q, k_codec, k_packed, v_codec, v_packed, **kw) -> (out, lse)
+                                               attend_packed's contract; kernel when it passed its probe
+    encode(codec, x, fields, start)            write codec.quantize(x) into preallocated fields at `start`
+    info() -> dict                             GPU, Triton version, probe results, launch configurations
+
+Dispatch rules: CUDA tensors use the kernels when Triton imports, the GPU is sm_80+, the configuration is
+covered (see ``attention.unsupported_reason``) and a small self-test against the torch reference passed for
+this (device, configuration) — run once, on first use, result and reason recorded. CPU tensors always use
+the torch reference unless ``TRITON_INTERPRET=1`` is set in the environment (tests), then the kernels run
+in Triton's interpreter. Everything else runs the torch reference, and ``info()`` says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+
+import torch
+
+try:  # Triton is optional: without it every call takes the torch path.
+    import triton  # noqa: F401
+
+    from . import attention as _attn
+    from . import encode as _enc
+
+    _IMPORT_ERROR = None
+except Exception as e:  # pragma: no cover - depends on the environment
+    _attn = _enc = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+__all__ = ["available", "attend", "encode", "info"]
+
+_LOCK = threading.Lock()
+_PROBES: dict[tuple, dict] = {}
+_CONFIGS: dict[str, dict] = {}
+_FALLBACKS: dict[str, int] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device) -> bool:
+    """True when Triton kernels can run on ``device`` (a CUDA GPU of compute capability ≥ 8.0, or the CPU
+    under ``TRITON_INTERPRET=1``)."""
+    if _IMPORT_ERROR is not None:
+        return False
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _interpreting()
+    if device.type != "cuda" or not torch.cuda.is_available() or _interpreting():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _why_unavailable(device) -> str:
+    if _IMPORT_ERROR is not None:
+        return f"triton not importable ({_IMPORT_ERROR})"
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "CPU tensors use the torch reference (set TRITON_INTERPRET=1 to run the kernels interpreted)"
+    if device.type != "cuda":
+        return f"no Triton backend for device {device}"
+    if _interpreting():
+        return "TRITON_INTERPRET=1 is set: kernels are interpreted, CUDA tensors use the torch reference"
+    return "GPU older than sm_80"
+
+
+def _codec_sig(c) -> tuple:
+    return (type(c).__name__, getattr(c, "dim", None), tuple(getattr(c, "segments", ())), bool(getattr(c, "qjl", False)),
+            getattr(c, "rotation_kind", None), bool(getattr(c, "norm_correction", True)))
+
+
+def _fallback(reason: str) -> None:
+    _FALLBACKS[reason] = _FALLBACKS.get(reason, 0) + 1
+
+
+# ---------------------------------------------------------------------------------------------- probes
+def _random_packed(codec, B, H, T, device, gen):
+    """A valid random packed state (any code byte is valid; norms positive) without touching the codec."""
+    fields = {}
+    for name, (w, dt) in codec.field_widths().items():
+        if dt == torch.uint8:
+            fields[name] = torch.randint(0, 256, (B, H, T, w), generator=gen, dtype=torch.uint8).to(device)
+        else:
+            fields[name] = (torch.rand(B, H, T, w, generator=gen) * 2 + 0.1).to(dt).to(device)
+    from ..codec.base import Packed
+
+    return Packed(fields=fields, dim=codec.dim, dtype=torch.float32)
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _probe_attend(q, k_codec, v_codec, causal: bool) -> tuple[bool, str]:
+    from ..codec.attention import attend_packed
+
+    dev = q.device
+    gen = torch.Generator().manual_seed(1234)
+    d = q.shape[-1]
+    B, Hkv, G = 2, 2, 4
+    Lq = 3 if causal else 1
+    T = 150
+    kp = _random_packed(k_codec, B, Hkv, T, dev, gen)
+    vp = _random_packed(v_codec, B, Hkv, T, dev, gen)
+    qq = torch.randn(B, Hkv * G, Lq, d, generator=gen).to(dev, q.dtype)
+    kw = dict(scale=1.0 / math.sqrt(d), kv_start=torch.tensor([0, 7], device=dev), kv_end=torch.tensor([T, 101], device=dev))
+    if causal:
+        kw["q_pos"] = torch.tensor([T - Lq, 90], device=dev)
+    out, lse = _attn.attend_packed_triton(qq, k_codec, kp, v_codec, vp, splits=3, **kw)
+    ref, rlse = attend_packed(qq.float(), k_codec, kp, v_codec, vp, **kw)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    e_out, e_lse = _rel(out, ref), float((lse - rlse).abs().max())
+    ok = bool(torch.isfinite(out).all()) and e_out <= tol and e_lse <= 50 * tol
+    return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
+
+
+def _probe(key: tuple, fn) -> dict:
+    with _LOCK:
+        rec = _PROBES.get(key)
+    if rec is not None:
+        return rec
+    try:
+        ok, detail = fn()
+        rec = {"passed": ok, "reason": detail if ok else f"self-test mismatch: {detail}"}
+    except Exception as e:  # a compile or launch failure: record it, run the torch path
+        rec = {"passed": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    with _LOCK:
+        _PROBES[key] = rec
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------- attend
+def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
+    """Attention over packed K/V: :func:`tqcache.codec.attention.attend_packed`'s arguments and returns.
+
+    Runs the Triton split-K kernel when it can (see the module docstring), else the torch reference.
+    """
+    from ..codec.attention import attend_packed
+
+    reason = None
+    if kw.get("mask") is not None:
+        reason = "explicit mask= (kernels take kv_start/kv_end/q_pos/window)"
+    if reason is None and not available(q.device):
+        reason = _why_unavailable(q.device)
+    if reason is None:
+        reason = _attn.unsupported_reason(q, k_codec, v_codec)
+    if reason is None:
+        causal = kw.get("q_pos") is not None
+        key = ("attend", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec), causal)
+        rec = _probe(key, lambda: _probe_attend(q, k_codec, v_codec, causal))
+        if not rec["passed"]:
+            reason = f"self-test failed: {rec['reason']}"
+    if reason is not None:
+        _fallback(reason)
+        return attend_packed(q, k_codec, k_packed, v_codec, v_packed, **kw)
+    kw.pop("chunk", None)
+    B, Hq, Lq, d = q.shape
+    Hkv, T = k_packed.lead_shape[1], k_packed.lead_shape[2]
+    cfg = _attn.launch_config(B, Hkv, (Hq // Hkv) * Lq, T, d, q.device)
+    shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} T={T} d={d} {str(q.dtype).replace('torch.', '')}"
+    if len(_CONFIGS) < 256:
+        _CONFIGS[shape_key] = cfg
+    return _attn.attend_packed_triton(q, k_codec, k_packed, v_codec, v_packed, config=cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- encode
+def _probe_encode(codec, x) -> tuple[bool, str]:
+    c = copy.deepcopy(codec)
+    gen = torch.Generator().manual_seed(4321)
+    xs = torch.randn(1, 2, 37, codec.dim, generator=gen).to(x.device, x.dtype)
+    if c.needs_calibration and not bool(c.calibrated):
+        c.calibrate(xs)
+    ref = c.quantize(xs)
+    fields = {n: torch.zeros(1, 2, 40, w, dtype=dt, device=x.device) for n, (w, dt) in c.field_widths().items()}
+    _enc.encode_into(c, xs, fields, start=2)
+    bad = []
+    for n, v in ref.fields.items():
+        got = fields[n][:, :, 2:39]
+        # Ties (a coordinate within a few ulps of a boundary) may flip a code; allow a tiny fraction.
+        frac = float((got != v).float().mean())
+        if frac > 0.01:
+            bad.append(f"{n}: {frac:.1%} differ")
+    return (not bad), ("; ".join(bad) or "fields match")
+
+
+def encode(codec, x: torch.Tensor, fields: dict, start: int) -> None:
+    """Write ``codec.quantize(x)`` (x ``[B, Hkv, N, d]``) into ``fields[name][:, :, start:start+N]``.
+
+    Triton kernel when available and self-tested (see :func:`tqcache.kernels.encode.encode_into`), else the
+    torch codec followed by a copy.
+    """
+    reason = None
+    if not available(x.device):
+        reason = _why_unavailable(x.device)
+    if reason is None:
+        reason = _enc.encode_unsupported_reason(codec, x)
+    if reason is None:
+        key = ("encode", str(x.device), x.dtype, _codec_sig(codec))
+        rec = _probe(key, lambda: _probe_encode(codec, x))
+        if not rec["passed"]:
+            reason = f"self-test failed: {rec['reason']}"
+    if reason is None:
+        _enc.encode_into(codec, x, fields, start)
+        return
+    _fallback(reason)
+    packed = codec.quantize(x)
+    n = x.shape[2]
+    for name, t in packed.fields.items():
+        fields[name][:, :, start : start + n].copy_(t)
+
+
+# ---------------------------------------------------------------------------------------------- info
+def info() -> dict:
+    """What the kernels layer knows: GPU, versions, probe results, launch configurations, fallback reasons."""
+    d: dict = {"torch": torch.__version__, "triton_import_error": _IMPORT_ERROR, "interpreter": _interpreting()}
+    try:
+        import triton
+
+        d["triton"] = triton.__version__
+    except Exception:
+        d["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        d["gpu"] = p.name
+        d["sm_count"] = p.multi_processor_count
+        d["capability"] = f"{p.major}.{p.minor}"
+        d["gpu_memory_gib"] = round(p.total_memory / 2**30, 1)
+        d["kernels_available"] = available("cuda")
+    else:
+        d["gpu"] = None
+        d["kernels_available"] = available("cpu")
+    with _LOCK:
+        d["probes"] = {" | ".join(str(x) for x in k): dict(v) for k, v in _PROBES.items()}
+    d["launch_configs"] = dict(_CONFIGS)
+    d["compiled"] = dict(_attn.COMPILED) if _attn is not None else {}
+    d["fallbacks"] = dict(_FALLBACKS)
+    return d
