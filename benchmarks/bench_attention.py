@@ -44,6 +44,9 @@ def _q(xs):
     return [float(x) * 1000.0 for x in xs]  # ms -> µs
 
 
+REP = [200]
+
+
 def time_fn(fns, graph=True):
     """Median/p20/p80 µs per call of ``fns[i]`` cycled; plus CUDA-graph replay µs (median)."""
     it = [0]
@@ -55,7 +58,7 @@ def time_fn(fns, graph=True):
     for f in fns:
         f()
     torch.cuda.synchronize()
-    med, p20, p80 = _q(do_bench(step, warmup=25, rep=200, quantiles=[0.5, 0.2, 0.8]))
+    med, p20, p80 = _q(do_bench(step, warmup=25, rep=REP[0], quantiles=[0.5, 0.2, 0.8]))
     g_us = None
     if graph:
         try:
@@ -69,7 +72,7 @@ def time_fn(fns, graph=True):
             with torch.cuda.graph(g):
                 for f in fns:
                     f()
-            g_us = _q(do_bench(g.replay, warmup=25, rep=200, quantiles=[0.5]))[0] / len(fns)
+            g_us = _q(do_bench(g.replay, warmup=25, rep=REP[0], quantiles=[0.5]))[0] / len(fns)
         except Exception as e:  # noqa: BLE001
             print(f"  graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
     return med, p20, p80, g_us
@@ -156,7 +159,7 @@ def bench_attention(dev, Bs, Ns, schemes, ref_max_n, graph=True):
                     sets.append((q, random_packed(kc, B, HKV, N, dev), random_packed(vc, B, HKV, N, dev)))
                 fns = [lambda s=s: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale) for s in sets]
                 med, p20, p80, g = time_fn(fns, graph)
-                cfg = launch_config(B, HKV, HQ // HKV, N, D, dev)
+                cfg = launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc)
                 row = dict(provider=f"triton-{sch}", scheme=sch, B=B, N=N, median_us=med, p20_us=p20, p80_us=p80,
                            graph_us=g, bytes=nbytes, gbps=nbytes / (med * 1e-6) / 1e9,
                            gbps_graph=nbytes / (g * 1e-6) / 1e9 if g else None,
@@ -204,6 +207,124 @@ def sweep(dev, schemes, B, N):
                         print(f"sweep {sch} B={B} N={N} BN={bn} w={nw} st={ns} splits={cfg['SPLITS']}: {g:.1f} us "
                               f"{nbytes / (g * 1e-6) / 1e9:.0f} GB/s", flush=True)
         del sets
+    return out
+
+
+def time_graph(fns, rep=60):
+    """CUDA-graph replay µs per call (median), short: for sweeps."""
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return _q(do_bench(g.replay, warmup=10, rep=rep, quantiles=[0.5]))[0] / len(fns)
+
+
+def sweep_tiles(dev, schemes, Bs, N):
+    """v3 tile sweep: BLOCK_N {32, 64, 128} × warps {2, 4} × split multiplier {1, 2}, plane layout on, plus the
+    v1 configuration (tl.join layout, BLOCK_N 128, 4 warps) as the in-process baseline. Returns (rows, best):
+    best[scheme] = (BLOCK_N, warps, split multiplier) minimising the geometric mean over B of time/best(B)."""
+    from tqcache.kernels import attention as A
+
+    rows, best = [], {}
+    scale = D**-0.5
+    for sch in schemes:
+        kc, vc = codecs_for(sch, dev)
+        times = {}
+        for B in Bs:
+            nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
+            sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16), random_packed(kc, B, HKV, N, dev),
+                     random_packed(vc, B, HKV, N, dev)) for _ in range(n_sets(nbytes))]
+            key = (D, A._bits_key(kc), A._bits_key(vc), B * HKV >= 32)
+            saved = A._DECODE_TUNED.pop(key, None)
+            cands = [("v1-join", 128, 4, 1, False)] + [
+                ("v3-planes", bn, nw, sm, True) for bn in (32, 64, 128) for nw in (2, 4) for sm in (1, 2)]
+            for name, bn, nw, sm, planes in cands:
+                if planes:  # the split rule of launch_config with this tile choice
+                    A._DECODE_TUNED[key] = (bn, nw, sm)
+                cfg = dict(launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc), planes=planes)
+                A._DECODE_TUNED.pop(key, None)
+                fns = [lambda s=s, cfg=cfg: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale, config=cfg)
+                       for s in sets]
+                try:
+                    g = time_graph(fns)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  sweep {sch} {cfg} failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                rows.append(dict(scheme=sch, B=B, N=N, variant=name, graph_us=g, gbps=nbytes / (g * 1e-6) / 1e9,
+                                 split_mul=sm, **cfg))
+                if planes:
+                    times.setdefault((bn, nw, sm), {})[B] = g
+                print(f"sweep {sch:7s} B={B} N={N} {name:9s} BN={bn:3d} w={nw} splits={cfg['SPLITS']:3d}: "
+                      f"{g:8.1f} us {nbytes / (g * 1e-6) / 1e9:6.0f} GB/s", flush=True)
+            if saved is not None:
+                A._DECODE_TUNED[key] = saved
+            del sets
+            torch.cuda.empty_cache()
+        full = {k: v for k, v in times.items() if len(v) == len(Bs)}
+        if full:
+            bmin = {B: min(v[B] for v in full.values()) for B in Bs}
+            score = lambda k: math.prod(full[k][B] / bmin[B] for B in Bs) ** (1 / len(Bs))  # noqa: E731
+            best[sch] = min(full, key=score)
+            print(f"sweep {sch}: best (BLOCK_N, warps, split mul) = {best[sch]} (score {score(best[sch]):.3f})", flush=True)
+    return rows, best
+
+
+def ab_planes(dev, schemes, Bs, N=131072):
+    """Same launch configuration (the tuned one), bit-plane layout on vs off (tl.join): the v3 change alone."""
+    rows = []
+    scale = D**-0.5
+    for sch in schemes:
+        kc, vc = codecs_for(sch, dev)
+        for B in Bs:
+            nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
+            sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16), random_packed(kc, B, HKV, N, dev),
+                     random_packed(vc, B, HKV, N, dev)) for _ in range(n_sets(nbytes))]
+            base = launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc)
+            for planes in (False, True, False, True):  # twice each: the spread says what is noise
+                cfg = dict(base, planes=planes)
+                g = time_graph([lambda s=s, cfg=cfg: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale, config=cfg)
+                                for s in sets], rep=100)
+                rows.append(dict(scheme=sch, B=B, N=N, planes=planes, graph_us=g, **base))
+                print(f"ab {sch:7s} B={B} N={N} planes={planes!s:5s} BN={base['BLOCK_N']} w={base['num_warps']} "
+                      f"splits={base['SPLITS']}: {g:8.1f} us", flush=True)
+            del sets
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sass_stats() -> dict:
+    """Per compiled attention kernel: SASS instruction counts by opcode class (cuobjdump), registers, spills."""
+    import collections
+    import re
+    import subprocess
+    import tempfile
+
+    from tqcache.kernels import attention as A
+
+    out = {}
+    for key, ck in A.KERNELS.items():
+        try:
+            cub = ck.asm["cubin"]
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(cub)
+                f.flush()
+                txt = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True, timeout=60).stdout
+            ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", txt))
+            keep = ("LDG", "LDS", "STS", "HMMA", "IMAD", "MOV", "LEA", "LOP3", "SHF", "PRMT", "F2FP", "BAR", "FMUL", "FFMA")
+            out[key] = dict(total=sum(ops.values()), **{k: ops.get(k, 0) for k in keep}, **A.COMPILED.get(key, {}))
+        except Exception as e:  # noqa: BLE001
+            out[key] = dict(error=f"{type(e).__name__}: {e}")
+    for k, v in out.items():
+        print(f"sass {k}: {v}", flush=True)
     return out
 
 
@@ -265,8 +386,13 @@ def main():
     ap.add_argument("--ref-max-n", type=int, default=16384)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-encode", action="store_true")
+    ap.add_argument("--tile-sweep", action="store_true", help="v3 BLOCK_N × warps × splits sweep at N = 128K")
+    ap.add_argument("--apply-best", action="store_true", help="benchmark with the tile sweep's choice")
+    ap.add_argument("--ab", action="store_true", help="plane layout on/off at the tuned config, 128K")
+    ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms) for the main table")
     ap.add_argument("--diag", default=None, help="write IR here and time stage-dropping variants, then exit")
     a = ap.parse_args()
+    REP[0] = a.rep
     dev = torch.device("cuda")
     torch.manual_seed(0)
     schemes = a.schemes.split(",")
@@ -285,6 +411,21 @@ def main():
         return
     if a.sweep:
         res["sweep"] = sweep(dev, schemes[:2], 1, 131072) + sweep(dev, schemes[:2], 8, 131072)
+    if a.tile_sweep:
+        from tqcache.kernels import attention as A
+
+        rows, best = sweep_tiles(dev, schemes[:3], [int(x) for x in a.B.split(",")], 131072)
+        res["tile_sweep"] = rows
+        res["tile_sweep_best"] = {k: list(v) for k, v in best.items()}
+        if a.apply_best:  # benchmark below with the sweep's choice (what goes into _DECODE_TUNED)
+            for sch, v in best.items():
+                kc, vc = codecs_for(sch, dev)
+                for large in (False, True):
+                    A._DECODE_TUNED[(D, A._bits_key(kc), A._bits_key(vc), large)] = tuple(v)
+            print("applied:", A._DECODE_TUNED, flush=True)
+    if a.ab:
+        res["ab_planes"] = ab_planes(dev, ["turbo4", "k4v3"], [int(x) for x in a.B.split(",")])
+        res["sass"] = sass_stats()
     res["attention"] = bench_attention(dev, [int(x) for x in a.B.split(",")], [int(x) for x in a.N.split(",")],
                                        schemes, a.ref_max_n)
     if not a.no_encode:

@@ -204,6 +204,54 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_plane_permutation_matches_the_bit_stream(bits):
+    # Plane p of byte i holds the code of channel i·P + p; the kernel's column order must say the same.
+    from tqcache.codec.packing import pack_bits
+    from tqcache.kernels.attention import _planes, _plane_perm
+
+    d = 128
+    P = _planes(d, bits)
+    assert P == 8 // bits
+    codes = torch.randint(0, 1 << bits, (5, d), generator=_gen(11))
+    by = pack_bits(codes, bits).long()  # [5, d·bits/8]
+    planes = torch.cat([(by >> (p * bits)) & ((1 << bits) - 1) for p in range(P)], -1)
+    perm = _plane_perm(TurboQuantizer(d, bits, seed=1))
+    assert sorted(perm) == list(range(d))
+    assert torch.equal(planes, codes[:, perm])
+    assert _plane_perm(TurboQuantizer(d, bits, seed=1), enabled=False) == list(range(d))
+    assert _planes(32, 2) == 1 and _planes(128, 3) == 1 and _planes(128, 8) == 1  # natural-order paths
+
+
+@pytest.mark.parametrize("d,kb,vb", [(128, 4, 2), (128, 2, 4), (128, 3.5, 2.5), (64, 2.5, 4)])
+def test_plane_layout_matches_natural_layout(d, kb, vb):
+    # The bit-plane path (permuted A/U, one dot per plane) against the tl.join path on the same inputs.
+    from tqcache.kernels.attention import launch_config
+
+    kc, vc, kp, vp = _make(d, kb, vb, T=130, seed=12)
+    q = torch.randn(2, 4, 1, d, generator=_gen(12)).to(DEV)
+    cfg = launch_config(2, 2, 2, 130, d, DEV)
+    o1, l1 = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, planes=True))
+    o0, l0 = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, planes=False))
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    _check(q, kc, kp, vc, vp)
+
+
+def test_per_head_channel_scales_are_not_taken_by_the_kernel():
+    # A/U are built once per codec from rotate_query(I)/unrotate(I): one shared scale vector only.
+    from tqcache.kernels.attention import unsupported_reason
+
+    try:
+        kc = TurboQuantizer(64, 4, seed=1, channel_scale=True, heads=2)
+    except TypeError:
+        pytest.skip("this codec has no per-head channel scales")
+    vc = TurboQuantizer(64, 4, seed=2)
+    q = torch.zeros(1, 4, 1, 64)
+    assert unsupported_reason(q, kc, vc) is not None
+    assert unsupported_reason(q, TurboQuantizer(64, 4, seed=1, channel_scale=True), vc) is None
+
+
 def test_cache_buffer_views():
     # Fields as views into larger capacity buffers (strided over T), as a cache hands them over.
     kc, vc, kp, vp = _make(64, 4, 3, T=50, seed=10)

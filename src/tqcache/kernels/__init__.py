@@ -165,7 +165,7 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     kw.pop("chunk", None)
     B, Hq, Lq, d = q.shape
     Hkv, T = k_packed.lead_shape[1], k_packed.lead_shape[2]
-    cfg = _attn.launch_config(B, Hkv, (Hq // Hkv) * Lq, T, d, q.device)
+    cfg = _attn.launch_config(B, Hkv, (Hq // Hkv) * Lq, T, d, q.device, k_codec=k_codec, v_codec=v_codec)
     shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} T={T} d={d} {str(q.dtype).replace('torch.', '')}"
     if len(_CONFIGS) < 256:
         _CONFIGS[shape_key] = cfg

@@ -21,18 +21,22 @@ the tensor cores (``tl.dot``). A second small kernel merges the splits by log-su
 Prefill chunks (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
 Measured (H100, docs/performance.md): bound by instruction issue (~10 thread instructions per centroid
-value), not by bytes; 0.6–0.8× the speed of bf16 SDPA at long context. docs/kernel-notes.md has the
-profile and the next steps.
+value, most of them the gather's 64-bit address arithmetic), not by bytes; 0.65–0.85× the speed of bf16 SDPA
+at 64K–128K. docs/kernel-notes.md has the profile, the versions and the next steps.
 
 Bytes read per token per KV head (d = 128): codes ``d·b/8`` + norms ``2·S`` for K and for V, e.g. 4 bits:
 64 + 2 + 64 + 2 = 132 B; 3 bits: 100 B; 3.5 bits: 120 B; K4/V3: 116 B. Everything else (queries,
 partials, tables) is O(B·Hq·Lq·d) and does not grow with the context.
 
-Unpacking (docs/formats.md, LSB-first bit stream per token row): for b ∈ {1, 2, 4, 8} one contiguous,
-vectorisable byte load per token row and ``8/b`` shift/mask planes; for b = 3 three byte planes at stride 3
-(8 codes per 3 bytes) combined into a 24-bit word. The planes are re-interleaved with ``tl.join`` so the
-codes come out in natural channel order, then the centroid value is gathered from a ≤ 256-entry table
-(fp16, ≤ 512 B, stays in L1).
+Unpacking (docs/formats.md, LSB-first bit stream per token row): one contiguous, vectorisable byte load per
+token row. **Bit-plane layout** (b ∈ {2, 4}, when each plane keeps ≥ 16 channels): byte i holds channels
+``i·P + p`` (``P = 8/b``) at bits ``[p·b, (p+1)·b)``; each plane gathers its own ``[BLOCK_N, d_s/P]`` centroid
+tile and gets its own ``tl.dot`` — against the matching query columns for keys, into its own accumulator
+for values. The resulting channel order (plane-major, :func:`_plane_perm`) is folded into the query map A
+(columns) and the unrotation U (rows) in torch, so nothing is re-interleaved at run time. Other segments
+(b ∈ {1, 3}, b = 8, narrow 2/4-bit segments) are read in natural order: for b = 3 three byte planes at
+stride 3 (8 codes per 3 bytes) form a 24-bit word and the planes are re-interleaved with ``tl.join``. The
+centroid value is gathered from a ≤ 256-entry table (fp16, ≤ 512 B, stays in L1).
 """
 
 from __future__ import annotations
@@ -106,6 +110,75 @@ def _seg_values(row_ptr, nmask, lv_ptr, BITS: tl.constexpr, DS: tl.constexpr, BL
     return tl.load(lv_ptr + idx)
 
 
+@triton.jit
+def _load_bytes(row_ptr, nmask, W: tl.constexpr):
+    """The ``W`` code bytes of each token row: int32 ``[BLOCK_N, W]`` (one contiguous load per row)."""
+    return tl.load(row_ptr[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+
+
+@triton.jit
+def _plane(bt, lv_ptr, BITS: tl.constexpr, P: tl.constexpr, I: tl.constexpr):
+    """Centroids of bit-plane ``I`` of the byte tile ``bt``: channels ``i·P + I`` (``P = 8 / BITS`` planes)."""
+    MK: tl.constexpr = (1 << BITS) - 1
+    if I == 0:
+        idx = bt & MK
+    elif I == P - 1:
+        idx = bt >> (I * BITS)  # the top plane needs no mask (bytes < 256)
+    else:
+        idx = (bt >> (I * BITS)) & MK
+    return tl.load(lv_ptr + idx)
+
+
+@triton.jit
+def _k_planes(row_ptr, nmask, lv_ptr, q0, q1, q2, q3, BITS: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
+              PREC: tl.constexpr):
+    """Σ_p q_p · c[plane_p]ᵀ: raw scores ``[BLOCK_M, BLOCK_N]`` of one segment in plane layout (P ∈ {2, 4})."""
+    bt = _load_bytes(row_ptr, nmask, W)
+    s = tl.dot(q0, tl.trans(_plane(bt, lv_ptr, BITS, P, 0)), input_precision=PREC)
+    s += tl.dot(q1, tl.trans(_plane(bt, lv_ptr, BITS, P, 1)), input_precision=PREC)
+    if P == 4:
+        s += tl.dot(q2, tl.trans(_plane(bt, lv_ptr, BITS, P, 2)), input_precision=PREC)
+        s += tl.dot(q3, tl.trans(_plane(bt, lv_ptr, BITS, P, 3)), input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _v_planes(row_ptr, nmask, lv_ptr, pv, alpha, a0, a1, a2, a3, BITS: tl.constexpr, P: tl.constexpr,
+              W: tl.constexpr, PREC: tl.constexpr):
+    """a_p ← a_p·α + pv @ c[plane_p]: one accumulator ``[BLOCK_M, W]`` per bit-plane (P ∈ {2, 4})."""
+    bt = _load_bytes(row_ptr, nmask, W)
+    a0 = a0 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 0), input_precision=PREC)
+    a1 = a1 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 1), input_precision=PREC)
+    if P == 4:
+        a2 = a2 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 2), input_precision=PREC)
+        a3 = a3 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 3), input_precision=PREC)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _load_q_planes(q_base, mvalid, OFF: tl.constexpr, P: tl.constexpr, W: tl.constexpr):
+    """Query columns of one segment in plane layout: plane p = columns ``OFF + p·W + [0, W)``."""
+    offs = tl.arange(0, W)[None, :]
+    q0 = tl.load(q_base + OFF + offs, mask=mvalid[:, None], other=0.0)
+    q1 = tl.load(q_base + OFF + W + offs, mask=mvalid[:, None], other=0.0)
+    q2 = q0
+    q3 = q0
+    if P == 4:
+        q2 = tl.load(q_base + OFF + 2 * W + offs, mask=mvalid[:, None], other=0.0)
+        q3 = tl.load(q_base + OFF + 3 * W + offs, mask=mvalid[:, None], other=0.0)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _store_planes(pa, mvalid, a0, a1, a2, a3, OFF: tl.constexpr, P: tl.constexpr, W: tl.constexpr):
+    offs = tl.arange(0, W)[None, :]
+    tl.store(pa + OFF + offs, a0, mask=mvalid[:, None])
+    tl.store(pa + OFF + W + offs, a1, mask=mvalid[:, None])
+    if P == 4:
+        tl.store(pa + OFF + 2 * W + offs, a2, mask=mvalid[:, None])
+        tl.store(pa + OFF + 3 * W + offs, a3, mask=mvalid[:, None])
+
+
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
 def _attn_fwd_kernel(
@@ -123,6 +196,7 @@ def _attn_fwd_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     KD0: tl.constexpr, KB0: tl.constexpr, KD1: tl.constexpr, KB1: tl.constexpr,
     VD0: tl.constexpr, VB0: tl.constexpr, VD1: tl.constexpr, VB1: tl.constexpr,
+    KP0: tl.constexpr, KP1: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr,
     K_QJL: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -161,17 +235,38 @@ def _attn_fwd_kernel(
 
     # ---- queries, rotated and pre-scaled by scale·log2(e) in torch: [BLOCK_M, D_s] per segment.
     q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-    q0 = tl.load(q_base + tl.arange(0, KD0)[None, :], mask=mvalid[:, None], other=0.0)
+    # Segments with KP > 1 bit-planes are in plane layout (columns permuted in A, see _plane_perm).
+    if KP0 > 1:
+        qa0, qa1, qa2, qa3 = _load_q_planes(q_base, mvalid, 0, KP0, KD0 // KP0)
+    else:
+        q0 = tl.load(q_base + tl.arange(0, KD0)[None, :], mask=mvalid[:, None], other=0.0)
     if KD1 > 0:
-        q1 = tl.load(q_base + KD0 + tl.arange(0, KD1)[None, :], mask=mvalid[:, None], other=0.0)
+        if KP1 > 1:
+            qb0, qb1, qb2, qb3 = _load_q_planes(q_base, mvalid, KD0, KP1, KD1 // KP1)
+        else:
+            q1 = tl.load(q_base + KD0 + tl.arange(0, KD1)[None, :], mask=mvalid[:, None], other=0.0)
     if K_QJL:
         qs = tl.load(q_base + D + tl.arange(0, D)[None, :], mask=mvalid[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc0 = tl.zeros([BLOCK_M, VD0], tl.float32)
+    VW0P: tl.constexpr = VD0 // VP0
+    VW1P: tl.constexpr = VD1 // VP1
+    if VP0 > 1:
+        aa0 = tl.zeros([BLOCK_M, VW0P], tl.float32)
+        aa1 = tl.zeros([BLOCK_M, VW0P], tl.float32)
+        aa2 = tl.zeros([BLOCK_M, VW0P], tl.float32)  # untouched (and dropped) when VP0 == 2
+        aa3 = tl.zeros([BLOCK_M, VW0P], tl.float32)
+    else:
+        acc0 = tl.zeros([BLOCK_M, VD0], tl.float32)
     if VD1 > 0:
-        acc1 = tl.zeros([BLOCK_M, VD1], tl.float32)
+        if VP1 > 1:
+            ab0 = tl.zeros([BLOCK_M, VW1P], tl.float32)
+            ab1 = tl.zeros([BLOCK_M, VW1P], tl.float32)
+            ab2 = tl.zeros([BLOCK_M, VW1P], tl.float32)
+            ab3 = tl.zeros([BLOCK_M, VW1P], tl.float32)
+        else:
+            acc1 = tl.zeros([BLOCK_M, VD1], tl.float32)
 
     kc_base = KC + b * stride_kcb + h * stride_kch
     kn_base = KN + b * stride_knb + h * stride_knh
@@ -186,13 +281,20 @@ def _attn_fwd_kernel(
         # ---- scores s[m, j] (base 2): per segment a [BLOCK_M, D_s] x [D_s, BLOCK_N] product of centroids.
         kc_row = kc_base + offs_n * stride_kct
         kn_row = kn_base + offs_n * stride_knt
-        ck = _seg_values(kc_row, nmask, LVK, KB0, KD0, BLOCK_N)
         kn0 = tl.load(kn_row, mask=nmask, other=0.0).to(tl.float32)
-        s = tl.dot(q0, tl.trans(ck), input_precision=PREC) * kn0[None, :]
+        if KP0 > 1:
+            s = _k_planes(kc_row, nmask, LVK, qa0, qa1, qa2, qa3, KB0, KP0, KW0, PREC) * kn0[None, :]
+        else:
+            ck = _seg_values(kc_row, nmask, LVK, KB0, KD0, BLOCK_N)
+            s = tl.dot(q0, tl.trans(ck), input_precision=PREC) * kn0[None, :]
         if KD1 > 0:
-            ck1 = _seg_values(kc_row + KW0, nmask, LVK + 256, KB1, KD1, BLOCK_N)
             kn1 = tl.load(kn_row + 1, mask=nmask, other=0.0).to(tl.float32)
-            s += tl.dot(q1, tl.trans(ck1), input_precision=PREC) * kn1[None, :]
+            if KP1 > 1:
+                s += _k_planes(kc_row + KW0, nmask, LVK + 256, qb0, qb1, qb2, qb3, KB1, KP1, KD1 * KB1 // 8,
+                               PREC) * kn1[None, :]
+            else:
+                ck1 = _seg_values(kc_row + KW0, nmask, LVK + 256, KB1, KD1, BLOCK_N)
+                s += tl.dot(q1, tl.trans(ck1), input_precision=PREC) * kn1[None, :]
         if K_QJL:
             ks_row = KS + b * stride_ksb + h * stride_ksh + offs_n * stride_kst
             sg = _unpack_codes(ks_row, nmask, 1, D, BLOCK_N)
@@ -219,22 +321,36 @@ def _attn_fwd_kernel(
         # ---- values: acc_s += (p · n^V_s) @ c^V_s[idx]; the scale rides on p so the centroids stay raw.
         vc_row = vc_base + offs_n * stride_vct
         vn_row = vn_base + offs_n * stride_vnt
-        cv = _seg_values(vc_row, nmask, LVV, VB0, VD0, BLOCK_N)
         vn0 = tl.load(vn_row, mask=nmask, other=0.0).to(tl.float32)
-        acc0 = acc0 * alpha[:, None] + tl.dot((p * vn0[None, :]).to(DT), cv, input_precision=PREC)
+        if VP0 > 1:
+            aa0, aa1, aa2, aa3 = _v_planes(vc_row, nmask, LVV, (p * vn0[None, :]).to(DT), alpha,
+                                           aa0, aa1, aa2, aa3, VB0, VP0, VW0, PREC)
+        else:
+            cv = _seg_values(vc_row, nmask, LVV, VB0, VD0, BLOCK_N)
+            acc0 = acc0 * alpha[:, None] + tl.dot((p * vn0[None, :]).to(DT), cv, input_precision=PREC)
         if VD1 > 0:
-            cv1 = _seg_values(vc_row + VW0, nmask, LVV + 256, VB1, VD1, BLOCK_N)
             vn1 = tl.load(vn_row + 1, mask=nmask, other=0.0).to(tl.float32)
-            acc1 = acc1 * alpha[:, None] + tl.dot((p * vn1[None, :]).to(DT), cv1, input_precision=PREC)
+            if VP1 > 1:
+                ab0, ab1, ab2, ab3 = _v_planes(vc_row + VW0, nmask, LVV + 256, (p * vn1[None, :]).to(DT), alpha,
+                                               ab0, ab1, ab2, ab3, VB1, VP1, VD1 * VB1 // 8, PREC)
+            else:
+                cv1 = _seg_values(vc_row + VW0, nmask, LVV + 256, VB1, VD1, BLOCK_N)
+                acc1 = acc1 * alpha[:, None] + tl.dot((p * vn1[None, :]).to(DT), cv1, input_precision=PREC)
 
     # ---- partials of this split (rows past M are not stored).
     prow = (pid_bh * SPLITS + split) * M + offs_m
     tl.store(PM + prow, m_i, mask=mvalid)
     tl.store(PL + prow, l_i, mask=mvalid)
     pa = PACC + prow[:, None] * D
-    tl.store(pa + tl.arange(0, VD0)[None, :], acc0, mask=mvalid[:, None])
+    if VP0 > 1:
+        _store_planes(pa, mvalid, aa0, aa1, aa2, aa3, 0, VP0, VW0P)
+    else:
+        tl.store(pa + tl.arange(0, VD0)[None, :], acc0, mask=mvalid[:, None])
     if VD1 > 0:
-        tl.store(pa + VD0 + tl.arange(0, VD1)[None, :], acc1, mask=mvalid[:, None])
+        if VP1 > 1:
+            _store_planes(pa, mvalid, ab0, ab1, ab2, ab3, VD0, VP1, VW1P)
+        else:
+            tl.store(pa + VD0 + tl.arange(0, VD1)[None, :], acc1, mask=mvalid[:, None])
 
 
 @triton.jit
@@ -299,6 +415,8 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
             return f"{name} codec is {type(c).__name__}, the kernel reads TurboQuant only"
         if len(c.segments) > 2:
             return f"{name} codec has {len(c.segments)} segments"
+        if c.channel_scale.dim() != 1:
+            return f"{name} codec keeps per-head channel scales (the kernel folds one shared scale vector into A/U)"
         for d_s, b_s in c.segments:
             if b_s not in _BITS_OK:
                 return f"{name} segment of {b_s} bits (kernel unpacks {_BITS_OK})"
@@ -333,11 +451,34 @@ def _dummy(device) -> torch.Tensor:
     return t
 
 
-def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device) -> dict:
+# Decode (BLOCK_M = 16) tiles per (d, key bits, value bits, many programs = B·Hkv ≥ 32), from the v3 sweep on
+# H100 at 128K (docs/kernel-notes.md): value (BLOCK_N, num_warps, split multiplier on the 4/SM or 8/SM target).
+# BLOCK_N 64 × 2 warps (~202–216 registers × 64 threads: 4 CTAs/SM, so 4/SM splits are exactly one wave) won
+# at B = 1 for every scheme; at B = 8 twice the splits (16/SM) won. Other codecs/dims keep the v1 rule.
+# Comments: sweep µs (graph, 128K) vs the v1 configuration in the same process; final run in docs/performance.md.
+_DECODE_TUNED: dict = {
+    (128, (4,), (4,), False): (64, 2, 1),  # turbo4  B=1: 257 µs vs 274
+    (128, (4,), (4,), True): (32, 4, 2),  # turbo4  B=8: 1661 µs vs 1864
+    (128, (3,), (3,), False): (64, 2, 1),  # turbo3  B=1: 304 µs vs 325
+    (128, (3,), (3,), True): (64, 2, 2),  # turbo3  B=8: 2101 µs vs 2296
+    (128, (4,), (3,), False): (64, 2, 1),  # k4v3    B=1: 276 µs vs 292
+    (128, (4,), (3,), True): (64, 2, 2),  # k4v3    B=8: 1882 µs vs 2047
+}
+
+
+def _bits_key(c) -> tuple:
+    return tuple(b for _, b in c.segments) if c is not None else ()
+
+
+def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device, *, k_codec=None,
+                  v_codec=None) -> dict:
     """Block sizes, split count and warps for one shape (recorded by :func:`tqcache.kernels.info`).
 
     Splits: enough programs for 4–8 per SM (many loads in flight), but each split keeps ≥ 4 blocks of tokens
     so the per-split overhead (query load, partial write, merge read) stays small against what it streams.
+    With ``k_codec``/``v_codec`` a decode shape takes its measured tile from ``_DECODE_TUNED`` when listed.
+    (A config passed to :func:`attend_packed_triton` may also carry ``planes=False``: natural-order layout,
+    for A/B comparisons.)
     """
     block_m = 16 if M <= 16 else 64
     # Decode: 128 tokens per step measured best on H100 (v1 sweep: 270 µs vs 420 µs at 64); d = 256 halves it.
@@ -347,41 +488,76 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     # ~2 resident programs per SM at ~230 registers: 4/SM at B·Hkv = 8 (66 splits of 2K tokens at 128K),
     # 8/SM from 32 (B = 8: 18 splits beat 9 by 15%, a shorter tail wave).
     target = (8 if progs >= 32 else 4) * _num_sms(device)
-    max_splits = max(1, triton.cdiv(T, 4 * block_n))
-    splits = max(1, min(triton.cdiv(target, progs), max_splits, 128))
     num_warps = 4 if block_m == 16 else 8
+    smul = 1
+    tuned = _DECODE_TUNED.get((d, _bits_key(k_codec), _bits_key(v_codec), progs >= 32)) if block_m == 16 else None
+    if tuned:
+        block_n, num_warps, smul = tuned
+    max_splits = max(1, triton.cdiv(T, 4 * block_n))
+    splits = max(1, min(triton.cdiv(target, progs) * smul, max_splits, 128))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
+
+
+def _planes(d_s: int, b_s: int, enabled: bool = True) -> int:
+    """Bit-planes a segment is read in: ``8/b`` for b ∈ {2, 4} when each plane keeps ≥ 16 channels (a dot's K),
+    else 1 (natural channel order: 8 bits directly, 1 and 3 bits and narrow segments through ``tl.join``)."""
+    if enabled and b_s in (2, 4) and d_s // (8 // b_s) >= 16:
+        return 8 // b_s
+    return 1
+
+
+def _plane_perm(codec, enabled: bool = True) -> list[int]:
+    """Kernel column order: ``perm[new] = natural channel``; plane p of a segment at offset o holds channels
+    ``o + i·P + p`` (i < d_s/P) in columns ``o + p·d_s/P + i``. Identity for segments read in natural order."""
+    perm, off = [], 0
+    for d_s, b_s in codec.segments:
+        P = _planes(d_s, b_s, enabled)
+        perm += [off + i * P + p for p in range(P) for i in range(d_s // P)]
+        off += d_s
+    return perm
 
 
 _MAT_CACHE: dict = {}
 COMPILED: dict = {}  # launch config -> registers / spills of the compiled attention kernel (info())
 
 
-def _record_compile(ck, cfg) -> None:
+KERNELS: dict = {}  # same keys as COMPILED -> the compiled kernel (benchmarks read its SASS)
+
+
+def _record_compile(ck, cfg, bits: str = "") -> None:
     n_regs = getattr(ck, "n_regs", None)
     if n_regs is None or len(COMPILED) > 64:
         return
-    key = f"BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} stages={cfg.get('num_stages', 2)}"
-    COMPILED[key] = {"n_regs": n_regs, "n_spills": getattr(ck, "n_spills", None)}
+    key = (f"{bits} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} "
+           f"stages={cfg.get('num_stages', 2)} planes={bool(cfg.get('planes', True))}").strip()
+    if key not in COMPILED:
+        COMPILED[key] = {"n_regs": n_regs, "n_spills": getattr(ck, "n_spills", None)}
+        KERNELS[key] = ck
 
 
 def _codec_key(c, device) -> tuple:
     return (id(c), str(device), c.perm._version, c.channel_scale._version, c.perm.data_ptr())
 
 
-def _matrices(k_codec, v_codec, device, dot_dtype):
-    """(A [d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype)."""
-    key = (_codec_key(k_codec, device), _codec_key(v_codec, device), dot_dtype)
+def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
+    """(A [d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype).
+
+    The bit-plane column permutation (:func:`_plane_perm`) is folded in: A's first d columns are in the
+    kernel's key column order, U's rows in its value column order (zero run-time cost).
+    """
+    key = (_codec_key(k_codec, device), _codec_key(v_codec, device), dot_dtype, planes)
     hit = _MAT_CACHE.get(key)
     if hit is not None and hit[0] is k_codec and hit[1] is v_codec:
         return hit[2]
     d = k_codec.dim
     eye = torch.eye(d, device=device, dtype=torch.float32)
     with torch.no_grad():
-        a = k_codec.rotate_query(eye)
+        pk = torch.tensor(_plane_perm(k_codec, planes), device=device)
+        pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
+        a = k_codec.rotate_query(eye)[:, pk]
         if k_codec.qjl:
             a = torch.cat([a, k_codec.sketch_query(eye)], dim=1)
-        u = v_codec.unrotate(eye).contiguous()
+        u = v_codec.unrotate(eye)[pv].contiguous()
 
         def table(c):
             t = torch.zeros(2, 256, device=device, dtype=torch.float32)
@@ -452,13 +628,14 @@ def attend_packed_triton(
     if dev.type == "cpu":
         patch_interpreter()
     dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
-    A, U, lvk, lvv = _matrices(k_codec, v_codec, dev, dot_dtype)
+    cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
+    use_planes = bool(cfg.get("planes", True))
+    A, U, lvk, lvv = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
 
     # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
     qg = q.reshape(B, Hkv, G, Lq, d).transpose(2, 3).reshape(B, Hkv, M, d)
     qk = (torch.matmul(qg.float(), A) * (scale * _LOG2E)).to(dot_dtype)
 
-    cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev)
     if splits is not None:
         cfg["SPLITS"] = int(splits)
     SPL, BM, BN = cfg["SPLITS"], cfg["BLOCK_M"], cfg["BLOCK_N"]
@@ -497,12 +674,14 @@ def attend_packed_triton(
         T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
         HKV=Hkv, G=G, D=d,
         KD0=KD0, KB0=KB0, KD1=KD1, KB1=KB1, VD0=VD0, VB0=VB0, VD1=VD1, VB1=VB1,
+        KP0=_planes(KD0, KB0, use_planes), KP1=_planes(KD1, KB1, use_planes) if KD1 else 1,
+        VP0=_planes(VD0, VB0, use_planes), VP1=_planes(VD1, VB1, use_planes) if VD1 else 1,
         K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
         CAUSAL=qp is not None, HAS_WINDOW=window is not None,
         SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
     )
-    _record_compile(ck, cfg)
+    _record_compile(ck, cfg, f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
     out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
     lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
     _attn_merge_kernel[(B * Hkv, m_tiles)](
