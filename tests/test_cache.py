@@ -3,6 +3,7 @@ against exact attention over the decoded cache, sliding windows, generate() feat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -276,3 +277,30 @@ def test_attention_paths_are_recorded():
     teacher_forced(model, cache, ids, mask, 3)
     assert cache.layers[0].paths.get("reference", 0) == 3  # the 3 decode steps read the compressed prefix
     assert tqcache.attention.tqcache_attention is not None
+
+
+def test_query_aware_key_scaling_calibrates_on_the_prompt_and_its_queries():
+    """With channel_scale on keys, the prompt stays full precision for one step while the attention
+    observes its queries; the next update calibrates per KV head and compresses the prompt."""
+    model = llama(head_dim=32, heads=4, kv_heads=2)
+    base = parse_scheme("turbo3").replace(window=4)
+    cfg = base.replace(key=dataclasses.replace(base.key, channel_scale=True))
+    cache = TurboQuantCache(model.config, cfg)
+    ids, mask = padded_batch(T=24)
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.calibrating and layer.n_compressed == 0 and layer._q_count == 2 * 2 * 24  # B x G x Lq
+    assert not bool(layer.k_codec.calibrated)
+    with torch.no_grad():
+        model(out.logits[:, -1:].argmax(-1), attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+    assert not layer.calibrating and bool(layer.k_codec.calibrated)
+    assert layer.k_codec.channel_scale.shape == (2, 1, 32)
+    assert not torch.allclose(layer.k_codec.channel_scale, torch.ones(2, 1, 32))
+    assert layer.n_compressed == 25 - 4
+    # Still exactly attention over the decoded cache.
+    fast = teacher_forced(model, TurboQuantCache(model.config, cfg), ids, mask, 12)
+    dense = teacher_forced(model, TurboQuantCache(model.config, cfg, dense=True), ids, mask, 12, impl="sdpa")
+    assert torch.isfinite(fast).all()
+    # The dense path cannot observe queries, so it calibrates on keys alone: same for steps before that.
+    assert torch.allclose(fast[:1], dense[:1], atol=2e-5)

@@ -387,8 +387,9 @@ def test_channel_scale_rotated_space_matches_dequantize(bits):
     y = torch.randn(500, 128, generator=g)
     q = TurboQuantizer(128, bits, channel_scale=True, split="outliers", seed=3)
     p = q.quantize(x)
-    rms = x.pow(2).mean(0).sqrt()
-    torch.testing.assert_close(q.channel_scale, torch.maximum(rms, rms.mean() * 1e-2), rtol=1e-5, atol=0)
+    x_sq = x.pow(2).mean(0)
+    expect = (x_sq + 1e-6 * x_sq.mean()).pow(0.25)  # isotropic queries: s = E[x²]^(1/4) (+ε), RMS-normalised
+    torch.testing.assert_close(q.channel_scale, expect / expect.pow(2).mean().sqrt(), rtol=1e-4, atol=0)
     via_rot = (q.rotate_query(y) * q.rotated(p)).sum(-1).double()
     via_deq = (y.double() * q.dequantize(p).double()).sum(-1)
     scale = (y.abs() @ x.abs().T).diagonal().double()  # magnitude of the sums, for a relative tolerance
@@ -751,3 +752,32 @@ def test_packed_map_and_lead_shape():
     sub = p.map(lambda t: t[:, :, 2:5])
     assert sub.lead_shape == (2, 3, 3)
     torch.testing.assert_close(q.dequantize(sub), q.dequantize(p)[:, :, 2:5])
+
+
+def test_query_aware_channel_scale_per_head_lowers_score_error():
+    """s = (E[k²]/E[q²])^(1/4) per head: inner products stay exact in expectation and the score error for
+    queries with those statistics drops versus plain rotation (keys and queries with outlier channels)."""
+    g = gen(61)
+    H, T, d = 2, 400, 64
+    k_scale = torch.exp(1.5 * torch.randn(H, 1, d, generator=g))
+    q_scale = torch.exp(1.5 * torch.randn(H, 1, d, generator=g))
+    k = torch.randn(1, H, T, d, generator=g) * k_scale
+    q = torch.randn(1, H, T, d, generator=g) * q_scale
+    q_sq = q.pow(2).mean(dim=(0, 2)).unsqueeze(1)
+    scaled = TurboQuantizer(d, 3, channel_scale=True, heads=H, seed=4)
+    scaled.calibrate(k, q_sq)
+    assert scaled.channel_scale.shape == (H, 1, d)
+    k_sq = k.pow(2).mean(dim=(0, 2)).unsqueeze(1)
+    s = ((k_sq + 1e-6 * k_sq.mean(-1, keepdim=True)) / (q_sq + 1e-6 * q_sq.mean(-1, keepdim=True))).pow(0.25)
+    torch.testing.assert_close(scaled.channel_scale, s / s.pow(2).mean(-1, keepdim=True).sqrt(), rtol=1e-3, atol=0)
+    plain = TurboQuantizer(d, 3, seed=4)
+    exact = (q * k).sum(-1)
+    err = {}
+    for name, codec in (("plain", plain), ("scaled", scaled)):
+        p = codec.quantize(k)
+        est = (codec.rotate_query(q) * codec.rotated(p)).sum(-1)
+        torch.testing.assert_close(est, (q * codec.dequantize(p)).sum(-1), rtol=1e-4, atol=1e-3)
+        err[name] = (est - exact).pow(2).mean().item()
+    assert err["scaled"] < 0.7 * err["plain"], err
+    with pytest.raises(ValueError, match="2 heads"):
+        TurboQuantizer(d, 3, channel_scale=True, heads=2).calibrate(torch.randn(3, 5, d))

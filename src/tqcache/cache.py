@@ -132,6 +132,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.v_store: dict[str, torch.Tensor] | None = None
         self.c_lo = self.c_hi = 0  # compressed tokens hold positions [c_lo, c_hi)
         self.decoding = False
+        self.calibrating = False  # a step kept full precision until the codecs are calibrated
+        self._q_sq, self._q_count = None, 0
         self.paths: dict[str, int] = {}  # attention path -> steps (filled by attention.py)
 
     @property
@@ -158,9 +160,17 @@ class TurboQuantLayer(CacheLayerMixin):
         empty = key_states[:, :, :0]
         self.win_k, self.win_v = empty, value_states[:, :, :0]
         if self.compress and self.k_codec is None:
-            self.k_codec = make_codec(self.cfg.key, d, derive_seed(self.cfg.seed, self.layer_idx, 0)).to(self.device)
-            self.v_codec = make_codec(self.cfg.value, d, derive_seed(self.cfg.seed, self.layer_idx, 1)).to(self.device)
+            self.k_codec, self.v_codec = self.build_codecs(d, H)
+            self.k_codec, self.v_codec = self.k_codec.to(self.device), self.v_codec.to(self.device)
         self.is_initialized = True
+
+    def build_codecs(self, head_dim: int, heads: int):
+        """Fresh (uncalibrated) key and value codecs of this layer, seeded from ``(cfg.seed, layer_idx)``."""
+        cfg, i = self.cfg, self.layer_idx
+        return (
+            make_codec(cfg.key, head_dim, derive_seed(cfg.seed, i, 0), heads=heads),
+            make_codec(cfg.value, head_dim, derive_seed(cfg.seed, i, 1), heads=heads),
+        )
 
     def _alloc(self, codec, capacity: int) -> dict[str, torch.Tensor]:
         return {
@@ -264,11 +274,13 @@ class TurboQuantLayer(CacheLayerMixin):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> StepHandle:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.calibrating:
+            # The previous step (the prompt) stayed full precision so its queries could be observed:
+            # choose the codecs' channel handling now, then compress what overflows the window.
+            self.finish_calibration()
         n_new = key_states.shape[-2]
-        q_start = self.cumulative_length
         if n_new == 1:
             self.decoding = True
-        kv_offset = self.get_mask_sizes(n_new)[1]
         # State before this step: what the attention of this step reads.
         handle = StepHandle(
             layer=self,
@@ -280,12 +292,52 @@ class TurboQuantLayer(CacheLayerMixin):
             fp_k=torch.cat([self.win_k, key_states], dim=-2),
             fp_v=torch.cat([self.win_v, value_states], dim=-2),
             fp_start=self.win_start,
-            q_start=q_start,
-            kv_offset=kv_offset,
+            q_start=self.cumulative_length,
+            kv_offset=self.get_mask_sizes(n_new)[1],
             sliding_window=self.sliding_window,
         )
         self.cumulative_length += n_new
-        fp_k, fp_v, fp_start = handle.fp_k, handle.fp_v, handle.fp_start
+        self.win_k, self.win_v = handle.fp_k, handle.fp_v
+        if self.compress and self._needs_calibration():
+            self.calibrating = True  # keep this step full precision; finish_calibration() at the next one
+            self._q_sq, self._q_count = None, 0
+            self._trim_sliding()
+        else:
+            self._settle()
+        return handle
+
+    def _needs_calibration(self) -> bool:
+        return any(getattr(c, "needs_calibration", False) and not bool(c.calibrated) for c in (self.k_codec, self.v_codec))
+
+    def observe_queries(self, query: torch.Tensor) -> None:
+        """Accumulate per-KV-head query second moments ``[H_kv, 1, d]`` while calibration is pending
+        (called by the attention function; queries ``[B, Hq, Lq, d]``)."""
+        if not self.calibrating:
+            return
+        B, Hq, Lq, d = query.shape
+        q = query.detach().float().reshape(B, self.heads, Hq // self.heads, Lq, d)
+        sq = q.pow(2).sum(dim=(0, 2, 3)).unsqueeze(1)
+        self._q_sq = sq if self._q_sq is None else self._q_sq + sq
+        self._q_count += B * (Hq // self.heads) * Lq
+
+    def finish_calibration(self) -> None:
+        """Calibrate the codecs on the full-precision tokens held so far (and the observed queries, if
+        any), then compress what overflows the window."""
+        if not self.calibrating:
+            return
+        q_sq = self._q_sq / self._q_count if self._q_count else None
+        keys = torch.cat([t for t in (self.sink_k, self.win_k) if t is not None], -2)
+        values = torch.cat([t for t in (self.sink_v, self.win_v) if t is not None], -2)
+        if getattr(self.k_codec, "needs_calibration", False):
+            self.k_codec.calibrate(keys, q_sq)
+        if getattr(self.v_codec, "needs_calibration", False):
+            self.v_codec.calibrate(values)
+        self.calibrating, self._q_sq, self._q_count = False, None, 0
+        self._settle()
+
+    def _settle(self) -> None:
+        """Move window tokens where they belong: sinks first, overflow compressed, sliding layers trimmed."""
+        fp_k, fp_v, fp_start = self.win_k, self.win_v, self.win_start
         # 1) attention sinks come first, kept in full precision forever (not for sliding layers).
         want = self.cfg.sinks if (self.compress and not self.is_sliding) else 0
         if want and self.n_sinks < want and fp_start == self.n_sinks:
@@ -301,12 +353,15 @@ class TurboQuantLayer(CacheLayerMixin):
         if overflow > 0:
             self._write(fp_k[:, :, :overflow], fp_v[:, :, :overflow], fp_start)
             fp_k, fp_v, fp_start = fp_k[:, :, overflow:], fp_v[:, :, overflow:], fp_start + overflow
-        # 3) sliding layers keep at most sliding_window - 1 tokens in all.
-        if self.is_sliding and fp_k.shape[-2] > self.sliding_window - 1:
-            drop = fp_k.shape[-2] - (self.sliding_window - 1)
-            fp_k, fp_v, fp_start = fp_k[:, :, drop:], fp_v[:, :, drop:], fp_start + drop
         self.win_k, self.win_v, self.win_start = fp_k, fp_v, fp_start
-        return handle
+        self._trim_sliding()
+
+    def _trim_sliding(self) -> None:
+        """Sliding layers keep at most ``sliding_window - 1`` tokens in all."""
+        if self.is_sliding and self.win_k.shape[-2] > self.sliding_window - 1:
+            drop = self.win_k.shape[-2] - (self.sliding_window - 1)
+            self.win_k, self.win_v = self.win_k[:, :, drop:], self.win_v[:, :, drop:]
+            self.win_start += drop
 
     def _dense(self, h: StepHandle) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense keys/values of a step (positions ``kv_offset ..``), for other attention implementations."""
@@ -518,6 +573,7 @@ class TurboQuantCache(Cache):
             target.lazy_initialization(layer.keys, layer.values)
             target.cumulative_length = target.win_start = target.c_lo = target.c_hi = total - stored
             target._append(layer.keys, layer.values)
+            target.finish_calibration()  # no queries to observe here: calibrate on the keys alone
         return new
 
     def to_dynamic(self) -> DynamicCache:

@@ -44,7 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _st_save
 
 from .cache import _MIN_CAPACITY, TurboQuantCache, TurboQuantLayer
-from .codec import derive_seed, make_codec
+from .codec import derive_seed
 from .config import CacheConfig, CodecConfig
 
 __all__ = [
@@ -115,6 +115,12 @@ def save_cache(
         )
     path = Path(path)
     _check_target(path, overwrite)
+    for layer in cache.layers:
+        # A layer still holding its prompt full precision for calibration calibrates now, exactly as its
+        # next update() would (same tokens, same observed queries): the saved state is the one the cache
+        # would continue from.
+        if layer.is_initialized and layer.calibrating:
+            layer.finish_calibration()
     meta, tensors = _collect(cache, model, token_ids, extra)
     _atomic_write(path, _serialize(meta, tensors, FORMAT_VERSION), overwrite=overwrite)
     return path
@@ -605,9 +611,7 @@ def _restore_layer(path: Path, layer: TurboQuantLayer, lm: dict, tensors: dict, 
     if lm["ring_capacity"] != layer.ring_capacity:
         raise CacheFileError(f"{path}: layer {i} ring capacity {lm['ring_capacity']} in the file, {layer.ring_capacity} here")
     if layer.compress:
-        cfg = layer.cfg
-        layer.k_codec = make_codec(cfg.key, d, derive_seed(cfg.seed, i, 0))
-        layer.v_codec = make_codec(cfg.value, d, derive_seed(cfg.seed, i, 1))
+        layer.k_codec, layer.v_codec = layer.build_codecs(d, H)
         for kind_, codec, what in (("k", layer.k_codec, "key"), ("v", layer.v_codec, "value")):
             _restore_codec(path, f"layer {i} {what} codec", codec, lm["codecs"][kind_], tensors, f"{p}{kind_}_codec.")
         layer.k_codec, layer.v_codec = layer.k_codec.to(device), layer.v_codec.to(device)

@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 
-def make_codec(cfg: CodecConfig, dim: int, seed: int = 0) -> "TurboQuantizer | AffineQuantizer":
-    """The codec for one tensor kind of one layer. ``cfg.kind == "none"`` has no codec (raises)."""
+def make_codec(cfg: CodecConfig, dim: int, seed: int = 0, heads: int | None = None) -> "TurboQuantizer | AffineQuantizer":
+    """The codec for one tensor kind of one layer (``heads``: KV heads, for per-head channel scales).
+    ``cfg.kind == "none"`` has no codec (raises)."""
     if cfg.kind == "turbo":
         return TurboQuantizer(
             dim,
@@ -45,6 +46,7 @@ def make_codec(cfg: CodecConfig, dim: int, seed: int = 0) -> "TurboQuantizer | A
             seed=seed,
             split=cfg.split,
             channel_scale=cfg.channel_scale,
+            heads=heads,
         )
     if cfg.kind == "affine":
         return AffineQuantizer(dim, bits=int(cfg.bits), group_size=min(cfg.group_size, dim), axis="token")

@@ -96,7 +96,11 @@ class TurboQuantizer(torch.nn.Module):
         norm_correction: store ``‖x‖/‖c[idx]‖`` so reconstructions keep the exact norm.
         seed: seed of the rotations and the QJL matrix (explicit; no global RNG is touched).
         split: fractional-bit channel choice, ``"halves"`` or ``"outliers"``.
-        channel_scale: divide channels by their RMS (set by :meth:`calibrate`) before rotating.
+        channel_scale: query-aware per-channel scaling before the rotation (set by :meth:`calibrate`):
+            channel j is divided by ``s_j = (E[x_j²]/E[q_j²])^(1/4)`` and queries are multiplied by it, which
+            leaves inner products unchanged and minimises the expected score error for those statistics.
+        heads: with ``channel_scale``, keep one scale vector per head (buffer ``[heads, 1, dim]``; inputs are
+            then ``[..., heads, T, dim]``) instead of one shared ``[dim]``.
         density: codebook density, ``"exact"`` (Beta-type, exact for a rotated unit vector) or ``"gaussian"``.
 
     All state (rotations, codebooks, sketch, channel permutation and scales) lives in buffers, so
@@ -114,6 +118,7 @@ class TurboQuantizer(torch.nn.Module):
         split: str = "halves",
         channel_scale: bool = False,
         density: str = "exact",
+        heads: int | None = None,
     ):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 8 or dim % 8:
@@ -153,7 +158,8 @@ class TurboQuantizer(torch.nn.Module):
             self.register_buffer("sketch", torch.randn(dim, dim, generator=gen, dtype=torch.float64).float())
         # Channel order: perm[:d_0] are segment 0's channels. Data-dependent (outliers) after calibrate().
         self.register_buffer("perm", torch.arange(dim))
-        self.register_buffer("channel_scale", torch.ones(dim))
+        scale_shape = (heads, 1, dim) if (heads and channel_scale) else (dim,)
+        self.register_buffer("channel_scale", torch.ones(scale_shape))
         self.register_buffer("calibrated", torch.tensor(not self.needs_calibration))
 
     # ------------------------------------------------------------------ layout
@@ -190,22 +196,42 @@ class TurboQuantizer(torch.nn.Module):
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
-    def calibrate(self, x: torch.Tensor) -> None:
+    def calibrate(self, x: torch.Tensor, q_sq: torch.Tensor | None = None) -> None:
         """Choose data-dependent channel handling from sample vectors ``x [..., dim]`` (e.g. a prefill's keys).
 
-        ``split="outliers"``: segment 0 (the extra bit) gets the channels of largest RMS.
-        ``channel_scale=True``: channels are divided by their RMS before rotation.
+        ``split="outliers"``: segment 0 (the extra bit) gets the channels of largest RMS (shared by all heads).
+        ``channel_scale=True``: ``s = ((E[x²] + ε)/(E[q²] + ε))^(1/4)`` per channel (per head when the codec
+        was built with ``heads``; ``x`` is then ``[..., heads, T, dim]``), normalised to RMS 1. ``q_sq`` holds
+        the queries' per-channel second moments, shaped like the scale (``[heads, 1, dim]`` or ``[dim]``);
+        without it the queries are taken as isotropic (``s = E[x²]^(1/4)``). Why 1/4: the score error of a
+        rotated quantizer is ``≈ c·‖q⊙s‖²·‖x/s‖²``, minimised over ``s`` at ``s² ∝ √(E[x²]/E[q²])``.
         Does nothing when :attr:`needs_calibration` is False. Calibrating twice keeps the first choice, so a
         cache's stored codes never change meaning.
         """
         if bool(self.calibrated):
             return
         check_input(x, self.dim)
-        rms = x.detach().float().reshape(-1, self.dim).pow(2).mean(0).sqrt()
+        xf = x.detach().float()
         if self.use_channel_scale:
-            floor = rms.mean().clamp_min(_TINY) * 1e-2  # keep tiny channels from being blown up
-            self.channel_scale.copy_(torch.maximum(rms, floor))
+            if self.channel_scale.dim() == 3:
+                heads = self.channel_scale.shape[0]
+                if xf.dim() < 3 or xf.shape[-3] != heads:
+                    raise ValueError(
+                        f"this codec keeps per-head scales for {heads} heads: calibrate with x [..., {heads}, T, "
+                        f"{self.dim}], got shape {tuple(x.shape)}"
+                    )
+                x_sq = xf.movedim(-3, 0).reshape(heads, -1, self.dim).pow(2).mean(1, keepdim=True)
+            else:
+                x_sq = xf.reshape(-1, self.dim).pow(2).mean(0)
+            x_sq = x_sq + 1e-6 * x_sq.mean(-1, keepdim=True) + _TINY
+            ratio = x_sq
+            if q_sq is not None:
+                q_sq = q_sq.detach().float().to(x_sq.device).expand_as(x_sq)
+                ratio = x_sq / (q_sq + 1e-6 * q_sq.mean(-1, keepdim=True) + _TINY)
+            s = ratio.pow(0.25)
+            self.channel_scale.copy_(s / s.pow(2).mean(-1, keepdim=True).sqrt())
         if self.split == "outliers" and len(self.segments) > 1:
+            rms = xf.reshape(-1, self.dim).pow(2).mean(0)
             d0 = self.segments[0][0]
             top = torch.argsort(rms, descending=True, stable=True)
             hi = torch.sort(top[:d0]).values
