@@ -238,17 +238,23 @@ def test_plane_layout_matches_natural_layout(d, kb, vb):
     _check(q, kc, kp, vc, vp)
 
 
-def test_per_head_channel_scales_are_not_taken_by_the_kernel():
-    # A/U are built once per codec from rotate_query(I)/unrotate(I): one shared scale vector only.
+def test_per_head_key_scales_fold_into_a_per_head_query_map():
+    # Per-head key scales become A [Hkv, d, d'] (the query map is applied in torch); per-head value scales
+    # would need a per-head U in the merge kernel, so they stay on the torch path.
     from tqcache.kernels.attention import unsupported_reason
 
-    try:
-        kc = TurboQuantizer(64, 4, seed=1, channel_scale=True, heads=2)
-    except TypeError:
-        pytest.skip("this codec has no per-head channel scales")
-    vc = TurboQuantizer(64, 4, seed=2)
-    q = torch.zeros(1, 4, 1, 64)
-    assert unsupported_reason(q, kc, vc) is not None
+    g = _gen(31)
+    kc = TurboQuantizer(64, 4, seed=1, channel_scale=True, heads=2)
+    vc = TurboQuantizer(64, 3, seed=2)
+    k = torch.randn(2, 2, 40, 64, generator=g) * torch.exp(torch.randn(2, 1, 64, generator=g))
+    kc.calibrate(k, torch.rand(2, 1, 64, generator=g) + 0.1)
+    kc, vc = kc.to(DEV), vc.to(DEV)
+    kp, vp = kc.quantize(k.to(DEV)), vc.quantize(torch.randn(2, 2, 40, 64, generator=g).to(DEV))
+    q = torch.randn(2, 4, 1, 64, generator=g).to(DEV)
+    assert unsupported_reason(q, kc, vc, kp) is None
+    _check(q, kc, kp, vc, vp)
+    vc_heads = TurboQuantizer(64, 4, seed=1, channel_scale=True, heads=2)
+    assert "per-head" in unsupported_reason(q, kc, vc_heads, kp)
     assert unsupported_reason(q, TurboQuantizer(64, 4, seed=1, channel_scale=True), vc) is None
 
 

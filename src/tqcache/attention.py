@@ -117,7 +117,7 @@ def tqcache_attention(
     """transformers attention function (``AttentionInterface`` signature); returns ``([B, Lq, Hq, d], None)``."""
     step = getattr(key, "_tqcache_step", None)
     if step is not None and step.layer.calibrating:
-        step.layer.observe_queries(query)
+        step.layer.observe_queries(query, scaling)
     if step is None or (step.n_slots == 0 and step.sink_k is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:

@@ -36,6 +36,31 @@ from .config import CacheConfig, parse_scheme
 __all__ = ["TurboQuantCache", "TurboQuantLayer", "StepHandle", "CacheMemory"]
 
 _MIN_CAPACITY = 256
+_Q_SAMPLE = 64  # query rows per KV head kept to check the key scaling on real scores
+_K_SAMPLE = 1024  # most recent prompt keys used for that check
+
+
+def _encode_kernel(device: torch.device):
+    """``tqcache.kernels.encode`` when Triton can run on ``device`` (it self-tests and falls back per
+    configuration), else None: the torch codec writes the storage."""
+    if device.type != "cuda":
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels.encode if kernels.available(device) else None
+
+
+@torch.no_grad()
+def _score_kl(codec, keys: torch.Tensor, queries: torch.Tensor, scaling: float) -> float:
+    """Mean KL(exact ‖ quantized) of the attention of ``queries [B, H, Q, d]`` over ``keys [B, H, T, d]``
+    when the keys go through ``codec`` (scores in the rotated space, as attention computes them)."""
+    exact = (queries @ keys.float().transpose(-1, -2)) * scaling
+    packed = codec.quantize(keys, check=False)
+    approx = (codec.rotate_query(queries) @ codec.rotated(packed).transpose(-1, -2)) * scaling
+    p = exact.log_softmax(-1)
+    return float((p.exp() * (p - approx.log_softmax(-1))).sum(-1).mean())
 
 
 @dataclasses.dataclass
@@ -133,7 +158,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.c_lo = self.c_hi = 0  # compressed tokens hold positions [c_lo, c_hi)
         self.decoding = False
         self.calibrating = False  # a step kept full precision until the codecs are calibrated
-        self._q_sq, self._q_count = None, 0
+        self._q_sq, self._q_count, self._q_sample, self._scaling = None, 0, None, None
+        self.calibration_report: dict | None = None
         self.paths: dict[str, int] = {}  # attention path -> steps (filled by attention.py)
 
     @property
@@ -217,6 +243,13 @@ class TurboQuantLayer(CacheLayerMixin):
                         for name in store:
                             grown[name][:, :, :used] = store[name][:, :, :used]
                 self.k_store, self.v_store = grown_k, grown_v
+        if not self.is_sliding and _encode_kernel(self.device) is not None:
+            # Fused rotate + quantize + pack straight into the preallocated storage (GPU).
+            encode, start = _encode_kernel(self.device), pos0 - self.c_lo
+            encode(self.k_codec, k, self.k_store, start)
+            encode(self.v_codec, v, self.v_store, start)
+            self.c_hi = pos0 + n
+            return
         kp = self.k_codec.quantize(k, check=False)
         vp = self.v_codec.quantize(v, check=False)
         slots = self._slots(pos0, pos0 + n)
@@ -300,7 +333,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.win_k, self.win_v = handle.fp_k, handle.fp_v
         if self.compress and self._needs_calibration():
             self.calibrating = True  # keep this step full precision; finish_calibration() at the next one
-            self._q_sq, self._q_count = None, 0
+            self._q_sq, self._q_count, self._q_sample = None, 0, None
             self._trim_sliding()
         else:
             self._settle()
@@ -309,30 +342,48 @@ class TurboQuantLayer(CacheLayerMixin):
     def _needs_calibration(self) -> bool:
         return any(getattr(c, "needs_calibration", False) and not bool(c.calibrated) for c in (self.k_codec, self.v_codec))
 
-    def observe_queries(self, query: torch.Tensor) -> None:
-        """Accumulate per-KV-head query second moments ``[H_kv, 1, d]`` while calibration is pending
-        (called by the attention function; queries ``[B, Hq, Lq, d]``)."""
+    def observe_queries(self, query: torch.Tensor, scaling: float | None = None) -> None:
+        """Record query statistics while calibration is pending (called by the attention function;
+        ``query [B, Hq, Lq, d]``): per-KV-head second moments ``[H_kv, 1, d]`` and the last
+        ``_Q_SAMPLE`` query rows of each KV head's group, used to check the scaling on real scores."""
         if not self.calibrating:
             return
         B, Hq, Lq, d = query.shape
-        q = query.detach().float().reshape(B, self.heads, Hq // self.heads, Lq, d)
-        sq = q.pow(2).sum(dim=(0, 2, 3)).unsqueeze(1)
+        q = query.detach().float().reshape(B, self.heads, (Hq // self.heads) * Lq, d)
+        sq = q.pow(2).sum(dim=(0, 2)).unsqueeze(1)
         self._q_sq = sq if self._q_sq is None else self._q_sq + sq
-        self._q_count += B * (Hq // self.heads) * Lq
+        self._q_count += B * q.shape[2]
+        self._q_sample = q[:, :, -_Q_SAMPLE:]
+        self._scaling = scaling if scaling is not None else d**-0.5
 
     def finish_calibration(self) -> None:
         """Calibrate the codecs on the full-precision tokens held so far (and the observed queries, if
-        any), then compress what overflows the window."""
+        any), then compress what overflows the window.
+
+        Query-aware key scaling is kept only where it helps: with observed queries, the attention
+        distributions of the last prompt queries over the prompt's keys are compared (KL to exact) with and
+        without the scaling, and the better one is kept for the layer.
+        """
         if not self.calibrating:
             return
         q_sq = self._q_sq / self._q_count if self._q_count else None
         keys = torch.cat([t for t in (self.sink_k, self.win_k) if t is not None], -2)
         values = torch.cat([t for t in (self.sink_v, self.win_v) if t is not None], -2)
-        if getattr(self.k_codec, "needs_calibration", False):
-            self.k_codec.calibrate(keys, q_sq)
+        kc = self.k_codec
+        if getattr(kc, "needs_calibration", False):
+            kc.calibrate(keys, q_sq)
+            if getattr(kc, "use_channel_scale", False) and self._q_sample is not None:
+                scaled = kc.channel_scale.clone()
+                sample = keys[:, :, -_K_SAMPLE:]
+                kl_scaled = _score_kl(kc, sample, self._q_sample, self._scaling)
+                kc.channel_scale.fill_(1.0)
+                kl_plain = _score_kl(kc, sample, self._q_sample, self._scaling)
+                if kl_scaled < kl_plain:
+                    kc.channel_scale.copy_(scaled)
+                self.calibration_report = {"kl_plain": kl_plain, "kl_scaled": kl_scaled, "scaled": kl_scaled < kl_plain}
         if getattr(self.v_codec, "needs_calibration", False):
             self.v_codec.calibrate(values)
-        self.calibrating, self._q_sq, self._q_count = False, None, 0
+        self.calibrating, self._q_sq, self._q_count, self._q_sample = False, None, 0, None
         self._settle()
 
     def _settle(self) -> None:

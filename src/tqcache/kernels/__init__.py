@@ -106,7 +106,9 @@ def _probe_attend(q, k_codec, v_codec, causal: bool) -> tuple[bool, str]:
     dev = q.device
     gen = torch.Generator().manual_seed(1234)
     d = q.shape[-1]
-    B, Hkv, G = 2, 2, 4
+    # Per-head key scales fix the KV head count; otherwise two heads suffice.
+    Hkv = k_codec.channel_scale.shape[0] if k_codec.channel_scale.dim() == 3 else 2
+    B, G = 2, 4
     Lq = 3 if causal else 1
     T = 150
     kp = _random_packed(k_codec, B, Hkv, T, dev, gen)
@@ -152,7 +154,7 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     if reason is None and not available(q.device):
         reason = _why_unavailable(q.device)
     if reason is None:
-        reason = _attn.unsupported_reason(q, k_codec, v_codec)
+        reason = _attn.unsupported_reason(q, k_codec, v_codec, k_packed)
     if reason is None:
         causal = kw.get("q_pos") is not None
         key = ("attend", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec), causal)

@@ -415,8 +415,10 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
             return f"{name} codec is {type(c).__name__}, the kernel reads TurboQuant only"
         if len(c.segments) > 2:
             return f"{name} codec has {len(c.segments)} segments"
-        if c.channel_scale.dim() != 1:
-            return f"{name} codec keeps per-head channel scales (the kernel folds one shared scale vector into A/U)"
+        if c.channel_scale.dim() != 1 and (name == "value" or c.channel_scale.shape[0] != k_packed_heads(k_packed, q)):
+            # Per-head key scales fold into a per-head query map A [Hkv, d, d']; the value side folds one
+            # shared unrotation U into the merge kernel, so per-head value scales stay on the torch path.
+            return f"{name} codec keeps per-head channel scales (the kernel folds one shared scale vector into U)"
         for d_s, b_s in c.segments:
             if b_s not in _BITS_OK:
                 return f"{name} segment of {b_s} bits (kernel unpacks {_BITS_OK})"
@@ -432,6 +434,13 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"query dtype {q.dtype}"
     return None
+
+
+def k_packed_heads(k_packed, q) -> int | None:
+    """KV heads of a packed key state (None when unknown)."""
+    if k_packed is None:
+        return None
+    return k_packed["codes"].shape[1]
 
 
 @functools.lru_cache(maxsize=16)
@@ -540,7 +549,7 @@ def _codec_key(c, device) -> tuple:
 
 
 def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
-    """(A [d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype).
+    """(A [(Hkv,) d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype).
 
     The bit-plane column permutation (:func:`_plane_perm`) is folded in: A's first d columns are in the
     kernel's key column order, U's rows in its value column order (zero run-time cost).
@@ -554,9 +563,10 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
     with torch.no_grad():
         pk = torch.tensor(_plane_perm(k_codec, planes), device=device)
         pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
-        a = k_codec.rotate_query(eye)[:, pk]
+        # [d, d'] for a shared key scale, [Hkv, d, d'] for per-head scales (matmul broadcasts over heads).
+        a = k_codec.rotate_query(eye)[..., pk]
         if k_codec.qjl:
-            a = torch.cat([a, k_codec.sketch_query(eye)], dim=1)
+            a = torch.cat([a, k_codec.sketch_query(eye)], dim=-1)
         u = v_codec.unrotate(eye)[pv].contiguous()
 
         def table(c):
@@ -608,7 +618,7 @@ def attend_packed_triton(
     """
     if mask is not None:
         raise ValueError("the Triton kernel takes structured masks only (kv_start/kv_end/q_pos/window), not mask=")
-    why = unsupported_reason(q, k_codec, v_codec)
+    why = unsupported_reason(q, k_codec, v_codec, k_packed)
     if why:
         raise ValueError(f"unsupported by the Triton attention kernel: {why}")
     B, Hq, Lq, d = q.shape

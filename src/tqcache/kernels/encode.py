@@ -201,6 +201,8 @@ def encode_unsupported_reason(codec, x: torch.Tensor | None = None) -> str | Non
             return f"segment of {b_s} bits (kernel packs 1, 2, 3, 4, 8)"
         if d_s < 16 or d_s & (d_s - 1):
             return f"segment of {d_s} channels (needs a power of two >= 16)"
+    if codec.channel_scale.dim() != 1:
+        return "per-head channel scales (the encode kernel reads one shared scale vector)"
     d = codec.dim
     if d & (d - 1) or not 16 <= d <= 256:
         return f"dim {d} (kernel covers powers of two 16..256)"
