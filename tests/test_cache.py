@@ -54,6 +54,13 @@ def teacher_forced(model, cache, ids, mask, steps, impl="tqcache"):
     return torch.stack(logits)
 
 
+def plain(scheme: str):
+    """A preset without query-aware key scaling: the dense path (other attention implementations) cannot
+    observe queries, so equality with it is only defined for configurations that need none."""
+    cfg = parse_scheme(scheme)
+    return cfg.replace(key=dataclasses.replace(cfg.key, channel_scale=False))
+
+
 def padded_batch(T=40, pad=5, vocab=96, seed=1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (2, T), generator=g)
@@ -87,7 +94,7 @@ def test_compressed_attention_matches_exact_attention_over_decoded_cache(make, s
     """Separates kernel/plumbing error from quantization error: the compressed path must equal SDPA over
     the dequantized cache (dense=True returns exactly that) to float tolerance, batch 2 with padding."""
     model = make()
-    cfg = parse_scheme(scheme).replace(window=6, sinks=2)
+    cfg = plain(scheme).replace(window=6, sinks=2)
     ids, mask = padded_batch(T=30)
     fast = teacher_forced(model, TurboQuantCache(model.config, cfg), ids, mask, 24)
     dense = teacher_forced(model, TurboQuantCache(model.config, cfg, dense=True), ids, mask, 24, impl="sdpa")
@@ -111,7 +118,7 @@ def test_compression_changes_outputs_a_little_and_more_bits_help():
 
 def test_chunked_prefill_equals_dense_path_and_prefill_attends_itself_in_full_precision():
     model = llama(head_dim=32)
-    cfg = parse_scheme("turbo3").replace(window=4)
+    cfg = plain("turbo3").replace(window=4, sinks=0)
     ids, mask = padded_batch(T=36)
     outs = []
     for dense, impl in ((False, "tqcache"), (True, "sdpa")):
@@ -131,7 +138,7 @@ def test_chunked_prefill_equals_dense_path_and_prefill_attends_itself_in_full_pr
 
 def test_sliding_layer_never_stores_more_than_its_window():
     model = gemma(window=16)
-    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=4))
+    cache = TurboQuantCache(model.config, plain("turbo4").replace(window=4, sinks=0))
     ids, mask = padded_batch(T=50)
     teacher_forced(model, cache, ids, mask, 20)
     for layer in cache.layers[:2]:
@@ -144,7 +151,7 @@ def test_sliding_layer_never_stores_more_than_its_window():
 
 def test_two_phase_keeps_prefill_full_precision_until_first_decode():
     model = llama()
-    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=8, two_phase=True))
+    cache = TurboQuantCache(model.config, plain("turbo4").replace(window=8, sinks=0, two_phase=True))
     ids, mask = padded_batch(T=30)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
@@ -173,7 +180,7 @@ def test_sinks_and_fp_layers_stay_full_precision():
 def test_generate_greedy_sampling_beam_and_memory_accounting():
     model = llama(head_dim=32, layers=2)
     ids, mask = padded_batch(T=24)
-    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=4))
+    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=4, sinks=0))
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
     assert out.shape == (2, 36)
     mem = cache.memory()
@@ -215,7 +222,7 @@ def test_beam_reorder_select_and_repeat_touch_every_storage():
 
 def test_crop_rolls_back_to_an_earlier_state():
     model = llama()
-    cfg = parse_scheme("turbo3").replace(window=4, sinks=1)
+    cfg = plain("turbo3").replace(window=4, sinks=1)
     ids, mask = padded_batch(T=20)
     cache = TurboQuantCache(model.config, cfg)
     with torch.no_grad():
@@ -283,7 +290,7 @@ def test_query_aware_key_scaling_calibrates_on_the_prompt_and_its_queries():
     """With channel_scale on keys, the prompt stays full precision for one step while the attention
     observes its queries; the next update calibrates per KV head and compresses the prompt."""
     model = llama(head_dim=32, heads=4, kv_heads=2)
-    base = parse_scheme("turbo3").replace(window=4)
+    base = parse_scheme("turbo3").replace(window=4, sinks=0)
     cfg = base.replace(key=dataclasses.replace(base.key, channel_scale=True))
     cache = TurboQuantCache(model.config, cfg)
     ids, mask = padded_batch(T=24)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 from transformers import DynamicCache
 
-from test_cache import gemma, llama, padded_batch  # tiny random-weight models shared with the cache tests
+from test_cache import gemma, llama, padded_batch, plain  # tiny random-weight models shared with the cache tests
 
 from tqcache import CacheConfig, CodecConfig, TurboQuantCache, parse_scheme
 from tqcache import persist
@@ -139,7 +139,7 @@ def test_round_trip_is_exact_and_generation_continues_identically(tmp_path, make
 
 def test_file_holds_only_used_slots_and_documented_metadata(tmp_path):
     model = llama(head_dim=32)
-    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=4))
+    cache = TurboQuantCache(model.config, plain("turbo4").replace(window=4, sinks=0))
     ids, mask = padded_batch(T=30)
     forward_steps(model, cache, ids, mask, 0)
     layer = cache.layers[0]

@@ -150,26 +150,37 @@ def _turbo(bits: float, **kw) -> CodecConfig:
     return CodecConfig(kind="turbo", bits=bits, **kw)
 
 
-# Named presets. Each says which fractional route it uses: `turboX.5` splits channels (half the
-# channels at ceil, half at floor bits); `kXvY` gives keys and values different whole bit-widths.
+def _key(bits: float) -> CodecConfig:
+    # Keys carry the damage: query-aware per-channel scaling, kept per layer where it measurably lowers the
+    # prompt's attention KL (docs/fidelity.md has the measurements that chose this).
+    return CodecConfig(kind="turbo", bits=bits, channel_scale=True)
+
+
+def _preset(name: str, k_bits: float, v_bits: float) -> CacheConfig:
+    return CacheConfig(_key(k_bits), _turbo(v_bits), window=128, sinks=4, name=name)
+
+
+# Named presets (defaults chosen by measurement, docs/fidelity.md): a 128-token full-precision window,
+# 4 attention-sink tokens, query-aware key scaling. Fractional routes: `turboX.5` splits channels (half
+# at ceil, half at floor bits); `kXvY` gives keys and values different bit-widths.
 SCHEMES: dict[str, CacheConfig] = {
     "none": CacheConfig(CodecConfig(kind="none"), CodecConfig(kind="none"), window=0, name="none"),
-    "turbo4": CacheConfig(_turbo(4), _turbo(4), name="turbo4"),
-    "turbo3.5": CacheConfig(_turbo(3.5), _turbo(3.5), name="turbo3.5"),
-    "turbo3": CacheConfig(_turbo(3), _turbo(3), name="turbo3"),
-    "turbo2.5": CacheConfig(_turbo(2.5), _turbo(2.5), name="turbo2.5"),
-    "turbo2": CacheConfig(_turbo(2), _turbo(2), name="turbo2"),
-    "k8v4": CacheConfig(_turbo(8), _turbo(4), name="k8v4"),
-    "k4v3": CacheConfig(_turbo(4), _turbo(3), name="k4v3"),
-    "k4v2": CacheConfig(_turbo(4), _turbo(2), name="k4v2"),
+    "turbo4": _preset("turbo4", 4, 4),
+    "turbo3.5": _preset("turbo3.5", 3.5, 3.5),
+    "turbo3": _preset("turbo3", 3, 3),
+    "turbo2.5": _preset("turbo2.5", 2.5, 2.5),
+    "turbo2": _preset("turbo2", 2, 2),
+    "k8v4": _preset("k8v4", 8, 4),
+    "k4v3": _preset("k4v3", 4, 3),
+    "k4v2": _preset("k4v2", 4, 2),
     "affine4": CacheConfig(CodecConfig("affine", 4), CodecConfig("affine", 4), name="affine4"),
     "affine8": CacheConfig(CodecConfig("affine", 8), CodecConfig("affine", 8), name="affine8"),
     "affine2": CacheConfig(CodecConfig("affine", 2), CodecConfig("affine", 2), name="affine2"),
 }
 
 _PATTERNS = (
-    (re.compile(r"^turbo(\d+(?:\.\d+)?)$"), lambda m: (_turbo(float(m[1])), _turbo(float(m[1])))),
-    (re.compile(r"^k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?)$"), lambda m: (_turbo(float(m[1])), _turbo(float(m[2])))),
+    (re.compile(r"^turbo(\d+(?:\.\d+)?)$"), lambda m: (_key(float(m[1])), _turbo(float(m[1])))),
+    (re.compile(r"^k(\d+(?:\.\d+)?)v(\d+(?:\.\d+)?)$"), lambda m: (_key(float(m[1])), _turbo(float(m[2])))),
     (
         re.compile(r"^affine(\d)$"),
         lambda m: (CodecConfig("affine", int(m[1])), CodecConfig("affine", int(m[1]))),
@@ -198,6 +209,8 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
         m = pattern.match(name)
         if m:
             key, value = build(m)
+            if key.kind == "turbo":
+                return CacheConfig(key, value, window=128, sinks=4, name=name)
             return CacheConfig(key, value, name=name)
     raise ValueError(
         f"unknown scheme {scheme!r}; valid names: {', '.join(SCHEMES)} "
