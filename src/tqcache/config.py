@@ -146,14 +146,20 @@ class CacheConfig:
         return any((i % num_layers) == layer_idx for i in self.fp_layers) if num_layers else False
 
 
+def _split(bits: float) -> str:
+    # Fractional bits: the extra bit goes to the channels of largest RMS (measured 4x lower KL than fixed
+    # halves on Gemma-3's keys, docs/fidelity.md).
+    return "halves" if float(bits).is_integer() else "outliers"
+
+
 def _turbo(bits: float, **kw) -> CodecConfig:
-    return CodecConfig(kind="turbo", bits=bits, **kw)
+    return CodecConfig(kind="turbo", bits=bits, split=_split(bits), **kw)
 
 
 def _key(bits: float) -> CodecConfig:
     # Keys carry the damage: query-aware per-channel scaling, kept per layer where it measurably lowers the
     # prompt's attention KL (docs/fidelity.md has the measurements that chose this).
-    return CodecConfig(kind="turbo", bits=bits, channel_scale=True)
+    return CodecConfig(kind="turbo", bits=bits, split=_split(bits), channel_scale=True)
 
 
 def _preset(name: str, k_bits: float, v_bits: float) -> CacheConfig:
@@ -171,6 +177,7 @@ SCHEMES: dict[str, CacheConfig] = {
     "turbo2.5": _preset("turbo2.5", 2.5, 2.5),
     "turbo2": _preset("turbo2", 2, 2),
     "k8v4": _preset("k8v4", 8, 4),
+    "k5v3": _preset("k5v3", 5, 3),
     "k4v3": _preset("k4v3", 4, 3),
     "k4v2": _preset("k4v2", 4, 2),
     "affine4": CacheConfig(CodecConfig("affine", 4), CodecConfig("affine", 4), name="affine4"),
