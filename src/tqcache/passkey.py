@@ -1,0 +1,229 @@
+"""Passkey retrieval: can the model still find a number hidden deep in a compressed cache?
+
+A random 5-digit pass key is hidden in filler text at a given depth of a context of a given length (in
+tokens); the prompt ends by asking for it. The model answers by greedy decoding; a case passes when the
+first five digits of the answer equal the key (exact match). Run for full precision and for each scheme:
+``tqcache eval --passkey --schemes turbo4,turbo3 --models smollm2,gemma3``.
+
+Filler: the classic one of the passkey test (Mohtashami & Jaggi, 2023, "Landmark Attention")::
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz
+    you about the important information there.
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. (repeated)
+    The pass key is 71432. Remember it. 71432 is the pass key.          (at the chosen depth)
+    The grass is green. ... (repeated)
+    What is the pass key? The pass key is
+
+How the cache is exercised: the context (everything before the final ``What is the pass key? The pass key
+is``) is prefilled once in full precision; for each scheme its cache is filled from those keys and values
+through the cache's own ``update`` — exactly what a one-pass prefill stores, so the prompt is compressed as
+in real use — and the question and the answer are then decoded *through the compressed cache*. (A plain
+``generate`` would compute the question's first token with the prefill's full-precision attention; feeding
+the question as a second chunk makes retrieval go through the compressed cache.)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+__all__ = ["PasskeyCase", "make_case", "run_passkey", "format_passkey_table", "run_cli"]
+
+_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
+_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
+_QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+@dataclasses.dataclass
+class PasskeyCase:
+    length: int  # target context length in tokens (whole prompt)
+    depth: float  # needle position as a fraction of the filler
+    key: str
+    context_ids: torch.Tensor  # [1, n] everything before the question
+    question_ids: torch.Tensor  # [1, m]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.context_ids.shape[1] + self.question_ids.shape[1]
+
+
+def _encode(tok, text: str, special: bool) -> list[int]:
+    return tok(text, add_special_tokens=special).input_ids
+
+
+def make_case(tok, length: int, depth: float, key: str) -> PasskeyCase:
+    """Build the prompt of ``length`` tokens (±one filler sentence) with ``key`` at ``depth`` ∈ [0, 1]."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    intro = _encode(tok, _INTRO, True)
+    needle = _encode(tok, _NEEDLE.format(key=key), False)
+    question = _encode(tok, _QUESTION, False)
+    unit = _encode(tok, _FILLER, False)
+    budget = length - len(intro) - len(needle) - len(question)
+    if budget < 0:
+        raise ValueError(f"context length {length} is too short for the passkey prompt")
+    n_units = max(1, round(budget / len(unit)))
+    before = round(n_units * depth)
+    filler_before = _FILLER * before
+    filler_after = _FILLER * (n_units - before)
+    context = _encode(tok, _INTRO + filler_before + _NEEDLE.format(key=key) + filler_after, True)
+    return PasskeyCase(length, depth, key, torch.tensor([context]), torch.tensor([question]))
+
+
+def _fill(cache, dense) -> None:
+    """Store a prefilled full-precision ``DynamicCache``'s keys/values into ``cache`` as one prefill would."""
+    for i, layer in enumerate(dense.layers):
+        cache.update(layer.keys, layer.values, i)
+
+
+def _greedy(model, cache, question_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    out = model(input_ids=question_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    generated = []
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        generated.append(nxt)
+        out = model(input_ids=torch.tensor([[nxt]], device=question_ids.device), past_key_values=cache, use_cache=True)
+    return generated
+
+
+def _answer_ok(text: str, key: str) -> bool:
+    digits = re.sub(r"\D", "", text)
+    return digits[:5] == key
+
+
+def run_passkey(
+    model,
+    tok,
+    methods: Sequence,
+    *,
+    lengths: Sequence[int] = (1024, 2048, 4096, 6144),
+    depths: Sequence[float] = (0.1, 0.5, 0.9),
+    trials: int = 1,
+    seed: int = 0,
+    max_new_tokens: int = 7,
+    progress: Callable[[], None] | None = None,
+) -> list[dict]:
+    """Run every case for full precision (``"full"``) and each method; one row per (method, case).
+
+    ``methods`` are :class:`tqcache.evaluate.Method` objects (their ``make_cache(model)`` gives a cache).
+    """
+    from transformers import DynamicCache
+
+    rng = random.Random(seed)
+    device = next(model.parameters()).device
+    rows = []
+    with torch.inference_mode():
+        for length in lengths:
+            for depth in depths:
+                for trial in range(trials):
+                    key = str(rng.randint(10000, 99999))
+                    case = make_case(tok, length, depth, key)
+                    ctx, q = case.context_ids.to(device), case.question_ids.to(device)
+                    t0 = time.perf_counter()
+                    # All-full layers so that every layer keeps every token (sliding layers are masked).
+                    dense = DynamicCache()
+                    model(input_ids=ctx, past_key_values=dense, use_cache=True, logits_to_keep=1)
+                    prefill_s = time.perf_counter() - t0
+                    for method in [None, *methods]:
+                        t1 = time.perf_counter()
+                        if method is None:
+                            name, cache = "full", copy.deepcopy(dense)
+                        else:
+                            name, cache = method.name, method.make_cache(model)
+                            _fill(cache, dense)
+                        gen = _greedy(model, cache, q, max_new_tokens)
+                        text = tok.decode(gen, skip_special_tokens=True)
+                        rows.append(
+                            {
+                                "scheme": name,
+                                "length": length,
+                                "tokens": case.n_tokens,
+                                "depth": depth,
+                                "trial": trial,
+                                "key": key,
+                                "answer": text,
+                                "ok": _answer_ok(text, key),
+                                "wall_s": time.perf_counter() - t1 + (prefill_s if method is None else 0.0),
+                            }
+                        )
+                        if progress is not None:
+                            progress()
+                    del dense
+    return rows
+
+
+def format_passkey_table(rows: Sequence[dict]) -> str:
+    """Accuracy per scheme (rows) and context length (columns), grouped by model."""
+    out = []
+    models = list(dict.fromkeys(r.get("model", "?") for r in rows))
+    for model in models:
+        rs = [r for r in rows if r.get("model", "?") == model]
+        lengths = sorted({r["length"] for r in rs})
+        schemes = list(dict.fromkeys(r["scheme"] for r in rs))
+        head = ["scheme"] + [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths] + ["all"]
+        table = [head]
+        for s in schemes:
+            cells = [s]
+            for n in lengths:
+                sel = [r["ok"] for r in rs if r["scheme"] == s and r["length"] == n]
+                cells.append(f"{sum(sel)}/{len(sel)}")
+            sel = [r["ok"] for r in rs if r["scheme"] == s]
+            cells.append(f"{100.0 * sum(sel) / len(sel):.0f}%")
+            table.append(cells)
+        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+        out.append(f"== {model} (passkey: correct / cases per context length)")
+        for j, row in enumerate(table):
+            out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            if j == 0:
+                out.append("  ".join("-" * w for w in widths))
+        out.append("")
+    return "\n".join(out)
+
+
+def run_cli(args, models: Sequence[str], dtype: torch.dtype) -> int:
+    """``tqcache eval --passkey``: the schemes from ``--schemes`` (``none`` is implied as ``full``)."""
+    from .evaluate import _expand_schemes, _load_model, _progress, make_method, save_results
+    from . import peers
+
+    schemes = [s for s in _expand_schemes(args.schemes) if s != "none"]
+    methods = []
+    for s in schemes:
+        if peers.is_peer(s):
+            why = peers.peer_available(peers.parse_peer(s).backend)
+            if why:
+                print(f"skipping peer {s}: {why}", file=sys.stderr)
+                continue
+        methods.append(make_method(s))
+    lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    depths = [float(x) for x in args.depths.split(",") if x.strip()]
+    total = len(models) * len(lengths) * len(depths) * args.trials * (len(methods) + 1)
+    bar = _progress(total, args.progress)
+    rows: list[dict] = []
+    try:
+        for name in models:
+            model, tok, fp = _load_model(name, dtype, args.device)
+            bar.set_description(f"passkey {name}")
+            for r in run_passkey(model, tok, methods, lengths=lengths, depths=depths, trials=args.trials,
+                                 seed=args.seed, progress=lambda: bar.update(1)):  # fmt: skip
+                r["model"] = name
+                rows.append(r)
+            del model
+    finally:
+        bar.close()
+    print(format_passkey_table(rows))
+    if args.out:
+        meta = {"lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed}
+        for p in save_results(rows, meta, args.out, stem=args.name or "fidelity_passkey", plot=False):
+            print(f"wrote {p}")
+    return 0
