@@ -31,7 +31,12 @@ def test_preset_contents():
     k4v3 = SCHEMES["k4v3"]
     assert (k4v3.key.kind, k4v3.key.bits, k4v3.value.bits) == ("turbo", 4.0, 3.0)
     t35 = SCHEMES["turbo3.5"]
-    assert t35.key.bits == 3.5 and t35.key.split == "halves"  # fractional route: channel split
+    assert t35.key.bits == 3.5 and t35.key.split == "outliers"  # fractional route: channel split, extra bit to outliers
+    assert SCHEMES["turbo4"].key.split == "halves"  # whole bits: one segment, nothing to split
+    for name in ("turbo4", "k4v3", "turbo3.5"):  # measured defaults (docs/fidelity.md)
+        cfg = SCHEMES[name]
+        assert cfg.key.channel_scale and not cfg.value.channel_scale and cfg.window == 128 and cfg.sinks == 4
+        assert not cfg.key.qjl and cfg.key.rotation == "hadamard" and cfg.key.norm_correction
     assert SCHEMES["affine4"].key == CodecConfig("affine", 4, group_size=32)
 
 

@@ -250,10 +250,12 @@ def test_passkey_case_layout():
     assert passkey._answer_ok(" 12345. Remember", "12345") and not passkey._answer_ok(" 1234", "12345")
 
 
-def test_passkey_runs_for_full_and_scheme(model):
+@pytest.mark.parametrize("fill", ["prefill", "copy"])
+def test_passkey_runs_for_full_and_scheme(model, fill):
     rows = passkey.run_passkey(
-        model, ByteTokenizer(), [evaluate.make_method("turbo4")], lengths=(300,), depths=(0.5,), max_new_tokens=3
-    )
+        model, ByteTokenizer(), [evaluate.make_method("turbo4")], lengths=(300,), depths=(0.5,), max_new_tokens=3,
+        fill=fill,
+    )  # fmt: skip
     assert [r["scheme"] for r in rows] == ["full", "turbo4"]
     assert all(isinstance(r["ok"], bool) for r in rows)
     for r in rows:

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, torch
+    import dataclasses, json, sys, torch
     sys.path.insert(0, {tests!r})
     import tqcache
     from tqcache import TurboQuantCache, parse_scheme
@@ -29,7 +29,10 @@ SCRIPT = textwrap.dedent(
 
     def run(impl, dense, scheme):
         model.config._attn_implementation = impl
-        cache = TurboQuantCache(model.config, parse_scheme(scheme).replace(window=8, sinks=2), dense=dense)
+        cfg = parse_scheme(scheme)
+        # No query-aware key scaling here: the dense path cannot observe queries, so it would calibrate differently.
+        cfg = cfg.replace(key=dataclasses.replace(cfg.key, channel_scale=False), window=8, sinks=2)
+        cache = TurboQuantCache(model.config, cfg, dense=dense)
         out, m = [], mask
         with torch.no_grad():
             out.append(model(ids, attention_mask=m, past_key_values=cache).logits[:, -1])
