@@ -56,7 +56,9 @@ def summarize(cache, n_new: int, seconds: float, prefill_seconds: float | None =
         ("scheme", cache.cfg.name),
         ("KV cache", f"{mem.total_bytes / 2**20:.2f} MiB (fp16 DynamicCache: {mem.fp16_bytes / 2**20:.2f} MiB)"),
         ("compression", f"{mem.compression_ratio:.2f}x"),
-        ("bits/element", f"{mem.bits_per_element:.3f} compressed, {mem.bits_per_element_total:.2f} incl. window"),
+        ("bits/element", f"{mem.bits_per_element:.3f} compressed, {mem.bits_per_element_total:.2f} incl. window"
+         if mem.compressed_tokens else f"nothing compressed yet: every token is inside the {cache.cfg.window}-token "
+         "full-precision window (and sinks)"),
         ("tokens", f"{mem.compressed_tokens} compressed + {mem.fp_tokens} full precision (token-layers)"),
         ("speed", f"{n_new / seconds:.1f} tokens/s ({n_new} tokens in {seconds:.2f} s)"),
         ("attention", path),

@@ -15,11 +15,13 @@ Filler: the classic one of the passkey test (Mohtashami & Jaggi, 2023, "Landmark
     What is the pass key? The pass key is
 
 How the cache is exercised: the context (everything before the final ``What is the pass key? The pass key
-is``) is prefilled once in full precision; for each scheme its cache is filled from those keys and values
-through the cache's own ``update`` — exactly what a one-pass prefill stores, so the prompt is compressed as
-in real use — and the question and the answer are then decoded *through the compressed cache*. (A plain
-``generate`` would compute the question's first token with the prefill's full-precision attention; feeding
-the question as a second chunk makes retrieval go through the compressed cache.)
+is``) is prefilled in one forward pass with each scheme's cache, so the prompt is stored (and calibrated, and
+compressed) as in real use; the question and the answer are then decoded *through the compressed cache*. (A
+plain ``generate`` would compute the question's first token with the prefill's full-precision attention;
+feeding the question as a second chunk makes retrieval go through the compressed cache.) ``fill="copy"``
+instead prefills once in full precision and copies the keys/values into each cache through its ``update`` —
+faster, and the same for caches that need no calibration, but a cache that calibrates on the prompt's
+queries (query-aware key scaling) sees none that way.
 """
 
 from __future__ import annotations
@@ -113,11 +115,15 @@ def run_passkey(
     seed: int = 0,
     max_new_tokens: int = 7,
     progress: Callable[[], None] | None = None,
+    fill: str = "prefill",
 ) -> list[dict]:
     """Run every case for full precision (``"full"``) and each method; one row per (method, case).
 
     ``methods`` are :class:`tqcache.evaluate.Method` objects (their ``make_cache(model)`` gives a cache).
+    ``fill``: ``"prefill"`` (each scheme prefills the context itself) or ``"copy"`` (see the module docstring).
     """
+    if fill not in ("prefill", "copy"):
+        raise ValueError(f"fill must be 'prefill' or 'copy', got {fill!r}")
     from transformers import DynamicCache
 
     rng = random.Random(seed)
@@ -141,7 +147,10 @@ def run_passkey(
                             name, cache = "full", copy.deepcopy(dense)
                         else:
                             name, cache = method.name, method.make_cache(model)
-                            _fill(cache, dense)
+                            if fill == "copy":
+                                _fill(cache, dense)
+                            else:
+                                model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
                         gen = _greedy(model, cache, q, max_new_tokens)
                         text = tok.decode(gen, skip_special_tokens=True)
                         rows.append(
