@@ -12,7 +12,11 @@ prefill chunk attends to itself in full precision and to older tokens compressed
 kernel sees. Sliding-window layers (Gemma-3's local layers) keep the compressed part in a ring buffer of
 ``sliding_window − 1 − window`` slots and never store more than the window.
 
-The cache holds no math: codecs (``codec/``) quantize, ``attention.py`` attends. When the model does not
+Codecs that calibrate on data (query-aware key scaling, outlier channel split) keep the prompt full
+precision for one step: the attention function records the prompt's queries, and the next ``update``
+calibrates, then compresses (:meth:`TurboQuantLayer.finish_calibration`).
+
+The cache holds no math: codecs (``codec/``) quantize and measure, ``attention.py`` attends. When the model does not
 use the ``"tqcache"`` attention implementation, ``update`` returns ordinary dense tensors (decompressing
 the whole cache every step: correct but slow, documented).
 
@@ -31,6 +35,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .codec import Packed, derive_seed, make_codec
+from .codec.attention import score_kl as _score_kl
 from .config import CacheConfig, parse_scheme
 
 __all__ = ["TurboQuantCache", "TurboQuantLayer", "StepHandle", "CacheMemory"]
@@ -50,17 +55,6 @@ def _encode_kernel(device: torch.device):
     except ImportError:
         return None
     return kernels.encode if kernels.available(device) else None
-
-
-@torch.no_grad()
-def _score_kl(codec, keys: torch.Tensor, queries: torch.Tensor, scaling: float) -> float:
-    """Mean KL(exact ‖ quantized) of the attention of ``queries [B, H, Q, d]`` over ``keys [B, H, T, d]``
-    when the keys go through ``codec`` (scores in the rotated space, as attention computes them)."""
-    exact = (queries @ keys.float().transpose(-1, -2)) * scaling
-    packed = codec.quantize(keys, check=False)
-    approx = (codec.rotate_query(queries) @ codec.rotated(packed).transpose(-1, -2)) * scaling
-    p = exact.log_softmax(-1)
-    return float((p.exp() * (p - approx.log_softmax(-1))).sum(-1).mean())
 
 
 @dataclasses.dataclass

@@ -20,7 +20,7 @@ import torch
 
 from .base import Packed
 
-__all__ = ["attend_packed", "build_mask", "merge_partials"]
+__all__ = ["attend_packed", "build_mask", "merge_partials", "score_kl"]
 
 
 def build_mask(
@@ -153,3 +153,14 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = sum(o.float() * torch.exp(l - lse_safe)[..., None] for o, l in parts)
     return out, lse
+
+
+@torch.no_grad()
+def score_kl(codec, keys: torch.Tensor, queries: torch.Tensor, scaling: float) -> float:
+    """Mean KL(exact ‖ quantized) of the attention of ``queries [B, H, Q, d]`` over ``keys [B, H, T, d]``
+    when the keys go through ``codec`` (scores in the rotated space, as attention computes them)."""
+    exact = (queries @ keys.float().transpose(-1, -2)) * scaling
+    packed = codec.quantize(keys, check=False)
+    approx = (codec.rotate_query(queries) @ codec.rotated(packed).transpose(-1, -2)) * scaling
+    p = exact.log_softmax(-1)
+    return float((p.exp() * (p - approx.log_softmax(-1))).sum(-1).mean())
