@@ -38,6 +38,21 @@ from tqcache.kernels.encode import encode_into
 HQ, HKV, D = 32, 8, 128
 
 
+def _capture(fns):
+    """A CUDA graph of ``fns`` called in order, warmed up once on a side stream as graph capture requires."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    return g
+
+
 def _q(xs):
     if not isinstance(xs, (list, tuple)):
         xs = [xs]
@@ -62,16 +77,7 @@ def time_fn(fns, graph=True):
     g_us = None
     if graph:
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for f in fns:
-                    f()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for f in fns:
-                    f()
+            g = _capture(fns)
             g_us = _q(do_bench(g.replay, warmup=25, rep=REP[0], quantiles=[0.5]))[0] / len(fns)
         except Exception as e:  # noqa: BLE001
             print(f"  graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -215,16 +221,7 @@ def time_graph(fns, rep=60):
     for f in fns:
         f()
     torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
+    g = _capture(fns)
     return _q(do_bench(g.replay, warmup=10, rep=rep, quantiles=[0.5]))[0] / len(fns)
 
 

@@ -309,19 +309,8 @@ class TurboQuantLayer(CacheLayerMixin):
         if n_new == 1:
             self.decoding = True
         # State before this step: what the attention of this step reads.
-        handle = StepHandle(
-            layer=self,
-            sink_k=self.sink_k,
-            sink_v=self.sink_v,
-            n_slots=self.n_slots,
-            c_lo=self.c_lo,
-            slot_pos=self.slot_positions(),
-            fp_k=torch.cat([self.win_k, key_states], dim=-2),
-            fp_v=torch.cat([self.win_v, value_states], dim=-2),
-            fp_start=self.win_start,
-            q_start=self.cumulative_length,
-            kv_offset=self.get_mask_sizes(n_new)[1],
-            sliding_window=self.sliding_window,
+        handle = self._handle(
+            torch.cat([self.win_k, key_states], dim=-2), torch.cat([self.win_v, value_states], dim=-2), n_new
         )
         self.cumulative_length += n_new
         self.win_k, self.win_v = handle.fp_k, handle.fp_v
@@ -332,6 +321,24 @@ class TurboQuantLayer(CacheLayerMixin):
         else:
             self._settle()
         return handle
+
+    def _handle(self, fp_k: torch.Tensor, fp_v: torch.Tensor, n_new: int) -> StepHandle:
+        """The current state as a step handle whose full-precision part is ``fp_k/fp_v`` (the window plus
+        ``n_new`` tokens about to be appended)."""
+        return StepHandle(
+            layer=self,
+            sink_k=self.sink_k,
+            sink_v=self.sink_v,
+            n_slots=self.n_slots,
+            c_lo=self.c_lo,
+            slot_pos=self.slot_positions(),
+            fp_k=fp_k,
+            fp_v=fp_v,
+            fp_start=self.win_start,
+            q_start=self.cumulative_length,
+            kv_offset=self.get_mask_sizes(n_new)[1],
+            sliding_window=self.sliding_window,
+        )
 
     def _needs_calibration(self) -> bool:
         return any(getattr(c, "needs_calibration", False) and not bool(c.calibrated) for c in (self.k_codec, self.v_codec))
@@ -627,12 +634,7 @@ class TurboQuantCache(Cache):
         for layer in self.layers:
             dyn = DynamicSlidingWindowLayer(layer.sliding_window) if layer.is_sliding else DynamicLayer()
             if layer.is_initialized:
-                h = StepHandle(
-                    layer=layer, sink_k=layer.sink_k, sink_v=layer.sink_v, n_slots=layer.n_slots, c_lo=layer.c_lo,
-                    slot_pos=layer.slot_positions(), fp_k=layer.win_k, fp_v=layer.win_v, fp_start=layer.win_start,
-                    q_start=layer.cumulative_length, kv_offset=layer.get_mask_sizes(0)[1] if layer.is_sliding else 0,
-                    sliding_window=layer.sliding_window,
-                )
+                h = layer._handle(layer.win_k, layer.win_v, 0)
                 k, v = layer._dense(h)
                 dyn.lazy_initialization(k, v)
                 dyn.keys, dyn.values = k, v

@@ -417,7 +417,6 @@ def format_table(rows: Sequence[dict], markdown: bool = False, columns=_COLUMNS)
         cells = [[c[0] for c in columns]]
         for r in rs:
             cells.append([fmt.format(r[key]) if r.get(key) is not None else "-" for _, key, fmt in columns])
-        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
         if markdown:
             out.append(f"**{model}**\n")
             out.append("| " + " | ".join(h for h in cells[0]) + " |")
@@ -425,12 +424,20 @@ def format_table(rows: Sequence[dict], markdown: bool = False, columns=_COLUMNS)
             out.extend("| " + " | ".join(row) + " |" for row in cells[1:])
         else:
             out.append(f"== {model}")
-            for j, row in enumerate(cells):
-                out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-                if j == 0:
-                    out.append("  ".join("-" * w for w in widths))
+            out.extend(text_table(cells))
         out.append("")
     return "\n".join(out)
+
+
+def text_table(rows: list[list[str]]) -> list[str]:
+    """Plain-text lines of a table: first column left-aligned, others right-aligned, a rule under the header row."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for j, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
 
 
 def _environment() -> dict:

@@ -36,6 +36,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .evaluate import text_table
+
 __all__ = ["PasskeyCase", "make_case", "run_passkey", "format_passkey_table", "run_cli"]
 
 _INTRO = (
@@ -190,12 +192,8 @@ def format_passkey_table(rows: Sequence[dict]) -> str:
             sel = [r["ok"] for r in rs if r["scheme"] == s]
             cells.append(f"{100.0 * sum(sel) / len(sel):.0f}%")
             table.append(cells)
-        widths = [max(len(row[i]) for row in table) for i in range(len(head))]
         out.append(f"== {model} (passkey: correct / cases per context length)")
-        for j, row in enumerate(table):
-            out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
-            if j == 0:
-                out.append("  ".join("-" * w for w in widths))
+        out.extend(text_table(table))
         out.append("")
     return "\n".join(out)
 
