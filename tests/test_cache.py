@@ -87,8 +87,10 @@ def test_none_scheme_is_bit_identical_to_dynamic_cache(make):
         (lambda: llama(head_dim=16), "affine4"),
         (lambda: gemma(head_dim=256), "turbo3"),
         (lambda: gemma(head_dim=32), "turbo2.5"),
+        (lambda: llama(head_dim=64, heads=6, kv_heads=2), "k3.5v2.5-rot"),
     ],
-    ids=["gqa-d64-turbo4", "gqa-d64-turbo3.5", "d16-k4v3", "d16-affine4", "gemma-d256-turbo3", "gemma-d32-turbo2.5"],
+    ids=["gqa-d64-turbo4", "gqa-d64-turbo3.5", "d16-k4v3", "d16-affine4", "gemma-d256-turbo3", "gemma-d32-turbo2.5",
+         "gqa-d64-k3.5v2.5-rot"],  # fmt: skip
 )
 def test_compressed_attention_matches_exact_attention_over_decoded_cache(make, scheme):
     """Separates kernel/plumbing error from quantization error: the compressed path must equal SDPA over
@@ -284,6 +286,19 @@ def test_attention_paths_are_recorded():
     teacher_forced(model, cache, ids, mask, 3)
     assert cache.layers[0].paths.get("reference", 0) == 3  # the 3 decode steps read the compressed prefix
     assert tqcache.attention.tqcache_attention is not None
+
+
+def test_shared_norm_codecs_stay_on_the_torch_path_until_the_kernels_declare_them():
+    from types import SimpleNamespace
+
+    from tqcache.cache import kernels_cover
+    from tqcache.codec import make_codec
+
+    cfg = parse_scheme("k3.5v3-rot").key
+    rot, chan = make_codec(cfg, 64), make_codec(dataclasses.replace(cfg, split="outliers"), 64)
+    assert rot.shared_norm and not chan.shared_norm
+    assert kernels_cover(SimpleNamespace(), chan, chan) and not kernels_cover(SimpleNamespace(), chan, rot)
+    assert kernels_cover(SimpleNamespace(SHARED_NORM=True), rot, rot)
 
 
 def test_query_aware_key_scaling_calibrates_on_the_prompt_and_its_queries():

@@ -342,6 +342,61 @@ def test_fractional_2_5_works():
     assert PAPER_MSE[3] < mse < PAPER_MSE[2] * 1.1
 
 
+@pytest.mark.parametrize("dim, bits", [(64, 3.5), (64, 2.5), (128, 3.25), (256, 2.5)])
+def test_rotated_split_mse_is_the_mix_of_the_two_codebooks(dim, bits):
+    # split="rotated": one dim×dim rotation, one norm; the first f·dim rotated coordinates use the (b+1)-bit
+    # codebook of dim's coordinate density, the rest the b-bit one, so the unit-vector MSE is the f-weighted mix.
+    q = TurboQuantizer(dim, bits, split="rotated", norm_correction=False, seed=int(10 * bits))
+    (d0, b1), (d1, b) = q.segments
+    assert b1 == b + 1 and d0 + d1 == dim and not q.needs_calibration
+    x = unit(40000 * 64 // dim, dim, seed=dim + int(100 * bits))
+    p = q.quantize(x)
+    assert p["norms"].shape[-1] == 1
+    mse = (x - q.dequantize(p)).pow(2).sum(-1).mean().item()
+    f = d0 / dim
+    assert mse == pytest.approx(f * expected_mse(dim, b + 1) + (1 - f) * expected_mse(dim, b), rel=0.03)
+
+
+def test_rotated_split_storage_contract():
+    # What the kernels rely on: segments, codes = segment 0's stream then segment 1's, ONE fp16 norm for both,
+    # levels{s} = each segment's centroids, rotated() = norm·c[idx], ⟨q, x̂⟩ = norm·Σ_s ⟨rotate_query(q)_s, c_s⟩.
+    g = gen(43)
+    q = TurboQuantizer(64, 3.5, split="rotated", seed=5)
+    assert q.segments == [(32, 4), (32, 3)]
+    assert q.field_widths() == {"codes": (16 + 12, torch.uint8), "norms": (1, torch.float16)}
+    assert q.bits_per_element == pytest.approx((32 * 4 + 32 * 3 + 16) / 64)  # 3.75: one norm, not two
+    x, y = torch.randn(200, 64, generator=g) * 3, torch.randn(200, 64, generator=g)
+    p = q.quantize(x)
+    idx0 = unpack_bits(p["codes"][..., :16], 4, 32)
+    idx1 = unpack_bits(p["codes"][..., 16:], 3, 32)
+    c = torch.cat([q.levels0[idx0], q.levels1[idx1]], -1)
+    norm = p["norms"].float()
+    torch.testing.assert_close(q.rotated(p), norm * c)
+    # Norm correction over the whole concatenated reconstruction: ‖x̂‖ = ‖x‖ (fp16 norm).
+    torch.testing.assert_close(q.dequantize(p).norm(dim=-1), x.norm(dim=-1), rtol=2e-3, atol=0)
+    ip = norm[:, 0] * ((q.rotate_query(y) * c).sum(-1))
+    torch.testing.assert_close(ip.double(), (y.double() * q.dequantize(p).double()).sum(-1), atol=1e-4, rtol=1e-5)
+    # One full-width rotation: unrotate inverts rotate_query (no channel scale), and both segments share it.
+    torch.testing.assert_close(q.unrotate(q.rotate_query(y)), y, atol=1e-5, rtol=1e-5)
+    assert q.rot0.shape == (64, 64) and not hasattr(q, "rot1")
+    # Whole bits: split="rotated" is the plain one-segment quantizer.
+    whole, plain = TurboQuantizer(64, 3, split="rotated", seed=5), TurboQuantizer(64, 3, seed=5)
+    assert torch.equal(whole.quantize(x)["codes"], plain.quantize(x)["codes"])
+
+
+@pytest.mark.parametrize("bits, qjl", [(3.5, False), (2.5, False), (3.5, True)])
+def test_rotated_split_with_channel_scale_matches_dequantize(bits, qjl):
+    g = gen(61)
+    x = torch.randn(300, 64, generator=g) * torch.exp(2 * torch.randn(64, generator=g))
+    y = torch.randn(300, 64, generator=g)
+    q = TurboQuantizer(64, bits, qjl=qjl, split="rotated", channel_scale=True, seed=8)
+    p = q.quantize(x)
+    torch.testing.assert_close(q.inner_product(y, p).double(), (y.double() * q.dequantize(p).double()).sum(-1),
+                               atol=1e-3, rtol=1e-4)  # fmt: skip
+    torch.testing.assert_close(q.unrotate(q.rotated(p)) + (q.unsketch(q.qjl_vectors(p)) if qjl else 0),
+                               q.dequantize(p), rtol=1e-5, atol=1e-5 * x.abs().max().item())  # fmt: skip
+
+
 def test_fractional_quarter_bits_split():
     assert segments_for(128, 3.25) == [(32, 4), (96, 3)]
 
@@ -406,6 +461,9 @@ def test_channel_scale_rotated_space_matches_dequantize(bits):
         (dict(bits=2), 64, 16 + 2),
         (dict(bits=8), 64, 64 + 2),
         (dict(bits=3.5), 128, 32 + 24 + 2 * 2),  # 64·4/8 + 64·3/8 codes, two norms
+        (dict(bits=3.5, split="rotated"), 64, 16 + 12 + 2),  # one shared norm: 3.75 bits at d = 64
+        (dict(bits=2.5, split="rotated"), 64, 12 + 8 + 2),  # 2.75 bits at d = 64
+        (dict(bits=3.5, split="rotated", qjl=True), 64, 12 + 8 + 2 + 8 + 2),
         (dict(bits=4, qjl=True), 128, 48 + 2 + 16 + 2),  # 3-bit codes, norm, 128 sign bits, γ
         (dict(bits=3.5, qjl=True), 128, 24 + 16 + 2 * 2 + 16 + 2),  # 2.5-bit MSE: 64·3/8 + 64·2/8
         (dict(bits=2, qjl=True), 256, 32 + 2 + 32 + 2),
@@ -462,7 +520,7 @@ def test_affine_rejects_bad_bits(bits):
 def test_rejects_bad_constructor_values():
     with pytest.raises(ValueError, match="'givens'"):
         TurboQuantizer(128, 3, rotation="givens")
-    with pytest.raises(ValueError, match="'middle'"):
+    with pytest.raises(ValueError, match=r"one of \('halves', 'outliers', 'rotated'\), got 'middle'"):
         TurboQuantizer(128, 3.5, split="middle")
     with pytest.raises(ValueError, match="dim=100"):
         AffineQuantizer(100, 4, group_size=32)
@@ -635,6 +693,9 @@ _CODECS = {
     "turbo4-qjl": lambda d, s: TurboQuantizer(d, 4, qjl=True, seed=s),
     "turbo3.5": lambda d, s: TurboQuantizer(d, 3.5, seed=s),
     "turbo2.5-haar": lambda d, s: TurboQuantizer(d, 2.5, rotation="haar", seed=s),
+    "turbo3.5-rot": lambda d, s: TurboQuantizer(d, 3.5, split="rotated", channel_scale=True, seed=s),
+    "turbo2.5-rot": lambda d, s: TurboQuantizer(d, 2.5, split="rotated", seed=s),
+    "turbo3.5-rot-qjl": lambda d, s: TurboQuantizer(d, 3.5, split="rotated", qjl=True, seed=s),
     "affine4": lambda d, s: AffineQuantizer(d, 4, 32),
 }
 
@@ -647,6 +708,8 @@ _CODECS = {
         ("turbo3", "turbo4-qjl"),
         ("turbo4-qjl", "turbo4-qjl"),
         ("turbo3.5", "turbo2.5-haar"),
+        ("turbo3.5-rot", "turbo2.5-rot"),
+        ("turbo3.5-rot-qjl", "turbo3.5-rot"),
         ("affine4", "affine4"),
         ("turbo3.5", "affine4"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -107,6 +108,27 @@ def test_pattern_with_bad_bits_raises_naming_value(name, shown):
 def test_codec_config_validation_names_value(kwargs, shown):
     with pytest.raises(ValueError, match=shown):
         CodecConfig(**kwargs)
+
+
+def test_scheme_modifiers_change_one_field_each():
+    base, rot = parse_scheme("k3.5v3"), parse_scheme("k3.5v3-rot")
+    assert rot.key.split == "rotated" and rot.value.split == "halves"  # whole-bit values: nothing to split
+    assert rot.name == "k3.5v3-rot" and rot.replace(name="k3.5v3", key=base.key) == base
+    noks = parse_scheme("turbo2.5-rot-noks")
+    assert noks.key.channel_scale is False and noks.key.split == noks.value.split == "rotated"
+    assert parse_scheme("k4v3").key.channel_scale and parse_scheme("k4v3-qjl").key.qjl
+    assert parse_scheme("k4v3-qjl").value.qjl is False and (noks.window, noks.sinks) == (128, 4)
+    assert CodecConfig(bits=2.5, split="rotated").split == "rotated"
+
+
+@pytest.mark.parametrize(
+    "bad, shown",
+    [("turbo4-foo", "unknown modifier 'foo' in scheme 'turbo4-foo'"), ("affine4-rot", "-rot in scheme 'affine4-rot'"),
+     ("none-noks", "TurboQuant schemes only"), ("turbo3-", "unknown modifier ''")],
+)  # fmt: skip
+def test_bad_scheme_modifiers_name_the_value(bad, shown):
+    with pytest.raises(ValueError, match=re.escape(shown)):
+        parse_scheme(bad)
 
 
 def test_codec_config_valid_values():

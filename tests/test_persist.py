@@ -32,6 +32,7 @@ SCHEMES = {
     "turbo4-sinks3-window6": parse_scheme("turbo4").replace(window=6, sinks=3),
     "turbo4-window0": parse_scheme("turbo4").replace(window=0),
     "turbo3-two_phase": parse_scheme("turbo3").replace(window=4, two_phase=True),
+    "k3.5v2.5-rot": parse_scheme("k3.5v2.5-rot").replace(window=4, sinks=1),  # one shared norm per vector
     # data-dependent codec buffers (outlier split, channel scale), QJL sketch, a full-precision layer
     "calibrated-qjl-fp_layer": CacheConfig(
         CodecConfig(bits=3.5, split="outliers", channel_scale=True), CodecConfig(bits=3, qjl=True),

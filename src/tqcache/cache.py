@@ -45,16 +45,24 @@ _Q_SAMPLE = 64  # query rows per KV head kept to check the key scaling on real s
 _K_SAMPLE = 1024  # most recent prompt keys used for that check
 
 
-def _encode_kernel(device: torch.device):
+def kernels_cover(kernels, *codecs) -> bool:
+    """Whether the Triton ``kernels`` module reads these codecs' storage. Codecs whose two segments share one
+    norm (``split="rotated"``) stay on the torch path until the kernels declare ``SHARED_NORM = True``: a kernel
+    written for one norm per segment would read a second norm that is not there (its self-test probe is keyed
+    by segments, not by the norm layout, so it cannot be relied on to catch this)."""
+    return bool(getattr(kernels, "SHARED_NORM", False)) or not any(getattr(c, "shared_norm", False) for c in codecs)
+
+
+def _encode_kernel(device: torch.device, *codecs):
     """``tqcache.kernels.encode`` when Triton can run on ``device`` (it self-tests and falls back per
-    configuration), else None: the torch codec writes the storage."""
+    configuration) and reads ``codecs``' storage, else None: the torch codec writes the storage."""
     if device.type != "cuda":
         return None
     try:
         from . import kernels
     except ImportError:
         return None
-    return kernels.encode if kernels.available(device) else None
+    return kernels.encode if kernels.available(device) and kernels_cover(kernels, *codecs) else None
 
 
 @dataclasses.dataclass
@@ -237,9 +245,10 @@ class TurboQuantLayer(CacheLayerMixin):
                         for name in store:
                             grown[name][:, :, :used] = store[name][:, :, :used]
                 self.k_store, self.v_store = grown_k, grown_v
-        if not self.is_sliding and _encode_kernel(self.device) is not None:
+        encode = None if self.is_sliding else _encode_kernel(self.device, self.k_codec, self.v_codec)
+        if encode is not None:
             # Fused rotate + quantize + pack straight into the preallocated storage (GPU).
-            encode, start = _encode_kernel(self.device), pos0 - self.c_lo
+            start = pos0 - self.c_lo
             encode(self.k_codec, k, self.k_store, start)
             encode(self.v_codec, v, self.v_store, start)
             self.c_hi = pos0 + n

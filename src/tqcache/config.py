@@ -16,12 +16,12 @@ import math
 import re
 from typing import Literal
 
-__all__ = ["CodecConfig", "CacheConfig", "SCHEMES", "parse_scheme", "scheme_names"]
+__all__ = ["CodecConfig", "CacheConfig", "MODIFIERS", "SCHEMES", "parse_scheme", "scheme_names"]
 
 CodecKind = Literal["turbo", "affine", "none"]
 _KINDS = ("turbo", "affine", "none")
 _ROTATIONS = ("hadamard", "haar")
-_SPLITS = ("halves", "outliers")
+_SPLITS = ("halves", "outliers", "rotated")
 _AXES = ("token", "channel")
 
 
@@ -38,14 +38,17 @@ class CodecConfig:
         rotation: ``"hadamard"`` (randomized Walsh–Hadamard; power-of-two dims) or ``"haar"`` (dense QR).
             Non-power-of-two dims always use ``"haar"`` (documented in docs/design.md).
         norm_correction: store ``‖x‖/‖c[idx]‖`` instead of ``‖x‖`` so the reconstruction keeps the exact norm.
-        split: for fractional bits, which channels get the extra bit: ``"halves"`` (fixed: the first
-            channels) or ``"outliers"`` (the largest-RMS channels, chosen from the first data seen).
+        split: for fractional bits, which coordinates get the extra bit: ``"halves"`` (fixed: the first
+            channels) or ``"outliers"`` (the largest-RMS channels, chosen from the first data seen) -- both
+            cut the channels into two independent instances, each with its own rotation and fp16 norm -- or
+            ``"rotated"``: one full-width rotation and ONE norm, the first rotated coordinates get the extra
+            bit (saves one fp16 norm per vector: 0.25 bit at head_dim 64).
         group_size: affine group size (elements per scale/zero pair).
         axis: affine grouping: ``"token"`` (groups run along channels of one token) or ``"channel"``
             (groups run along tokens of one channel; codec only, the cache uses ``"token"``).
-        channel_scale: per-channel key scaling before the rotation (KIVI-style treatment of outlier
-            channels): channels are divided by their RMS over the first data seen, and the query side is
-            multiplied by it, so inner products are unchanged.
+        channel_scale: query-aware per-channel key scaling before the rotation: channel j is divided by
+            ``(E[k_j²]/E[q_j²])^¼`` measured on the prompt, and the query side is multiplied by it, so inner
+            products are unchanged.
     """
 
     kind: CodecKind = "turbo"
@@ -167,8 +170,9 @@ def _preset(name: str, k_bits: float, v_bits: float) -> CacheConfig:
 
 
 # Named presets (defaults chosen by measurement, docs/fidelity.md): a 128-token full-precision window,
-# 4 attention-sink tokens, query-aware key scaling. Fractional routes: `turboX.5` splits channels (half
-# at ceil, half at floor bits); `kXvY` gives keys and values different bit-widths.
+# 4 attention-sink tokens, query-aware key scaling. Fractional routes: `turboX.5` splits channels (the
+# highest-RMS half at ceil, the rest at floor bits; `-rot` instead splits after one rotation with one shared
+# norm); `kXvY` gives keys and values different bit-widths.
 SCHEMES: dict[str, CacheConfig] = {
     "none": CacheConfig(CodecConfig(kind="none"), CodecConfig(kind="none"), window=0, name="none"),
     "turbo4": _preset("turbo4", 4, 4),
@@ -195,6 +199,33 @@ _PATTERNS = (
 )
 
 
+# Modifiers appended to a TurboQuant scheme with "-" (e.g. "k3.5v3-rot-noks"), each one field changed.
+MODIFIERS: dict[str, str] = {
+    "rot": "fractional bit-widths split after one full-width rotation with one shared norm (split='rotated')",
+    "noks": "keys without query-aware channel scaling",
+    "qjl": "QJL residual sign sketch on the keys (one of their bits)",
+}
+
+
+def _modify(cfg: CacheConfig, mod: str, scheme: str) -> CacheConfig:
+    if mod not in MODIFIERS:
+        raise ValueError(
+            f"unknown modifier {mod!r} in scheme {scheme!r}; valid modifiers: "
+            + "; ".join(f"-{m} ({what})" for m, what in MODIFIERS.items())
+        )
+    if not cfg.compressed or cfg.key.kind != "turbo":
+        raise ValueError(f"modifier -{mod} in scheme {scheme!r} applies to TurboQuant schemes only")
+    if mod == "noks":
+        return cfg.replace(key=dataclasses.replace(cfg.key, channel_scale=False))
+    if mod == "qjl":
+        return cfg.replace(key=dataclasses.replace(cfg.key, qjl=True))
+
+    def rot(c: CodecConfig) -> CodecConfig:
+        return c if float(c.mse_bits).is_integer() else dataclasses.replace(c, split="rotated")
+
+    return cfg.replace(key=rot(cfg.key), value=rot(cfg.value))
+
+
 def scheme_names() -> list[str]:
     return list(SCHEMES)
 
@@ -203,7 +234,8 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
     """Turn a scheme string (``"turbo3.5"``, ``"k4v3"``, ``"affine4"``, ``"none"``, ...) into a config.
 
     Besides the named presets, ``turbo<bits>``, ``k<bits>v<bits>`` and ``affine<bits>`` parse for any valid
-    bit-width. A :class:`CacheConfig` passes through unchanged.
+    bit-width, and TurboQuant schemes take ``-modifier`` suffixes (:data:`MODIFIERS`), e.g.
+    ``"k3.5v3-rot-noks"``. A :class:`CacheConfig` passes through unchanged.
     """
     if isinstance(scheme, CacheConfig):
         return scheme
@@ -212,6 +244,12 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
     name = scheme.strip().lower()
     if name in SCHEMES:
         return SCHEMES[name]
+    base, *mods = name.split("-")
+    if mods:
+        cfg = parse_scheme(base)
+        for mod in mods:
+            cfg = _modify(cfg, mod, scheme)
+        return cfg.replace(name=name)
     for pattern, build in _PATTERNS:
         m = pattern.match(name)
         if m:
@@ -221,5 +259,7 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
             return CacheConfig(key, value, name=name)
     raise ValueError(
         f"unknown scheme {scheme!r}; valid names: {', '.join(SCHEMES)} "
-        "(or turbo<bits>, k<bits>v<bits>, affine<bits>)"
+        "(or turbo<bits>, k<bits>v<bits>, affine<bits>; TurboQuant schemes take -"
+        + ", -".join(MODIFIERS)
+        + " suffixes)"
     )

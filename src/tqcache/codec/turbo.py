@@ -10,19 +10,31 @@ residual ``r = x − x̂`` is stored as ``sign(S·r)`` (1 bit per coordinate, S 
 seeded independently of R) and ``γ = ‖r‖`` (fp16). Unbiased inner product (paper Thm. 2):
 ``⟨q, x⟩ ≈ ⟨q, x̂⟩ + γ·√(π/2)/d·⟨S·q, sign(S·r)⟩``.
 
-**Fractional bits.** ``bits = 3.5`` splits the channels into two independent instances ("segments"), one at
-4 and one at 3 bits, each with its own rotation, codebook and norm. ``split="halves"`` gives the extra bit
-to a fixed set of channels (the first ones); ``split="outliers"`` to the channels of largest RMS in the
-first data seen (:meth:`TurboQuantizer.calibrate`). The high-bit segment is always segment 0.
+**Fractional bits.** ``bits = b + f`` (0 < f < 1) codes ``f·d`` coordinates at ``b+1`` bits and the rest at
+``b`` ("segments" ``[(d_0, b+1), (d_1, b)]``; the high-bit segment is always segment 0). Two ways:
 
-**Scores in the rotated space.** Attention never reconstructs keys: ``⟨q, x̂⟩ = Σ_s scale_s·⟨R_s q_s, c[idx_s]⟩``,
-so the query is rotated once (:meth:`rotate_query`) and compared with centroid values (:meth:`rotated`);
-a value-weighted sum is accumulated in the rotated space and rotated back once (:meth:`unrotate`).
+* ``split="halves"`` / ``"outliers"``: the *channels* are cut into two independent instances, each with its
+  own rotation (``d_s × d_s``), codebook (for ``d_s``'s density) and norm. ``"halves"`` gives the extra bit
+  to a fixed set of channels (the first ones), ``"outliers"`` to the channels of largest RMS in the first
+  data seen (:meth:`TurboQuantizer.calibrate`). Two fp16 norms per vector.
+* ``split="rotated"``: the whole (channel-scaled) vector is rotated by one ``d × d`` rotation and normalised
+  by ONE norm; the first ``d_0`` rotated coordinates are quantized with the ``(b+1)``-bit codebook and the
+  rest with the ``b``-bit one (both for ``d``'s coordinate density: every rotated coordinate has it). One
+  fp16 norm per vector, with norm correction ``‖x‖/‖ĉ‖`` over the whole concatenated reconstruction
+  ``ĉ = [c_0[idx_0], c_1[idx_1]]`` -- 0.25 bit less than the channel splits at d = 64. The unit-vector
+  MSE is ``f·MSE_{b+1}(d) + (1−f)·MSE_b(d)``.
+
+**Scores in the rotated space.** Attention never reconstructs keys: ``⟨q, x̂⟩ = Σ_s scale_s·⟨(Rq)_s, c[idx_s]⟩``
+(``scale_s`` the norm of segment s's block: its own, or the shared one), so the query is rotated once
+(:meth:`rotate_query`, segments concatenated in code order) and compared with centroid values
+(:meth:`rotated`); a value-weighted sum is accumulated in the rotated space and rotated back once
+(:meth:`unrotate`).
 
 Packed fields (all ``[*lead, width]``; see docs/formats.md)::
 
     codes      uint8    [*lead, Σ_s d_s·b_s/8]  segment 0's bit stream, then segment 1's
-    norms      float16  [*lead, S]              per-segment scale (‖x_s‖ or ‖x_s‖/‖c[idx_s]‖)
+    norms      float16  [*lead, S]              scale per segment (‖x_s‖ or ‖x_s‖/‖c[idx_s]‖); S = 1 for
+                                                whole bits and for split="rotated" (one scale for both)
     qjl_signs  uint8    [*lead, d/8]            sign(S·r) as 1-bit codes (1 = positive), qjl only
     qjl_norms  float16  [*lead, 1]              γ = ‖r‖, qjl only
 
@@ -50,6 +62,7 @@ __all__ = ["TurboQuantizer", "derive_seed", "segments_for"]
 
 _TINY = 1e-30
 _FP16_MAX = 65504.0
+_SPLITS = ("halves", "outliers", "rotated")
 
 
 def derive_seed(seed: int, *tags: int) -> int:
@@ -95,7 +108,8 @@ class TurboQuantizer(torch.nn.Module):
         rotation: ``"hadamard"`` or ``"haar"`` (non-power-of-two segment sizes always use Haar).
         norm_correction: store ``‖x‖/‖c[idx]‖`` so reconstructions keep the exact norm.
         seed: seed of the rotations and the QJL matrix (explicit; no global RNG is touched).
-        split: fractional-bit channel choice, ``"halves"`` or ``"outliers"``.
+        split: fractional bits as a channel split (``"halves"`` or ``"outliers"``: two instances, two norms)
+            or after one full-width rotation (``"rotated"``: one rotation, one norm; see the module docstring).
         channel_scale: query-aware per-channel scaling before the rotation (set by :meth:`calibrate`):
             channel j is divided by ``s_j = (E[x_j²]/E[q_j²])^(1/4)`` and queries are multiplied by it, which
             leaves inner products unchanged and minimises the expected score error for those statistics.
@@ -133,8 +147,8 @@ class TurboQuantizer(torch.nn.Module):
             raise ValueError(f"TurboQuant bits must be in {rng}, got bits={bits:g}")
         if rotation not in ("hadamard", "haar"):
             raise ValueError(f"rotation must be 'hadamard' or 'haar', got {rotation!r}")
-        if split not in ("halves", "outliers"):
-            raise ValueError(f"split must be 'halves' or 'outliers', got {split!r}")
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
         self.dim, self.bits, self.qjl = dim, bits, bool(qjl)
         self.rotation_kind, self.norm_correction, self.seed = rotation, bool(norm_correction), int(seed)
         self.split, self.use_channel_scale, self.density = split, bool(channel_scale), density
@@ -148,9 +162,14 @@ class TurboQuantizer(torch.nn.Module):
                 f"sketch, leaving {mse_bits:g} bits for the MSE stage ({e})"
             ) from None
 
+        # Rotation blocks = norm groups: one per segment, or one over all channels for split="rotated" (the
+        # segments are then cut from the rotated vector; both codebooks are for dim's coordinate density).
+        shared = self.split == "rotated" and len(self.segments) > 1
+        self.blocks = [dim] if shared else [d_s for d_s, _ in self.segments]
+        for s, d_b in enumerate(self.blocks):
+            self.register_buffer(f"rot{s}", rotation_matrix(d_b, derive_seed(seed, 1, s), rotation))
         for s, (d_s, b_s) in enumerate(self.segments):
-            self.register_buffer(f"rot{s}", rotation_matrix(d_s, derive_seed(seed, 1, s), rotation))
-            levels = codebook(d_s, b_s, density)
+            levels = codebook(dim if shared else d_s, b_s, density)
             self.register_buffer(f"levels{s}", levels)
             self.register_buffer(f"bounds{s}", 0.5 * (levels[1:] + levels[:-1]))
         if self.qjl:
@@ -168,11 +187,16 @@ class TurboQuantizer(torch.nn.Module):
         """True when channel choices depend on data (outlier split or channel scaling)."""
         return (self.split == "outliers" and len(self.segments) > 1) or self.use_channel_scale
 
+    @property
+    def shared_norm(self) -> bool:
+        """True when two segments share one norm (``split="rotated"`` with fractional bits)."""
+        return len(self.blocks) < len(self.segments)
+
     def field_widths(self) -> dict[str, tuple[int, torch.dtype]]:
         """Width and dtype of every packed field (see the module docstring)."""
         widths = {
             "codes": (sum(packed_width(d_s, b_s) for d_s, b_s in self.segments), torch.uint8),
-            "norms": (len(self.segments), torch.float16),
+            "norms": (len(self.blocks), torch.float16),
         }
         if self.qjl:
             widths["qjl_signs"] = (self.dim // 8, torch.uint8)
@@ -188,11 +212,17 @@ class TurboQuantizer(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, bits={self.bits:g}, qjl={self.qjl}, rotation={self.rotation_kind}, "
-            f"norm_correction={self.norm_correction}, segments={self.segments}, seed={self.seed}"
+            f"norm_correction={self.norm_correction}, segments={self.segments}, split={self.split}, seed={self.seed}"
         )
 
+    def _block_of(self, s: int) -> int:
+        """The rotation block / norm group segment ``s`` belongs to."""
+        return 0 if len(self.blocks) == 1 else s
+
     def _seg(self, s: int):
-        return getattr(self, f"rot{s}"), getattr(self, f"levels{s}"), getattr(self, f"bounds{s}")
+        """``(rotation of segment s's block, levels, bounds)``; with ``split="rotated"`` the rotation is the
+        full ``[dim, dim]`` one, shared by both segments."""
+        return getattr(self, f"rot{self._block_of(s)}"), getattr(self, f"levels{s}"), getattr(self, f"bounds{s}")
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
@@ -267,28 +297,30 @@ class TurboQuantizer(torch.nn.Module):
         if self.needs_calibration and not bool(self.calibrated):
             self.calibrate(x)
         xw = self._to_working(x)
-        codes, norms, rot_parts = [], [], []
-        off = 0
-        for s, (d_s, b_s) in enumerate(self.segments):
-            rot, levels, bounds = self._seg(s)
-            xs = xw[..., off : off + d_s]
-            off += d_s
-            n = xs.norm(dim=-1, keepdim=True)
-            y = (xs @ rot.T) / n.clamp_min(_TINY)
-            # bucketize(right=False) counts boundaries strictly below y: ties go to the lower level.
-            idx = torch.bucketize(y, bounds)
-            c = levels[idx]
-            scale = n / c.norm(dim=-1, keepdim=True).clamp_min(_TINY) if self.norm_correction else n
+        # Per rotation block (one per segment, or one for split="rotated"): its norm and its rotated,
+        # normalised coordinates. Segments are cut from their concatenation.
+        norms = [xb.norm(dim=-1, keepdim=True) for xb in xw.split(self.blocks, -1)]
+        y = torch.cat(
+            [yb / n.clamp_min(_TINY) for yb, n in zip(self._rotate_blocks(xw, True).split(self.blocks, -1), norms)], -1
+        )
+        codes, cs = [], []
+        for s, (ys, (_, b_s)) in enumerate(zip(y.split([d_s for d_s, _ in self.segments], -1), self.segments)):
+            _, levels, bounds = self._seg(s)
+            idx = torch.bucketize(ys.contiguous(), bounds)  # right=False counts bounds strictly below y: ties go to the lower level
+            codes.append(pack_bits(idx, b_s))
+            cs.append(levels[idx])
+        scales, rot_parts = [], []
+        for cb, n in zip(torch.cat(cs, -1).split(self.blocks, -1), norms):
+            scale = n / cb.norm(dim=-1, keepdim=True).clamp_min(_TINY) if self.norm_correction else n
             if check and scale.numel() and bool((scale > _FP16_MAX).any()):
                 raise ValueError(
                     f"a vector norm of {scale.max().item():.4g} exceeds the fp16 range (65504) in which TurboQuant "
                     "stores norms; rescale the input"
                 )
             scale = scale.clamp_max(_FP16_MAX).half()
-            codes.append(pack_bits(idx, b_s))
-            norms.append(scale)
-            rot_parts.append(scale.float() * c)
-        fields = {"codes": torch.cat(codes, -1), "norms": torch.cat(norms, -1)}
+            scales.append(scale)
+            rot_parts.append(scale.float() * cb)
+        fields = {"codes": torch.cat(codes, -1), "norms": torch.cat(scales, -1)}
         if self.qjl:
             # Residual against what is actually stored (fp16 scales), in the working space.
             r = xw - self._unrotate_working(torch.cat(rot_parts, -1))
@@ -312,19 +344,23 @@ class TurboQuantizer(torch.nn.Module):
         codes, norms = packed["codes"], packed["norms"].float()
         parts, byte = [], 0
         for s, (d_s, b_s) in enumerate(self.segments):
-            _, levels, _ = self._seg(s)
             w = packed_width(d_s, b_s)
             idx = unpack_bits(codes[..., byte : byte + w], b_s, d_s)
             byte += w
-            parts.append(norms[..., s : s + 1] * levels[idx])
+            blk = self._block_of(s)
+            parts.append(norms[..., blk : blk + 1] * self._seg(s)[1][idx])
+        return torch.cat(parts, -1)
+
+    def _rotate_blocks(self, xw: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """Each rotation block of a working-space vector times ``R.T`` (rotate) or ``R`` (unrotate)."""
+        parts = []
+        for blk, xb in enumerate(xw.split(self.blocks, -1)):
+            rot = getattr(self, f"rot{blk}")
+            parts.append(xb @ (rot.T if transpose else rot))
         return torch.cat(parts, -1)
 
     def _unrotate_working(self, y: torch.Tensor) -> torch.Tensor:
-        parts, off = [], 0
-        for s, (d_s, _) in enumerate(self.segments):
-            parts.append(y[..., off : off + d_s] @ self._seg(s)[0])  # x = y·R (R orthogonal)
-            off += d_s
-        return torch.cat(parts, -1)
+        return self._rotate_blocks(y, transpose=False)  # x = y·R (R orthogonal)
 
     def unrotate(self, y: torch.Tensor) -> torch.Tensor:
         """Map a rotated-space vector (e.g. a value-weighted sum of :meth:`rotated`) back: ``[..., dim]`` fp32."""
@@ -335,12 +371,7 @@ class TurboQuantizer(torch.nn.Module):
         qf = q.float()
         if self.use_channel_scale:
             qf = qf * self.channel_scale  # ⟨q, x⟩ = ⟨q·s, x/s⟩
-        qw = qf[..., self.perm]
-        parts, off = [], 0
-        for s, (d_s, _) in enumerate(self.segments):
-            parts.append(qw[..., off : off + d_s] @ self._seg(s)[0].T)
-            off += d_s
-        return torch.cat(parts, -1)
+        return self._rotate_blocks(qf[..., self.perm], transpose=True)
 
     # ------------------------------------------------------------------ QJL
     @property
