@@ -39,6 +39,10 @@ def test_preset_contents():
         assert cfg.key.channel_scale and not cfg.value.channel_scale and cfg.window == 128 and cfg.sinks == 4
         assert not cfg.key.qjl and cfg.key.rotation == "hadamard" and cfg.key.norm_correction
     assert SCHEMES["affine4"].key == CodecConfig("affine", 4, group_size=32)
+    for name, k_bits, v_bits in (("k3.25v3", 3.25, 3.0), ("k2.25v2", 2.25, 2.0)):  # issue 5's 3.6/2.6-bit targets
+        cfg = SCHEMES[name]
+        assert (cfg.key.bits, cfg.key.split, cfg.key.channel_scale, cfg.value.bits) == (k_bits, "outliers", True, v_bits)
+        assert make_codec(cfg.key, 64).segments == [(16, int(k_bits) + 1), (48, int(k_bits))]
 
 
 @pytest.mark.parametrize(

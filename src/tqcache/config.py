@@ -184,6 +184,10 @@ SCHEMES: dict[str, CacheConfig] = {
     "k5v3": _preset("k5v3", 5, 3),
     "k4v3": _preset("k4v3", 4, 3),
     "k4v2": _preset("k4v2", 4, 2),
+    # Fractional keys by a quarter bit: the outlier quarter of the key channels gets the extra bit. The
+    # 3.6- and 2.6-bit targets of issue 5 at head_dim 64 (SmolLM2: 3.5 / 2.5 bits; docs/fidelity.md).
+    "k3.25v3": _preset("k3.25v3", 3.25, 3),
+    "k2.25v2": _preset("k2.25v2", 2.25, 2),
     "affine4": CacheConfig(CodecConfig("affine", 4), CodecConfig("affine", 4), name="affine4"),
     "affine8": CacheConfig(CodecConfig("affine", 8), CodecConfig("affine", 8), name="affine8"),
     "affine2": CacheConfig(CodecConfig("affine", 2), CodecConfig("affine", 2), name="affine2"),
