@@ -225,9 +225,9 @@ def time_graph(fns, rep=60):
     return _q(do_bench(g.replay, warmup=10, rep=rep, quantiles=[0.5]))[0] / len(fns)
 
 
-def sweep_tiles(dev, schemes, Bs, N):
-    """v3 tile sweep: BLOCK_N {32, 64, 128} × warps {2, 4} × split multiplier {1, 2}, plane layout on, plus the
-    v1 configuration (tl.join layout, BLOCK_N 128, 4 warps) as the in-process baseline. Returns (rows, best):
+def sweep_tiles(dev, schemes, Bs, N, smuls=(1, 2, 4), join_baseline=False):
+    """Tile sweep: BLOCK_N {32, 64, 128} × warps {2, 4} × split multiplier ``smuls``, plane layout on (optionally
+    the v1 configuration, tl.join layout, BLOCK_N 128, 4 warps, as an in-process baseline). Returns (rows, best):
     best[scheme] = (BLOCK_N, warps, split multiplier) minimising the geometric mean over B of time/best(B)."""
     from tqcache.kernels import attention as A
 
@@ -242,8 +242,9 @@ def sweep_tiles(dev, schemes, Bs, N):
                      random_packed(vc, B, HKV, N, dev)) for _ in range(n_sets(nbytes))]
             key = (D, A._bits_key(kc), A._bits_key(vc), B * HKV >= 32)
             saved = A._DECODE_TUNED.pop(key, None)
-            cands = [("v1-join", 128, 4, 1, False)] + [
-                ("v3-planes", bn, nw, sm, True) for bn in (32, 64, 128) for nw in (2, 4) for sm in (1, 2)]
+            cands = [("v1-join", 128, 4, 1, False)] if join_baseline else []
+            cands += [("planes", bn, nw, sm, True) for bn in (32, 64, 128) for nw in (2, 4) for sm in smuls
+                      if not (bn == 128 and nw == 2)]
             for name, bn, nw, sm, planes in cands:
                 if planes:  # the split rule of launch_config with this tile choice
                     A._DECODE_TUNED[key] = (bn, nw, sm)
@@ -275,8 +276,9 @@ def sweep_tiles(dev, schemes, Bs, N):
     return rows, best
 
 
-def ab_planes(dev, schemes, Bs, N=131072):
-    """Same launch configuration (the tuned one), bit-plane layout on vs off (tl.join): the v3 change alone."""
+def ab_planes(dev, schemes, Bs, N=131072, key="planes"):
+    """Same launch configuration (the tuned one), one switch of the config off vs on, twice each: ``planes`` (bit-plane
+    layout vs tl.join, the v3 change) or ``fast`` (register-table centroid lookup vs gather, v4)."""
     rows = []
     scale = D**-0.5
     for sch in schemes:
@@ -286,12 +288,12 @@ def ab_planes(dev, schemes, Bs, N=131072):
             sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16), random_packed(kc, B, HKV, N, dev),
                      random_packed(vc, B, HKV, N, dev)) for _ in range(n_sets(nbytes))]
             base = launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc)
-            for planes in (False, True, False, True):  # twice each: the spread says what is noise
-                cfg = dict(base, planes=planes)
+            for on in (False, True, False, True):  # twice each: the spread says what is noise
+                cfg = dict(base, **{key: on})
                 g = time_graph([lambda s=s, cfg=cfg: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale, config=cfg)
                                 for s in sets], rep=100)
-                rows.append(dict(scheme=sch, B=B, N=N, planes=planes, graph_us=g, **base))
-                print(f"ab {sch:7s} B={B} N={N} planes={planes!s:5s} BN={base['BLOCK_N']} w={base['num_warps']} "
+                rows.append(dict(scheme=sch, B=B, N=N, graph_us=g, **cfg))
+                print(f"ab {sch:7s} B={B} N={N} {key}={on!s:5s} BN={base['BLOCK_N']} w={base['num_warps']} "
                       f"splits={base['SPLITS']}: {g:8.1f} us", flush=True)
             del sets
             torch.cuda.empty_cache()
@@ -386,6 +388,7 @@ def main():
     ap.add_argument("--tile-sweep", action="store_true", help="v3 BLOCK_N × warps × splits sweep at N = 128K")
     ap.add_argument("--apply-best", action="store_true", help="benchmark with the tile sweep's choice")
     ap.add_argument("--ab", action="store_true", help="plane layout on/off at the tuned config, 128K")
+    ap.add_argument("--ab-fast", action="store_true", help="register-table lookup on/off at the tuned config, 128K")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms) for the main table")
     ap.add_argument("--diag", default=None, help="write IR here and time stage-dropping variants, then exit")
     a = ap.parse_args()
@@ -422,6 +425,9 @@ def main():
             print("applied:", A._DECODE_TUNED, flush=True)
     if a.ab:
         res["ab_planes"] = ab_planes(dev, ["turbo4", "k4v3"], [int(x) for x in a.B.split(",")])
+        res["sass"] = sass_stats()
+    if a.ab_fast:
+        res["ab_fast"] = ab_planes(dev, schemes, [int(x) for x in a.B.split(",")], key="fast")
         res["sass"] = sass_stats()
     res["attention"] = bench_attention(dev, [int(x) for x in a.B.split(",")], [int(x) for x in a.N.split(",")],
                                        schemes, a.ref_max_n)

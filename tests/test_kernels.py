@@ -83,10 +83,10 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _make(d, kbits, vbits, kqjl=False, B=2, Hkv=2, T=37, seed=0, rotation="hadamard"):
+def _make(d, kbits, vbits, kqjl=False, B=2, Hkv=2, T=37, seed=0, rotation="hadamard", split="halves"):
     g = _gen(seed)
-    kc = TurboQuantizer(d, kbits, qjl=kqjl, seed=seed + 1, rotation=rotation).to(DEV)
-    vc = TurboQuantizer(d, vbits, seed=seed + 2, rotation=rotation).to(DEV)
+    kc = TurboQuantizer(d, kbits, qjl=kqjl, seed=seed + 1, rotation=rotation, split=split).to(DEV)
+    vc = TurboQuantizer(d, vbits, seed=seed + 2, rotation=rotation, split=split).to(DEV)
     # Keys with a few large channels (real keys have outliers), values plain.
     k = torch.randn(B, Hkv, T, d, generator=g) * (1 + 4 * (torch.rand(d, generator=g) > 0.9))
     v = torch.randn(B, Hkv, T, d, generator=g)
@@ -154,6 +154,8 @@ ATT_CASES = [
     (64, 4, 4, True, torch.float32, 130, 1),
     (128, 3, 3, True, torch.float16, 37, 2),
     (128, 4.5, 4, True, torch.float32, 37, 1),
+    (64, 3, 2, False, torch.float16, 130, 1),  # narrow key planes take the natural path, value planes 16 wide
+    (128, 3.5, 2.5, False, torch.bfloat16, 130, 1),
 ]
 
 
@@ -167,6 +169,16 @@ def test_attend_matches_reference(d, kb, vb, kqjl, dt, T, Lq):
 def test_attend_haar_rotation():
     kc, vc, kp, vp = _make(64, 3.5, 2.5, T=37, rotation="haar")
     q = torch.randn(2, 4, 1, 64, generator=_gen(3)).to(DEV)
+    _check(q, kc, kp, vc, vp)
+
+
+@pytest.mark.parametrize("d,kb,vb,dt", [(128, 3.5, 2.5, torch.float32), (64, 3.5, 2.5, torch.float16),
+                                          (128, 2.5, 3.5, torch.bfloat16)])
+def test_attend_shared_norm_split(d, kb, vb, dt):
+    # split="rotated": both segments of a vector share one stored norm (norms width 1).
+    kc, vc, kp, vp = _make(d, kb, vb, T=70, seed=21, split="rotated")
+    assert kp["norms"].shape[-1] == 1 and vp["norms"].shape[-1] == 1
+    q = torch.randn(2, 4, 2, d, generator=_gen(21)).to(DEV, dt)
     _check(q, kc, kp, vc, vp)
 
 
@@ -204,26 +216,34 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_plane_permutation_matches_the_bit_stream(bits):
-    # Plane p of byte i holds the code of channel i·P + p; the kernel's column order must say the same.
+    # 2/4 bits: plane p of byte i holds the code of channel i·P + p. 3 bits: the 24-bit word of group g is split
+    # into halves x[2g + h] = w_g >> 12h, and plane j holds code j of each half. The kernel's column order
+    # (_plane_perm, folded into A and U) must say the same as the bit stream.
     from tqcache.codec.packing import pack_bits
     from tqcache.kernels.attention import _planes, _plane_perm
 
     d = 128
     P = _planes(d, bits)
-    assert P == 8 // bits
+    assert P == (4 if bits == 3 else 8 // bits)
     codes = torch.randint(0, 1 << bits, (5, d), generator=_gen(11))
     by = pack_bits(codes, bits).long()  # [5, d·bits/8]
-    planes = torch.cat([(by >> (p * bits)) & ((1 << bits) - 1) for p in range(P)], -1)
+    if bits == 3:
+        w = by[:, 0::3] | by[:, 1::3] << 8 | by[:, 2::3] << 16
+        x = torch.stack([w, w >> 12], -1).reshape(5, -1)
+        planes = torch.cat([(x >> (3 * j)) & 7 for j in range(P)], -1)
+    else:
+        planes = torch.cat([(by >> (p * bits)) & ((1 << bits) - 1) for p in range(P)], -1)
     perm = _plane_perm(TurboQuantizer(d, bits, seed=1))
     assert sorted(perm) == list(range(d))
     assert torch.equal(planes, codes[:, perm])
     assert _plane_perm(TurboQuantizer(d, bits, seed=1), enabled=False) == list(range(d))
-    assert _planes(32, 2) == 1 and _planes(128, 3) == 1 and _planes(128, 8) == 1  # natural-order paths
+    assert _planes(32, 2) == 1 and _planes(32, 3) == 1 and _planes(128, 8) == 1  # natural-order paths
+    assert _planes(64, 2) == 4 and _planes(64, 2, key=True) == 1  # keys need 32-channel planes
 
 
-@pytest.mark.parametrize("d,kb,vb", [(128, 4, 2), (128, 2, 4), (128, 3.5, 2.5), (64, 2.5, 4)])
+@pytest.mark.parametrize("d,kb,vb", [(128, 4, 2), (128, 2, 4), (128, 3.5, 2.5), (64, 2.5, 4), (128, 3, 3), (64, 4, 3)])
 def test_plane_layout_matches_natural_layout(d, kb, vb):
     # The bit-plane path (permuted A/U, one dot per plane) against the tl.join path on the same inputs.
     from tqcache.kernels.attention import launch_config

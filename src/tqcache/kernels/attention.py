@@ -4,39 +4,44 @@ Twin and spec: :func:`tqcache.codec.attention.attend_packed`. Same arguments, sa
 
 Math, per KV head (GQA group of ``G`` query heads, ``Lq`` queries each; ``M = G·Lq`` rows ``m = i·G + g``)::
 
-    q̃_m   = rotate_query(q_m) · scale · log2(e)                       (torch, once per step: one [d, d] matmul)
+    q̃_m   = rotate_query(q_m) · scale · log2(e)                       (_query_map_kernel, once per step)
     s_mj  = Σ_s n^K_{j,s} · ⟨q̃_{m,s}, c^K_s[idx^K_{j,s}]⟩              (+ γ_j·√(π/2)/d·⟨S q̃_m, sign_j⟩ with QJL)
     per split σ over the key slots:  m_σ = max_j s_mj,  l_σ = Σ_j 2^(s_mj − m_σ),
                                      a_σ = Σ_j 2^(s_mj − m_σ) · (n^V_{j,s} · c^V_s[idx^V_{j,s}])_s
     merge:   m = max_σ m_σ,  l = Σ_σ l_σ 2^(m_σ − m),  out = unrotate(Σ_σ a_σ 2^(m_σ − m) / l),  lse = ln2·(m + log2 l)
 
 Keys are never rotated back; values are accumulated in the rotated space and rotated back once per output
-row (a [d, d] matmul inside the merge kernel). ``c_s`` are the Lloyd–Max centroids of segment ``s``
-(one segment for whole bits, two for fractional bits), ``n_{j,s}`` the fp16 per-segment scales.
+row (a [d, d] product inside the merge kernel). ``c_s`` are the Lloyd–Max centroids of segment ``s``
+(one segment for whole bits, two for fractional bits), ``n_{j,s}`` the fp16 per-segment scales (one shared
+by both segments for ``split="rotated"``).
 
 Work decomposition: one program per (batch·KV head, split, query tile) covers all ``G`` query heads of the
 group, so each compressed K/V byte is read once per query tile — exactly once at decode, where
 ``M = G·Lq ≤ 16`` fits one tile. The GQA group is padded to ``BLOCK_M = 16`` rows so both products run on
-the tensor cores (``tl.dot``). A second small kernel merges the splits by log-sum-exp and rotates back.
-Prefill chunks (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
+the tensor cores (``tl.dot``). Three launches per step: the query map, the split kernel, and a merge kernel
+with one program per output row (log-sum-exp over the splits, normalise, rotate back). Prefill chunks
+(``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
-Measured (H100, docs/performance.md): bound by instruction issue (~10 thread instructions per centroid
-value, most of them the gather's 64-bit address arithmetic), not by bytes; 0.65–0.85× the speed of bf16 SDPA
-at 64K–128K. docs/kernel-notes.md has the profile, the versions and the next steps.
+Measured (H100, docs/performance.md, v4): turbo4 1.28× (B = 1) and 1.68× (B = 8) the speed of bf16 SDPA at
+128K, turbo2 1.74–1.81×, k4v3 0.97–1.20×, turbo3 0.86–0.91×. Still bound by instruction issue and latency
+(~6.5 thread instructions per centroid value at 4 bits, ~10 at 3 bits), not by bytes: 920–1330 GB/s of
+compressed bytes against ~2950 GB/s copy. docs/kernel-notes.md has the profile, the versions and next steps.
 
 Bytes read per token per KV head (d = 128): codes ``d·b/8`` + norms ``2·S`` for K and for V, e.g. 4 bits:
 64 + 2 + 64 + 2 = 132 B; 3 bits: 100 B; 3.5 bits: 120 B; K4/V3: 116 B. Everything else (queries,
 partials, tables) is O(B·Hq·Lq·d) and does not grow with the context.
 
-Unpacking (docs/formats.md, LSB-first bit stream per token row): one contiguous, vectorisable byte load per
-token row. **Bit-plane layout** (b ∈ {2, 4}, when each plane keeps ≥ 16 channels): byte i holds channels
-``i·P + p`` (``P = 8/b``) at bits ``[p·b, (p+1)·b)``; each plane gathers its own ``[BLOCK_N, d_s/P]`` centroid
-tile and gets its own ``tl.dot`` — against the matching query columns for keys, into its own accumulator
-for values. The resulting channel order (plane-major, :func:`_plane_perm`) is folded into the query map A
-(columns) and the unrotation U (rows) in torch, so nothing is re-interleaved at run time. Other segments
-(b ∈ {1, 3}, b = 8, narrow 2/4-bit segments) are read in natural order: for b = 3 three byte planes at
-stride 3 (8 codes per 3 bytes) form a 24-bit word and the planes are re-interleaved with ``tl.join``. The
-centroid value is gathered from a ≤ 256-entry table (fp16, ≤ 512 B, stays in L1).
+Unpacking (docs/formats.md, LSB-first bit stream per token row). **Plane layout** (b ∈ {2, 3, 4}, when each
+plane keeps ≥ 16 channels, ≥ 32 for keys): for b ∈ {2, 4} one contiguous byte load per row, byte i holds
+channels ``i·P + p`` (``P = 8/b``) at bits ``[p·b, (p+1)·b)``; for b = 3 three byte loads at stride 3 give each
+8-code group's 24-bit word, split into two 12-bit halves, and plane j holds code j of every half (P = 4). Each
+plane decodes its own ``[BLOCK_N, d_s/P]`` centroid tile and gets its own ``tl.dot`` — against the matching
+query columns for keys, into its own accumulator for values. The plane-major channel order
+(:func:`_plane_perm`) is folded into the query map A (columns) and the unrotation U (rows) in torch, so nothing
+is re-interleaved at run time. **Centroid lookup:** compiled with fp16 tables, from registers by PTX ``prmt``
+(byte permute) — ``_ASM_LUT4`` / ``_ASM_LUT3`` / ``_ASM_LUT2`` below; elsewhere (interpreter, fp32 queries,
+a table that is not sign-symmetric) a gather from a ≤ 256-entry table in L1. Other segments (1 and 8 bits,
+narrow segments) are read in natural order through ``tl.join`` and the gather.
 """
 
 from __future__ import annotations
@@ -129,29 +134,161 @@ def _plane(bt, lv_ptr, BITS: tl.constexpr, P: tl.constexpr, I: tl.constexpr):
     return tl.load(lv_ptr + idx)
 
 
+# Centroid lookup without memory: the table lives in four registers and `prmt` (byte permute) picks from it.
+# 4 bits (Lloyd–Max levels are symmetric, c[15−n] = −c[n]): the 3-bit magnitude index m (n ≥ 8: n − 8,
+# else 7 − n) selects the low and the high byte of |c| from two 8-byte tables (TL = words 0–1, TH = 2–3),
+# two more prmt interleave them into fp16 pairs, and the sign bit of n < 8 is xor-ed in. Per 4 code bytes
+# (8 values, both planes) ~25 instructions instead of 8 × (shift, mask, 64-bit address, gather, pack).
+_ASM_LUT4 = tl.constexpr("""
+{
+.reg .b32 t, nf, mk, m, m2, l0, h0, l1, h1, sa, sb, x, z;
+shr.b32 t, $4, 3;
+and.b32 t, t, 0x11111111;
+xor.b32 nf, t, 0x11111111;
+mul.lo.u32 mk, nf, 7;
+xor.b32 m, $4, mk;
+and.b32 m, m, 0x77777777;
+shr.b32 m2, m, 16;
+prmt.b32 l0, $5, $9, m;
+prmt.b32 h0, $13, $17, m;
+prmt.b32 l1, $5, $9, m2;
+prmt.b32 h1, $13, $17, m2;
+prmt.b32 $0, l0, h0, 0x6240;
+prmt.b32 $2, l0, h0, 0x7351;
+prmt.b32 $1, l1, h1, 0x6240;
+prmt.b32 $3, l1, h1, 0x7351;
+mov.b32 z, 0;
+prmt.b32 sa, nf, z, 0x1404;
+prmt.b32 sb, nf, z, 0x3424;
+""" + "".join(  # sa/sb hold the negative flags of nibbles 0–3 / 4–7 at bits 8, 12, 24, 28: move each to bit 15/31
+    f"shl.b32 x, {src}, {sh};\nand.b32 x, x, 0x80008000;\nxor.b32 {reg}, {reg}, x;\n"
+    for src, sh, reg in (("sa", 7, "$0"), ("sa", 3, "$2"), ("sb", 7, "$1"), ("sb", 3, "$3"))) + """}
+""")
+# 2 bits: the whole 4-entry fp16 table is 8 bytes (T = words 0–1); for a code c the selector nibbles
+# (2c, 2c + 1) come from one multiply-add per 4 codes: byte·0x22 + 0x10. Plane p = bits [2p, 2p + 2).
+_ASM_LUT2 = tl.constexpr("{\n.reg .b32 x, s, s2;\n" + "".join(
+    (f"shr.b32 x, $8, {2 * p};\nand.b32 x, x, 0x03030303;\n" if p else "and.b32 x, $8, 0x03030303;\n")
+    + f"mad.lo.u32 s, x, 0x22, 0x10101010;\nprmt.b32 ${2 * p}, $9, $13, s;\n"
+    + f"shr.b32 s2, s, 16;\nprmt.b32 ${2 * p + 1}, $9, $13, s2;\n"
+    for p in range(4)) + "}")
+
+
+# 3 bits, 4 planes: a 24-bit group word w (8 codes) enters as two 12-bit halves (x = w, w >> 12), and
+# plane j of half h is code 4h + j. Per two halves x0, x1 the selectors gather the 3-bit codes into
+# nibbles, cross-wise — sel_A = [c0(x0), c0(x1), c1(x0), c1(x1)], sel_B likewise for c2, c3 — so one prmt looks
+# up 4 low bytes in the 8-entry table (TL = words 0–1), one the high bytes (TH = 2–3), and one interleave
+# gives plane j's fp16 pair (c_j(x0), c_j(x1)) directly. ~23 instructions per 8 values; two pairs per call.
+def _nibbles(dst: str, fields: list[tuple[str, int]]) -> str:
+    """PTX that packs 3-bit fields into the nibbles of ``dst``: nibble i = bits [at_i, at_i + 3) of register src_i."""
+    out = []
+    for i, (src, at) in enumerate(fields):
+        shift = 4 * i - at
+        op = f"shl.b32 t, {src}, {shift}" if shift > 0 else f"shr.b32 t, {src}, {-shift}"
+        out += [op if shift else f"mov.b32 t, {src}", f"and.b32 t, t, {7 << 4 * i:#x}",
+                f"mov.b32 {dst}, t" if i == 0 else f"or.b32 {dst}, {dst}, t"]
+    return ";\n".join(out) + ";\n"
+
+
+def _lut3_pair(x0: str, x1: str, out: list[str], tl_: tuple[str, str], th: tuple[str, str]) -> str:
+    """PTX for two 12-bit halves ``x0, x1`` -> the fp16 pairs ``(c_j(x0), c_j(x1))`` of planes j = 0..3 in ``out``."""
+    looks = "".join(
+        f"prmt.b32 l{k}, {tl_[0]}, {tl_[1]}, s{k};\nprmt.b32 h{k}, {th[0]}, {th[1]}, s{k};\n"
+        f"prmt.b32 {out[2 * k]}, l{k}, h{k}, 0x5140;\nprmt.b32 {out[2 * k + 1]}, l{k}, h{k}, 0x7362;\n"
+        for k in range(2))
+    return ("{\n.reg .b32 s0, s1, t, l0, h0, l1, h1;\n"
+            + _nibbles("s0", [(x0, 0), (x1, 0), (x0, 3), (x1, 3)])  # [c0(x0), c0(x1), c1(x0), c1(x1)]
+            + _nibbles("s1", [(x0, 6), (x1, 6), (x0, 9), (x1, 9)])  # [c2(x0), c2(x1), c3(x0), c3(x1)]
+            + looks + "}\n")
+
+
+# pack = 4: halves x0..x3 in $8..$11, table words in $12, $16, $20, $24; plane j's two registers are $2j, $2j+1.
+_ASM_LUT3 = tl.constexpr(
+    _lut3_pair("$8", "$9", ["$0", "$2", "$4", "$6"], ("$12", "$16"), ("$20", "$24"))
+    + _lut3_pair("$10", "$11", ["$1", "$3", "$5", "$7"], ("$12", "$16"), ("$20", "$24"))
+)
+
+
 @triton.jit
-def _k_planes(row_ptr, nmask, lv_ptr, q0, q1, q2, q3, BITS: tl.constexpr, P: tl.constexpr, W: tl.constexpr,
-              PREC: tl.constexpr):
+def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.constexpr, DS: tl.constexpr,
+                   FAST: tl.constexpr):
+    """Centroid tiles ``[BLOCK_N, DS/P]`` of the ``P`` planes of one ``DS``-channel segment (planes 2, 3 alias 0
+    when P = 2). Column orders: :func:`_plane_perm`.
+
+    ``FAST``: the register-table lookups above (fp16 tables, compiled GPU only); else gathers from ``lv_ptr``.
+    """
+    if BITS == 3:
+        # Three byte planes at stride 3 -> the 24-bit group words, split into 12-bit halves: x[:, 2g + h].
+        G8: tl.constexpr = DS // 8
+        p = row_ptr[:, None] + tl.arange(0, G8)[None, :] * 3
+        w = tl.load(p, mask=nmask[:, None], other=0).to(tl.int32)
+        w = w | (tl.load(p + 1, mask=nmask[:, None], other=0).to(tl.int32) << 8)
+        w = w | (tl.load(p + 2, mask=nmask[:, None], other=0).to(tl.int32) << 16)
+        x = tl.reshape(tl.join(w, w >> 12), (w.shape[0], 2 * G8))
+        if FAST:
+            t0 = tl.load(lut_ptr)
+            t1 = tl.load(lut_ptr + 1)
+            t2 = tl.load(lut_ptr + 2)
+            t3 = tl.load(lut_ptr + 3)
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _ASM_LUT3, "=r" + ",=r" * 7 + ",r" * 20, [x, t0, t1, t2, t3],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            c0 = tl.load(lv_ptr + (x & 7))
+            c1 = tl.load(lv_ptr + ((x >> 3) & 7))
+            c2 = tl.load(lv_ptr + ((x >> 6) & 7))
+            c3 = tl.load(lv_ptr + ((x >> 9) & 7))
+    elif FAST:
+        W: tl.constexpr = DS * BITS // 8
+        bt = tl.load(row_ptr[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+        t0 = tl.load(lut_ptr)
+        t1 = tl.load(lut_ptr + 1)
+        if BITS == 4:
+            t2 = tl.load(lut_ptr + 2)
+            t3 = tl.load(lut_ptr + 3)
+            c0, c1 = tl.inline_asm_elementwise(
+                _ASM_LUT4, "=r,=r,=r,=r,r" + ",r" * 16, [bt, t0, t1, t2, t3],
+                dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            c2 = c0
+            c3 = c0
+        else:
+            c0, c1, c2, c3 = tl.inline_asm_elementwise(
+                _ASM_LUT2, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 8, [bt, t0, t1],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        bt = _load_bytes(row_ptr, nmask, DS * BITS // 8)
+        c0 = _plane(bt, lv_ptr, BITS, P, 0)
+        c1 = _plane(bt, lv_ptr, BITS, P, 1)
+        c2 = c0
+        c3 = c0
+        if P == 4:
+            c2 = _plane(bt, lv_ptr, BITS, P, 2)
+            c3 = _plane(bt, lv_ptr, BITS, P, 3)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _k_planes(row_ptr, nmask, lv_ptr, lut_ptr, q0, q1, q2, q3, BITS: tl.constexpr, P: tl.constexpr,
+              DS: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
     """Σ_p q_p · c[plane_p]ᵀ: raw scores ``[BLOCK_M, BLOCK_N]`` of one segment in plane layout (P ∈ {2, 4})."""
-    bt = _load_bytes(row_ptr, nmask, W)
-    s = tl.dot(q0, tl.trans(_plane(bt, lv_ptr, BITS, P, 0)), input_precision=PREC)
-    s += tl.dot(q1, tl.trans(_plane(bt, lv_ptr, BITS, P, 1)), input_precision=PREC)
+    c0, c1, c2, c3 = _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS, P, DS, FAST)
+    s = tl.dot(q0, tl.trans(c0), input_precision=PREC)
+    s += tl.dot(q1, tl.trans(c1), input_precision=PREC)
     if P == 4:
-        s += tl.dot(q2, tl.trans(_plane(bt, lv_ptr, BITS, P, 2)), input_precision=PREC)
-        s += tl.dot(q3, tl.trans(_plane(bt, lv_ptr, BITS, P, 3)), input_precision=PREC)
+        s += tl.dot(q2, tl.trans(c2), input_precision=PREC)
+        s += tl.dot(q3, tl.trans(c3), input_precision=PREC)
     return s
 
 
 @triton.jit
-def _v_planes(row_ptr, nmask, lv_ptr, pv, alpha, a0, a1, a2, a3, BITS: tl.constexpr, P: tl.constexpr,
-              W: tl.constexpr, PREC: tl.constexpr):
-    """a_p ← a_p·α + pv @ c[plane_p]: one accumulator ``[BLOCK_M, W]`` per bit-plane (P ∈ {2, 4})."""
-    bt = _load_bytes(row_ptr, nmask, W)
-    a0 = a0 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 0), input_precision=PREC)
-    a1 = a1 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 1), input_precision=PREC)
+def _v_planes(row_ptr, nmask, lv_ptr, lut_ptr, pv, alpha, a0, a1, a2, a3, BITS: tl.constexpr, P: tl.constexpr,
+              DS: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+    """a_p ← a_p·α + pv @ c[plane_p]: one accumulator ``[BLOCK_M, DS/P]`` per plane (P ∈ {2, 4})."""
+    c0, c1, c2, c3 = _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS, P, DS, FAST)
+    a0 = a0 * alpha[:, None] + tl.dot(pv, c0, input_precision=PREC)
+    a1 = a1 * alpha[:, None] + tl.dot(pv, c1, input_precision=PREC)
     if P == 4:
-        a2 = a2 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 2), input_precision=PREC)
-        a3 = a3 * alpha[:, None] + tl.dot(pv, _plane(bt, lv_ptr, BITS, P, 3), input_precision=PREC)
+        a2 = a2 * alpha[:, None] + tl.dot(pv, c2, input_precision=PREC)
+        a3 = a3 * alpha[:, None] + tl.dot(pv, c3, input_precision=PREC)
     return a0, a1, a2, a3
 
 
@@ -190,6 +327,7 @@ def _attn_fwd_kernel(
     VC, stride_vcb, stride_vch, stride_vct,  # [B, Hkv, T, wV] uint8 value codes
     VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, S_V] fp16 value scales
     LVK, LVV,  # [2, 256] centroid tables (dot dtype), row s = segment s
+    LUTK, LUTV,  # [2, 4] int32 register tables of the plane segments (FAST only; see _ASM_LUT4/_ASM_LUT2)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies when the flags are off)
     PACC, PM, PL,  # partials: [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2
     T, M, Lq, window, qjl_c,
@@ -197,9 +335,11 @@ def _attn_fwd_kernel(
     KD0: tl.constexpr, KB0: tl.constexpr, KD1: tl.constexpr, KB1: tl.constexpr,
     VD0: tl.constexpr, VB0: tl.constexpr, VD1: tl.constexpr, VB1: tl.constexpr,
     KP0: tl.constexpr, KP1: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr,
+    KN_SHARED: tl.constexpr, VN_SHARED: tl.constexpr,  # one norm for both segments (split="rotated")
     K_QJL: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -283,15 +423,15 @@ def _attn_fwd_kernel(
         kn_row = kn_base + offs_n * stride_knt
         kn0 = tl.load(kn_row, mask=nmask, other=0.0).to(tl.float32)
         if KP0 > 1:
-            s = _k_planes(kc_row, nmask, LVK, qa0, qa1, qa2, qa3, KB0, KP0, KW0, PREC) * kn0[None, :]
+            s = _k_planes(kc_row, nmask, LVK, LUTK, qa0, qa1, qa2, qa3, KB0, KP0, KD0, PREC, FAST) * kn0[None, :]
         else:
             ck = _seg_values(kc_row, nmask, LVK, KB0, KD0, BLOCK_N)
             s = tl.dot(q0, tl.trans(ck), input_precision=PREC) * kn0[None, :]
         if KD1 > 0:
-            kn1 = tl.load(kn_row + 1, mask=nmask, other=0.0).to(tl.float32)
+            kn1 = kn0 if KN_SHARED else tl.load(kn_row + 1, mask=nmask, other=0.0).to(tl.float32)
             if KP1 > 1:
-                s += _k_planes(kc_row + KW0, nmask, LVK + 256, qb0, qb1, qb2, qb3, KB1, KP1, KD1 * KB1 // 8,
-                               PREC) * kn1[None, :]
+                s += _k_planes(kc_row + KW0, nmask, LVK + 256, LUTK + 4, qb0, qb1, qb2, qb3, KB1, KP1, KD1,
+                               PREC, FAST) * kn1[None, :]
             else:
                 ck1 = _seg_values(kc_row + KW0, nmask, LVK + 256, KB1, KD1, BLOCK_N)
                 s += tl.dot(q1, tl.trans(ck1), input_precision=PREC) * kn1[None, :]
@@ -323,16 +463,16 @@ def _attn_fwd_kernel(
         vn_row = vn_base + offs_n * stride_vnt
         vn0 = tl.load(vn_row, mask=nmask, other=0.0).to(tl.float32)
         if VP0 > 1:
-            aa0, aa1, aa2, aa3 = _v_planes(vc_row, nmask, LVV, (p * vn0[None, :]).to(DT), alpha,
-                                           aa0, aa1, aa2, aa3, VB0, VP0, VW0, PREC)
+            aa0, aa1, aa2, aa3 = _v_planes(vc_row, nmask, LVV, LUTV, (p * vn0[None, :]).to(DT), alpha,
+                                           aa0, aa1, aa2, aa3, VB0, VP0, VD0, PREC, FAST)
         else:
             cv = _seg_values(vc_row, nmask, LVV, VB0, VD0, BLOCK_N)
             acc0 = acc0 * alpha[:, None] + tl.dot((p * vn0[None, :]).to(DT), cv, input_precision=PREC)
         if VD1 > 0:
-            vn1 = tl.load(vn_row + 1, mask=nmask, other=0.0).to(tl.float32)
+            vn1 = vn0 if VN_SHARED else tl.load(vn_row + 1, mask=nmask, other=0.0).to(tl.float32)
             if VP1 > 1:
-                ab0, ab1, ab2, ab3 = _v_planes(vc_row + VW0, nmask, LVV + 256, (p * vn1[None, :]).to(DT), alpha,
-                                               ab0, ab1, ab2, ab3, VB1, VP1, VD1 * VB1 // 8, PREC)
+                ab0, ab1, ab2, ab3 = _v_planes(vc_row + VW0, nmask, LVV + 256, LUTV + 4, (p * vn1[None, :]).to(DT),
+                                               alpha, ab0, ab1, ab2, ab3, VB1, VP1, VD1, PREC, FAST)
             else:
                 cv1 = _seg_values(vc_row + VW0, nmask, LVV + 256, VB1, VD1, BLOCK_N)
                 acc1 = acc1 * alpha[:, None] + tl.dot((p * vn1[None, :]).to(DT), cv1, input_precision=PREC)
@@ -354,15 +494,19 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_merge_kernel(
-    PACC, PM, PL,  # partials as written by _attn_fwd_kernel
-    U,  # [D, D] fp32: row j = unrotate(e_j), so out = acc @ U
-    OUT, stride_ob, stride_oh, stride_ol,  # [B, Hq, Lq, D] fp32
-    LSE, stride_lb, stride_lh,  # [B, Hq, Lq] fp32 (contiguous last dim)
-    M,
-    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, DC: tl.constexpr,
+def _query_map_kernel(
+    Q, stride_qb, stride_qh, stride_ql,  # [B, Hq, Lq, D] queries (any float dtype)
+    A, stride_ah,  # [(Hkv,) D, DA] fp32 query map (stride_ah = 0 when shared by the heads)
+    QK, stride_kb, stride_kh, stride_km,  # [B, Hkv, M, DA] out, dot dtype
+    M, c,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
+    BLOCK_M: tl.constexpr, DC: tl.constexpr,
 ):
+    """``q̃ = (q @ A)·c`` for the rows ``m = i·G + g`` of one (batch·KV head, row tile), in one launch.
+
+    Replaces the torch prologue (cast, batched matmul, scale, cast: four launches, ~10 µs of fixed cost per
+    decode step). Products in ``tf32x3`` (≈ fp32), like the fp32 matmul it replaces.
+    """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     b = pid_bh // HKV
@@ -370,35 +514,68 @@ def _attn_merge_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mvalid = offs_m < M
     offs_d = tl.arange(0, D)
-
-    m_g = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_g = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for sp in range(SPLITS):
-        prow = (pid_bh * SPLITS + sp) * M + offs_m
-        m_s = tl.load(PM + prow, mask=mvalid, other=float("-inf"))
-        l_s = tl.load(PL + prow, mask=mvalid, other=0.0)
-        a_s = tl.load(PACC + prow[:, None] * D + offs_d[None, :], mask=mvalid[:, None], other=0.0)
-        m_new = tl.maximum(m_g, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w_old = tl.math.exp2(m_g - m_safe)
-        w_s = tl.math.exp2(m_s - m_safe)
-        l_g = l_g * w_old + l_s * w_s
-        acc = acc * w_old[:, None] + a_s * w_s[:, None]
-        m_g = m_new
-    acc = (acc / tl.maximum(l_g, 1e-30)[:, None]).to(U.dtype.element_ty)
-    lse = tl.where(l_g > 0, (m_g + tl.log2(tl.maximum(l_g, 1e-30))) * 0.6931471805599453, float("-inf"))
-
     head = h * G + offs_m % G
     qi = offs_m // G
-    o_row = OUT + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_ol
-    # Back to the original space, DC output columns at a time (a whole [256, 256] fp32 U would spill).
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_ql + offs_d[None, :],
+                mask=mvalid[:, None], other=0.0).to(tl.float32)
+    a_base = A + h * stride_ah
+    out = QK + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_km
     offs_c = tl.arange(0, DC)
+    for c0 in tl.static_range(0, DA, DC):
+        a = tl.load(a_base + offs_d[:, None] * DA + (c0 + offs_c)[None, :])
+        r = tl.dot(q, a, input_precision="tf32x3") * c
+        tl.store(out + (c0 + offs_c)[None, :], r.to(QK.dtype.element_ty), mask=mvalid[:, None])
+
+
+@triton.jit
+def _attn_merge_kernel(
+    PACC, PM, PL,  # partials as written by _attn_fwd_kernel
+    U,  # [D, D] fp32: row j = unrotate(e_j), so out = acc @ U
+    OUT, stride_ob, stride_oh, stride_ol,  # [B, Hq, Lq, D] fp32
+    LSE, stride_lb, stride_lh,  # [B, Hq, Lq] fp32 (contiguous last dim)
+    M,
+    HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr,
+):
+    """Log-sum-exp merge of the ``SPLITS`` partials of one output row ``(batch·KV head, m)``, normalise, rotate back.
+
+    One program per row: the merge is latency-bound (a few KB per row), so it wants many small programs and no
+    load that waits on another — the maxima of all splits in one ``[SPLITS_P2]`` load, the accumulators ``SCH``
+    splits at a time as ``[SCH, D]`` tiles, the unrotation ``acc @ U`` as fp32 products over ``[D, DC]`` tiles of
+    ``U`` (which stays in L2). (v1–v3 merged a 16-row query tile per program, one split per iteration: ~40 µs of
+    fixed cost per decode step at 66 splits and 8 programs.)
+    """
+    pid_bh = tl.program_id(0)
+    m = tl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+    offs_d = tl.arange(0, D)
+
+    offs_s = tl.arange(0, SPLITS_P2)
+    row0 = pid_bh * SPLITS * M + m
+    m_s = tl.load(PM + row0 + offs_s * M, mask=offs_s < SPLITS, other=float("-inf"))
+    l_s = tl.load(PL + row0 + offs_s * M, mask=offs_s < SPLITS, other=0.0)
+    m_g = tl.max(m_s, 0)
+    m_safe = tl.where(m_g == float("-inf"), 0.0, m_g)
+    l_g = tl.sum(l_s * tl.math.exp2(m_s - m_safe), 0)
+
+    acc = tl.zeros([D], tl.float32)
+    offs_c = tl.arange(0, SCH)
+    for c0 in range(0, SPLITS, SCH):
+        sp = c0 + offs_c
+        ok = sp < SPLITS
+        w = tl.math.exp2(tl.load(PM + row0 + sp * M, mask=ok, other=float("-inf")) - m_safe)
+        a = tl.load(PACC + (row0 + sp * M)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        acc += tl.sum(a * w[:, None], 0)
+    acc = acc / tl.maximum(l_g, 1e-30)
+    lse = tl.where(l_g > 0, (m_g + tl.log2(tl.maximum(l_g, 1e-30))) * 0.6931471805599453, float("-inf"))
+
+    o_row = OUT + b * stride_ob + (h * G + m % G) * stride_oh + (m // G) * stride_ol
+    offs_o = tl.arange(0, DC)
     for c0 in tl.static_range(0, D, DC):
-        u = tl.load(U + offs_d[:, None] * D + (c0 + offs_c)[None, :])
-        out = tl.dot(acc, u, input_precision="tf32x3")  # ≈ fp32 accuracy on the tensor cores
-        tl.store(o_row + (c0 + offs_c)[None, :], out, mask=mvalid[:, None])
-    tl.store(LSE + b * stride_lb + head * stride_lh + qi, lse, mask=mvalid)
+        u = tl.load(U + offs_d[:, None] * D + (c0 + offs_o)[None, :])
+        tl.store(o_row + c0 + offs_o, tl.sum(acc[:, None] * u, 0))
+    tl.store(LSE + b * stride_lb + (h * G + m % G) * stride_lh + m // G, lse)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -460,18 +637,18 @@ def _dummy(device) -> torch.Tensor:
     return t
 
 
-# Decode (BLOCK_M = 16) tiles per (d, key bits, value bits, many programs = B·Hkv ≥ 32), from the v3 sweep on
+# Decode (BLOCK_M = 16) tiles per (d, key bits, value bits, many programs = B·Hkv ≥ 32), from the v4 sweep on
 # H100 at 128K (docs/kernel-notes.md): value (BLOCK_N, num_warps, split multiplier on the 4/SM or 8/SM target).
-# BLOCK_N 64 × 2 warps (~202–216 registers × 64 threads: 4 CTAs/SM, so 4/SM splits are exactly one wave) won
-# at B = 1 for every scheme; at B = 8 twice the splits (16/SM) won. Other codecs/dims keep the v1 rule.
-# Comments: sweep µs (graph, 128K) vs the v1 configuration in the same process; final run in docs/performance.md.
+# BLOCK_N 64 × 2 warps with 4× the splits won for every scheme at B = 1 and B = 8 (more resident programs hide
+# the latency of each program's short dependent chains; the split count is capped at 128).
+# Comments: sweep µs (graph, 128K, B = 1 / B = 8); final runs in docs/performance.md.
 _DECODE_TUNED: dict = {
-    (128, (4,), (4,), False): (64, 2, 1),  # turbo4  B=1: 257 µs vs 274
-    (128, (4,), (4,), True): (32, 4, 2),  # turbo4  B=8: 1661 µs vs 1864
-    (128, (3,), (3,), False): (64, 2, 1),  # turbo3  B=1: 304 µs vs 325
-    (128, (3,), (3,), True): (64, 2, 2),  # turbo3  B=8: 2101 µs vs 2296
-    (128, (4,), (3,), False): (64, 2, 1),  # k4v3    B=1: 276 µs vs 292
-    (128, (4,), (3,), True): (64, 2, 2),  # k4v3    B=8: 1882 µs vs 2047
+    (128, (4,), (4,), False): (64, 2, 4),  # turbo4  144.7 (smul 1) -> 140–145
+    (128, (4,), (4,), True): (64, 2, 4),  # turbo4  828 vs 852 (smul 2), 938 (128 × 4 warps, smul 1)
+    (128, (3,), (3,), False): (64, 2, 4),  # turbo3  276
+    (128, (3,), (3,), True): (64, 2, 4),  # turbo3  1984 vs 2053 (smul 2)
+    (128, (4,), (3,), False): (64, 2, 4),  # k4v3    216
+    (128, (4,), (3,), True): (64, 2, 4),  # k4v3    1507 vs 1561 (smul 2)
 }
 
 
@@ -507,21 +684,29 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
 
 
-def _planes(d_s: int, b_s: int, enabled: bool = True) -> int:
-    """Bit-planes a segment is read in: ``8/b`` for b ∈ {2, 4} when each plane keeps ≥ 16 channels (a dot's K),
-    else 1 (natural channel order: 8 bits directly, 1 and 3 bits and narrow segments through ``tl.join``)."""
-    if enabled and b_s in (2, 4) and d_s // (8 // b_s) >= 16:
-        return 8 // b_s
+def _planes(d_s: int, b_s: int, enabled: bool = True, key: bool = False) -> int:
+    """Planes a segment is read in: ``8/b`` bit-planes for b ∈ {2, 4}, 4 code planes for b = 3 (codes ``4h + j``
+    of each 8-code group), when each plane keeps ≥ 16 channels (a dot's K) — ≥ 32 for keys: on the H100 (Triton
+    3.6) a key product ``q [16, 16] @ cᵀ [16, N]`` of a 16-channel plane came out wrong while the same value
+    product was right — else 1 (natural channel order: 8 bits directly, 1 bit and narrow segments via ``tl.join``)."""
+    if enabled and b_s in (2, 3, 4):
+        P = 4 if b_s == 3 else 8 // b_s
+        if d_s // P >= (32 if key else 16):
+            return P
     return 1
 
 
-def _plane_perm(codec, enabled: bool = True) -> list[int]:
-    """Kernel column order: ``perm[new] = natural channel``; plane p of a segment at offset o holds channels
-    ``o + i·P + p`` (i < d_s/P) in columns ``o + p·d_s/P + i``. Identity for segments read in natural order."""
+def _plane_perm(codec, enabled: bool = True, key: bool = False) -> list[int]:
+    """Kernel column order: ``perm[new] = natural channel``. Plane p of a segment at offset o fills columns
+    ``o + p·d_s/P + e``: for 2/4 bits column e holds channel ``o + e·P + p`` (bit-plane p of byte e); for 3 bits
+    ``o + 8·(e // 2) + 4·(e % 2) + p`` (code 4h + p of group e // 2, h = e % 2). Identity for natural order."""
     perm, off = [], 0
     for d_s, b_s in codec.segments:
-        P = _planes(d_s, b_s, enabled)
-        perm += [off + i * P + p for p in range(P) for i in range(d_s // P)]
+        P = _planes(d_s, b_s, enabled, key)
+        if P > 1 and b_s == 3:
+            perm += [off + 8 * (e // 2) + 4 * (e % 2) + p for p in range(P) for e in range(d_s // P)]
+        else:
+            perm += [off + i * P + p for p in range(P) for i in range(d_s // P)]
         off += d_s
     return perm
 
@@ -533,12 +718,12 @@ COMPILED: dict = {}  # launch config -> registers / spills of the compiled atten
 KERNELS: dict = {}  # same keys as COMPILED -> the compiled kernel (benchmarks read its SASS)
 
 
-def _record_compile(ck, cfg, bits: str = "") -> None:
+def _record_compile(ck, cfg, bits: str = "", fast: bool = False) -> None:
     n_regs = getattr(ck, "n_regs", None)
     if n_regs is None or len(COMPILED) > 64:
         return
     key = (f"{bits} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} warps={cfg['num_warps']} "
-           f"stages={cfg.get('num_stages', 2)} planes={bool(cfg.get('planes', True))}").strip()
+           f"stages={cfg.get('num_stages', 2)} planes={bool(cfg.get('planes', True))} fast={fast}").strip()
     if key not in COMPILED:
         COMPILED[key] = {"n_regs": n_regs, "n_spills": getattr(ck, "n_spills", None)}
         KERNELS[key] = ck
@@ -548,8 +733,37 @@ def _codec_key(c, device) -> tuple:
     return (id(c), str(device), c.perm._version, c.channel_scale._version, c.perm.data_ptr())
 
 
+def _i32(words) -> list[int]:
+    return [((w & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000 for w in words]
+
+
+def _register_tables(codec, planes: bool = True, key: bool = False) -> tuple[torch.Tensor, bool]:
+    """``([2, 4] int32 words, usable)``: the fp16 centroid tables of the plane segments in the register form of
+    ``_ASM_LUT4`` (low bytes of ``|c[8..15]|`` in words 0–1, high bytes in 2–3), ``_ASM_LUT3`` (low bytes of
+    ``c[0..7]`` in words 0–1, high bytes in 2–3) and ``_ASM_LUT2`` (the 4 fp16 levels in words 0–1). Not usable when a 4-bit table is not exactly sign-symmetric in fp16."""
+    words, ok = [[0] * 4, [0] * 4], True
+    for s, (d_s, b_s) in enumerate(codec.segments):
+        if _planes(d_s, b_s, planes, key) == 1:
+            continue
+        h = [x & 0xFFFF for x in getattr(codec, f"levels{s}").detach().cpu().half().view(torch.int16).tolist()]
+        if b_s == 2:
+            words[s][:2] = [h[0] | h[1] << 16, h[2] | h[3] << 16]
+            continue
+        if b_s == 3:  # low bytes of c[0..7] in words 0–1, high bytes in 2–3
+            lo, hi = [x & 0xFF for x in h], [x >> 8 for x in h]
+            words[s] = [sum(part[4 * k + i] << 8 * i for i in range(4)) for part in (lo, hi) for k in range(2)]
+            continue
+        mag = h[8:]
+        ok &= all(m < 0x8000 for m in mag) and all(h[7 - i] == mag[i] | 0x8000 for i in range(8))
+        for j, part in enumerate(([m & 0xFF for m in mag], [m >> 8 for m in mag])):
+            words[s][2 * j] = part[0] | part[1] << 8 | part[2] << 16 | part[3] << 24
+            words[s][2 * j + 1] = part[4] | part[5] << 8 | part[6] << 16 | part[7] << 24
+    return torch.tensor([_i32(w) for w in words], dtype=torch.int32), ok
+
+
 def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
-    """(A [(Hkv,) d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype).
+    """(A [(Hkv,) d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype,
+    K/V register tables [2, 4] int32, whether the register tables are usable).
 
     The bit-plane column permutation (:func:`_plane_perm`) is folded in: A's first d columns are in the
     kernel's key column order, U's rows in its value column order (zero run-time cost).
@@ -561,7 +775,7 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
     d = k_codec.dim
     eye = torch.eye(d, device=device, dtype=torch.float32)
     with torch.no_grad():
-        pk = torch.tensor(_plane_perm(k_codec, planes), device=device)
+        pk = torch.tensor(_plane_perm(k_codec, planes, key=True), device=device)
         pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
         # [d, d'] for a shared key scale, [Hkv, d, d'] for per-head scales (matmul broadcasts over heads).
         a = k_codec.rotate_query(eye)[..., pk]
@@ -575,7 +789,9 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
                 t[s, : 1 << b_s] = getattr(c, f"levels{s}")
             return t.to(dot_dtype).contiguous()
 
-        out = (a.contiguous(), u, table(k_codec), table(v_codec))
+        lk, fk = _register_tables(k_codec, planes, key=True)
+        lv, fv = _register_tables(v_codec, planes)
+        out = (a.contiguous(), u, table(k_codec), table(v_codec), lk.to(device), lv.to(device), fk and fv)
     if len(_MAT_CACHE) > 64:
         _MAT_CACHE.clear()
     _MAT_CACHE[key] = (k_codec, v_codec, out)
@@ -640,16 +856,25 @@ def attend_packed_triton(
     dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
     cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
     use_planes = bool(cfg.get("planes", True))
-    A, U, lvk, lvv = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
-
-    # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
-    qg = q.reshape(B, Hkv, G, Lq, d).transpose(2, 3).reshape(B, Hkv, M, d)
-    qk = (torch.matmul(qg.float(), A) * (scale * _LOG2E)).to(dot_dtype)
+    A, U, lvk, lvv, lutk, lutv, lut_ok = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
+    # Register-table lookup: compiled fp16 path only (the interpreter runs no PTX; fp32 queries use fp32 tables).
+    fast = bool(cfg.get("fast", True)) and lut_ok and dot_dtype == torch.float16 and dev.type == "cuda"
 
     if splits is not None:
         cfg["SPLITS"] = int(splits)
     SPL, BM, BN = cfg["SPLITS"], cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles = triton.cdiv(M, BM)
+
+    # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    DA = A.shape[-1]
+    qk = torch.empty(B, Hkv, M, DA, device=dev, dtype=dot_dtype)
+    _query_map_kernel[(B * Hkv, m_tiles)](
+        q, q.stride(0), q.stride(1), q.stride(2), A, A.stride(0) if A.dim() == 3 else 0,
+        qk, qk.stride(0), qk.stride(1), qk.stride(2), M, float(scale * _LOG2E),
+        HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=min(DA, 64 if d <= 128 else 32), num_warps=4,
+    )
 
     kc, kn = k_packed["codes"], k_packed["norms"]
     vc, vn = v_packed["codes"], v_packed["norms"]
@@ -678,26 +903,28 @@ def attend_packed_triton(
         kg, kg.stride(0), kg.stride(1), kg.stride(2),
         vc, vc.stride(0), vc.stride(1), vc.stride(2),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lvk, lvv,
+        lvk, lvv, lutk, lutv,
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
         HKV=Hkv, G=G, D=d,
         KD0=KD0, KB0=KB0, KD1=KD1, KB1=KB1, VD0=VD0, VB0=VB0, VD1=VD1, VB1=VB1,
-        KP0=_planes(KD0, KB0, use_planes), KP1=_planes(KD1, KB1, use_planes) if KD1 else 1,
+        KP0=_planes(KD0, KB0, use_planes, True), KP1=_planes(KD1, KB1, use_planes, True) if KD1 else 1,
         VP0=_planes(VD0, VB0, use_planes), VP1=_planes(VD1, VB1, use_planes) if VD1 else 1,
+        KN_SHARED=kn.shape[-1] == 1, VN_SHARED=vn.shape[-1] == 1,
         K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
         CAUSAL=qp is not None, HAS_WINDOW=window is not None,
-        SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32,
+        SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32, FAST=fast,
         num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
     )
-    _record_compile(ck, cfg, f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
+    _record_compile(ck, cfg, f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"), fast)
     out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
     lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
-    _attn_merge_kernel[(B * Hkv, m_tiles)](
+    _attn_merge_kernel[(B * Hkv, M)](
         pacc, pm, pl, U,
         out, out.stride(0), out.stride(1), out.stride(2),
         lse, lse.stride(0), lse.stride(1),
-        M, HKV=Hkv, G=G, D=d, SPLITS=SPL, BLOCK_M=BM, DC=min(d, 64), num_warps=4,
+        M, HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=triton.next_power_of_2(SPL),
+        SCH=max(1, min(triton.next_power_of_2(SPL), 4096 // d)), DC=min(d, 32), num_warps=4,
     )
     return out, lse

@@ -1,0 +1,110 @@
+"""The register-table centroid lookups of the attention kernel (``_ASM_LUT2/3/4``), run through a small PTX
+emulator on the CPU: the exact asm text the GPU compiles, with the register tables ``_register_tables`` builds,
+must decode every code to the codec's fp16 centroid. (The kernel path itself is compared with the torch
+reference on a CUDA GPU by test_kernels.py; the interpreter cannot run PTX.)"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from tqcache.codec import TurboQuantizer
+from tqcache.kernels.attention import _ASM_LUT2, _ASM_LUT3, _ASM_LUT4, _register_tables
+
+_M = 0xFFFFFFFF
+
+
+def _prmt(a: int, b: int, c: int) -> int:
+    """PTX prmt.b32 default mode: byte i of the result is byte (c's nibble i & 7) of {b, a}; nibble bit 3 = sign fill."""
+    src, out = (a & _M) | (b & _M) << 32, 0
+    for i in range(4):
+        sel = (c >> 4 * i) & 0xF
+        byte = (src >> 8 * (sel & 7)) & 0xFF
+        if sel & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << 8 * i
+    return out
+
+
+_OPS = {
+    "shr": lambda a, b: a >> b, "shl": lambda a, b: (a << b) & _M, "and": lambda a, b: a & b,
+    "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "mul": lambda a, b: (a * b) & _M,
+    "mad": lambda a, b, c: (a * b + c) & _M, "prmt": _prmt, "mov": lambda a: a,
+}
+
+
+def _run(asm, regs: dict) -> dict:
+    env = dict(regs)
+    for stmt in asm.value.replace("{", "").replace("}", "").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        dst, *srcs = [t.strip() for t in rest.split(",")]
+        vals = [env[t] if re.match(r"^(\$\d+|[a-z]\w*)$", t) else int(t, 0) & _M for t in srcs]
+        env[dst] = _OPS[op.split(".")[0]](*vals)
+    return env
+
+
+def _bits16(levels: torch.Tensor) -> list[int]:
+    return [x & 0xFFFF for x in levels.half().view(torch.int16).tolist()]
+
+
+def _halves(env: dict, *regs: str) -> list[int]:
+    """The fp16 bit patterns held by ``regs`` in element order (low half first)."""
+    return [(env[r] >> 16 * i) & 0xFFFF for r in regs for i in (0, 1)]
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_lut4_decodes_every_byte(d):
+    c = TurboQuantizer(d, 4)
+    words, ok = _register_tables(c)
+    assert ok
+    w = [x & _M for x in words[0].tolist()]
+    lv = _bits16(c.levels0)
+    gen = torch.Generator().manual_seed(d)
+    for start in range(0, 256, 4):
+        b = [start, start + 1, start + 2, start + 3]  # every byte value, in every lane over the sweep
+        b = [b[i] for i in torch.randperm(4, generator=gen).tolist()]
+        regs = {"$4": sum(x << 8 * i for i, x in enumerate(b))}
+        regs.update({f"${5 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
+        env = _run(_ASM_LUT4, regs)
+        for p, regs in enumerate((("$0", "$1"), ("$2", "$3"))):  # plane p = nibble p of each byte
+            assert _halves(env, *regs) == [lv[(x >> 4 * p) & 15] for x in b]
+
+
+def test_lut4_refuses_asymmetric_tables():
+    c = TurboQuantizer(128, 4)
+    c.levels0[3] += 1e-2  # no longer c[15 - n] = -c[n]
+    assert not _register_tables(c)[1]
+
+
+def test_lut2_decodes_every_byte():
+    c = TurboQuantizer(128, 2)
+    w = [x & _M for x in _register_tables(c)[0][0].tolist()]
+    lv = _bits16(c.levels0)
+    for start in range(0, 256, 4):
+        b = [start, start + 1, start + 2, start + 3]
+        regs = {"$8": sum(x << 8 * i for i, x in enumerate(b))}
+        regs.update({f"${9 + 4 * k + j}": w[k] for k in range(2) for j in range(4)})
+        env = _run(_ASM_LUT2, regs)
+        for p in range(4):
+            assert _halves(env, f"${2 * p}", f"${2 * p + 1}") == [lv[(x >> 2 * p) & 3] for x in b]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_lut3_decodes_every_half_word(d):
+    c = TurboQuantizer(d, 3)
+    w = [x & _M for x in _register_tables(c)[0][0].tolist()]
+    lv = _bits16(c.levels0)
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randint(0, 1 << 24, (4, 4096), generator=gen).tolist()
+    for v in range(4096):  # every 12-bit half in lane 0, random ones (with bits above 12 set) in lanes 1-3
+        xs = [v | (noise[0][v] & 0xFFF000)] + [noise[k][v] for k in (1, 2, 3)]
+        regs = {f"${8 + k}": xs[k] for k in range(4)}
+        regs.update({f"${12 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
+        env = _run(_ASM_LUT3, regs)
+        for j in range(4):
+            assert _halves(env, f"${2 * j}", f"${2 * j + 1}") == [lv[(x >> 3 * j) & 7] for x in xs]
