@@ -306,7 +306,8 @@ class TurboQuantizer(torch.nn.Module):
         codes, cs = [], []
         for s, (ys, (_, b_s)) in enumerate(zip(y.split([d_s for d_s, _ in self.segments], -1), self.segments)):
             _, levels, bounds = self._seg(s)
-            idx = torch.bucketize(ys.contiguous(), bounds)  # right=False counts bounds strictly below y: ties go to the lower level
+            # bucketize(right=False) counts boundaries strictly below y: ties go to the lower level.
+            idx = torch.bucketize(ys.contiguous(), bounds)
             codes.append(pack_bits(idx, b_s))
             cs.append(levels[idx])
         scales, rot_parts = [], []
@@ -344,11 +345,12 @@ class TurboQuantizer(torch.nn.Module):
         codes, norms = packed["codes"], packed["norms"].float()
         parts, byte = [], 0
         for s, (d_s, b_s) in enumerate(self.segments):
+            _, levels, _ = self._seg(s)
             w = packed_width(d_s, b_s)
             idx = unpack_bits(codes[..., byte : byte + w], b_s, d_s)
             byte += w
             blk = self._block_of(s)
-            parts.append(norms[..., blk : blk + 1] * self._seg(s)[1][idx])
+            parts.append(norms[..., blk : blk + 1] * levels[idx])
         return torch.cat(parts, -1)
 
     def _rotate_blocks(self, xw: torch.Tensor, transpose: bool) -> torch.Tensor:
