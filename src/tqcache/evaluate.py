@@ -68,7 +68,7 @@ __all__ = [
 DEFAULT_SCHEMES = ("none", "turbo4", "turbo3.5", "turbo3", "turbo2.5", "k4v3")
 #: ``--schemes all``: our presets, the affine baseline and the peers.
 FULL_SCHEMES = (
-    "none", "turbo4", "turbo3.5", "turbo3", "turbo2.5", "k4v3", "k8v4", "affine4", "affine2",
+    "none", "turbo4", "turbo3.5", "turbo3", "turbo2.5", "k4v3", "k3.25v3", "k2.25v2", "k8v4", "affine4", "affine2",
     "quanto4", "quanto2", "hqq4", "hqq2", "quanto4-a-1", "hqq4-a1", "quanto4-r0", "hqq4-r0",
 )  # fmt: skip
 DEFAULT_MODELS = ("smollm2",)
