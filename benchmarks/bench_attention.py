@@ -240,7 +240,7 @@ def sweep_tiles(dev, schemes, Bs, N, smuls=(1, 2, 4), join_baseline=False):
             nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
             sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16), random_packed(kc, B, HKV, N, dev),
                      random_packed(vc, B, HKV, N, dev)) for _ in range(n_sets(nbytes))]
-            key = (D, A._bits_key(kc), A._bits_key(vc), B * HKV >= 32)
+            key = (D, A._seg_key(kc), A._seg_key(vc), B * HKV >= 32)
             saved = A._DECODE_TUNED.pop(key, None)
             cands = [("v1-join", 128, 4, 1, False)] if join_baseline else []
             cands += [("planes", bn, nw, sm, True) for bn in (32, 64, 128) for nw in (2, 4) for sm in smuls
@@ -421,7 +421,7 @@ def main():
             for sch, v in best.items():
                 kc, vc = codecs_for(sch, dev)
                 for large in (False, True):
-                    A._DECODE_TUNED[(D, A._bits_key(kc), A._bits_key(vc), large)] = tuple(v)
+                    A._DECODE_TUNED[(D, A._seg_key(kc), A._seg_key(vc), large)] = tuple(v)
             print("applied:", A._DECODE_TUNED, flush=True)
     if a.ab:
         res["ab_planes"] = ab_planes(dev, ["turbo4", "k4v3"], [int(x) for x in a.B.split(",")])

@@ -156,6 +156,8 @@ ATT_CASES = [
     (128, 4.5, 4, True, torch.float32, 37, 1),
     (64, 3, 2, False, torch.float16, 130, 1),  # narrow key planes take the natural path, value planes 16 wide
     (128, 3.5, 2.5, False, torch.bfloat16, 130, 1),
+    (64, 3.25, 3, False, torch.float32, 70, 1),  # quarter-bit keys: 48 channels read as 32 + 16
+    (128, 2.25, 3.25, False, torch.bfloat16, 70, 2),  # 96 = 64 + 32 on both sides, three kernel segments
 ]
 
 
@@ -241,6 +243,23 @@ def test_plane_permutation_matches_the_bit_stream(bits):
     assert _plane_perm(TurboQuantizer(d, bits, seed=1), enabled=False) == list(range(d))
     assert _planes(32, 2) == 1 and _planes(32, 3) == 1 and _planes(128, 8) == 1  # natural-order paths
     assert _planes(64, 2) == 4 and _planes(64, 2, key=True) == 1  # keys need 32-channel planes
+
+
+def test_kernel_segments_split_widths_that_are_two_powers_of_two():
+    from tqcache.kernels.attention import _kernel_segments, unsupported_reason
+
+    # d = 128 at 3.25 bits: 32 channels at 4 bits, 96 at 3 -> 32 | 64 + 32; bytes 16 and 24 + 12; norms 0 | 1, 1.
+    segs = _kernel_segments(TurboQuantizer(128, 3.25), key=True)
+    assert [(w, b, off, row, col, ch) for w, b, _, off, row, col, ch in segs] == [
+        (32, 4, 0, 0, 0, 0), (64, 3, 16, 1, 1, 32), (32, 3, 40, 1, 1, 96)]
+    assert [P for _, _, P, *_ in segs] == [1, 1, 1]  # keys need 32-channel planes
+    assert [P for _, _, P, *_ in _kernel_segments(TurboQuantizer(128, 3.25))] == [2, 4, 1]  # values 16
+    rot = _kernel_segments(TurboQuantizer(128, 3.25, split="rotated"))
+    assert [col for *_, col, _ in rot] == [0, 0, 0]  # one shared norm
+    odd = TurboQuantizer(128, 3.125)  # 16 at 4 bits + 112 at 3: 112 = 64 + 48 does not fit
+    assert _kernel_segments(odd) is None
+    q = torch.randn(1, 2, 1, 128)
+    assert "112" in unsupported_reason(q, odd, odd)
 
 
 @pytest.mark.parametrize("d,kb,vb", [(128, 4, 2), (128, 2, 4), (128, 3.5, 2.5), (64, 2.5, 4), (128, 3, 3), (64, 4, 3)])

@@ -37,6 +37,10 @@ except Exception as e:  # pragma: no cover - depends on the environment
 
 __all__ = ["available", "attend", "encode", "info"]
 
+# Codecs with one norm shared by two segments (split="rotated") are understood here: the attention kernel reads
+# them (norm column per kernel segment), the encode kernel declines them in its unsupported reason (torch codec).
+SHARED_NORM = True
+
 _LOCK = threading.Lock()
 _PROBES: dict[tuple, dict] = {}
 _CONFIGS: dict[str, dict] = {}
@@ -75,7 +79,8 @@ def _why_unavailable(device) -> str:
 
 def _codec_sig(c) -> tuple:
     return (type(c).__name__, getattr(c, "dim", None), tuple(getattr(c, "segments", ())), bool(getattr(c, "qjl", False)),
-            getattr(c, "rotation_kind", None), bool(getattr(c, "norm_correction", True)))
+            getattr(c, "rotation_kind", None), bool(getattr(c, "norm_correction", True)),
+            bool(getattr(c, "shared_norm", False)))  # the norm layout changes what the kernel reads
 
 
 def _fallback(reason: str) -> None:

@@ -293,13 +293,17 @@ def _v_planes(row_ptr, nmask, lv_ptr, lut_ptr, pv, alpha, a0, a1, a2, a3, BITS: 
 
 
 @triton.jit
-def _load_q_planes(q_base, mvalid, OFF: tl.constexpr, P: tl.constexpr, W: tl.constexpr):
-    """Query columns of one segment in plane layout: plane p = columns ``OFF + p·W + [0, W)``."""
+def _load_q_seg(q_base, mvalid, OFF: tl.constexpr, P: tl.constexpr, DS: tl.constexpr):
+    """Query columns of one kernel segment: ``[BLOCK_M, DS]`` (P = 1), else plane p = columns ``OFF + p·W + [0, W)``
+    with ``W = DS/P`` (planes past P alias plane 0)."""
+    W: tl.constexpr = DS // P
     offs = tl.arange(0, W)[None, :]
     q0 = tl.load(q_base + OFF + offs, mask=mvalid[:, None], other=0.0)
-    q1 = tl.load(q_base + OFF + W + offs, mask=mvalid[:, None], other=0.0)
+    q1 = q0
     q2 = q0
     q3 = q0
+    if P > 1:
+        q1 = tl.load(q_base + OFF + W + offs, mask=mvalid[:, None], other=0.0)
     if P == 4:
         q2 = tl.load(q_base + OFF + 2 * W + offs, mask=mvalid[:, None], other=0.0)
         q3 = tl.load(q_base + OFF + 3 * W + offs, mask=mvalid[:, None], other=0.0)
@@ -307,10 +311,37 @@ def _load_q_planes(q_base, mvalid, OFF: tl.constexpr, P: tl.constexpr, W: tl.con
 
 
 @triton.jit
-def _store_planes(pa, mvalid, a0, a1, a2, a3, OFF: tl.constexpr, P: tl.constexpr, W: tl.constexpr):
+def _k_seg(row_ptr, nrm, nmask, lv_ptr, lut_ptr, q0, q1, q2, q3, BITS: tl.constexpr, P: tl.constexpr,
+           DS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+    """Scores ``[BLOCK_M, BLOCK_N]`` of one kernel segment: ``n_j · ⟨q̃_seg, c[idx_j]⟩``."""
+    if P > 1:
+        s = _k_planes(row_ptr, nmask, lv_ptr, lut_ptr, q0, q1, q2, q3, BITS, P, DS, PREC, FAST)
+    else:
+        s = tl.dot(q0, tl.trans(_seg_values(row_ptr, nmask, lv_ptr, BITS, DS, BLOCK_N)), input_precision=PREC)
+    return s * nrm[None, :]
+
+
+@triton.jit
+def _v_seg(row_ptr, nrm, nmask, lv_ptr, lut_ptr, p, alpha, a0, a1, a2, a3, BITS: tl.constexpr, P: tl.constexpr,
+           DS: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, FAST: tl.constexpr):
+    """Accumulators of one kernel segment ← ·α + (p·n) @ c[idx] (the scale rides on p; centroids stay raw)."""
+    pv = (p * nrm[None, :]).to(lv_ptr.dtype.element_ty)
+    if P > 1:
+        a0, a1, a2, a3 = _v_planes(row_ptr, nmask, lv_ptr, lut_ptr, pv, alpha, a0, a1, a2, a3, BITS, P, DS, PREC,
+                                   FAST)
+    else:
+        cv = _seg_values(row_ptr, nmask, lv_ptr, BITS, DS, BLOCK_N)
+        a0 = a0 * alpha[:, None] + tl.dot(pv, cv, input_precision=PREC)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _store_seg(pa, mvalid, a0, a1, a2, a3, OFF: tl.constexpr, P: tl.constexpr, DS: tl.constexpr):
+    W: tl.constexpr = DS // P
     offs = tl.arange(0, W)[None, :]
     tl.store(pa + OFF + offs, a0, mask=mvalid[:, None])
-    tl.store(pa + OFF + W + offs, a1, mask=mvalid[:, None])
+    if P > 1:
+        tl.store(pa + OFF + W + offs, a1, mask=mvalid[:, None])
     if P == 4:
         tl.store(pa + OFF + 2 * W + offs, a2, mask=mvalid[:, None])
         tl.store(pa + OFF + 3 * W + offs, a3, mask=mvalid[:, None])
@@ -326,16 +357,20 @@ def _attn_fwd_kernel(
     KG, stride_kgb, stride_kgh, stride_kgt,  # [B, Hkv, T, 1] fp16 QJL residual norms (K_QJL only)
     VC, stride_vcb, stride_vch, stride_vct,  # [B, Hkv, T, wV] uint8 value codes
     VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, S_V] fp16 value scales
-    LVK, LVV,  # [2, 256] centroid tables (dot dtype), row s = segment s
-    LUTK, LUTV,  # [2, 4] int32 register tables of the plane segments (FAST only; see _ASM_LUT4/_ASM_LUT2)
+    LVK, LVV,  # [2, 256] centroid tables (dot dtype), row s = codec segment s
+    LUTK, LUTV,  # [2, 4] int32 register tables per codec segment (FAST only; see _ASM_LUT4/3/2)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies when the flags are off)
     PACC, PM, PL,  # partials: [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2
     T, M, Lq, window, qjl_c,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    KD0: tl.constexpr, KB0: tl.constexpr, KD1: tl.constexpr, KB1: tl.constexpr,
-    VD0: tl.constexpr, VB0: tl.constexpr, VD1: tl.constexpr, VB1: tl.constexpr,
-    KP0: tl.constexpr, KP1: tl.constexpr, VP0: tl.constexpr, VP1: tl.constexpr,
-    KN_SHARED: tl.constexpr, VN_SHARED: tl.constexpr,  # one norm for both segments (split="rotated")
+    # Up to three kernel segments per side (_kernel_segments): channels, bits, planes, byte offset in the
+    # code row, table row (codec segment), norm column. A codec segment of 48/96/192 channels is read as two.
+    KD0: tl.constexpr, KB0: tl.constexpr, KP0: tl.constexpr, KO0: tl.constexpr, KT0: tl.constexpr, KN0: tl.constexpr,
+    KD1: tl.constexpr, KB1: tl.constexpr, KP1: tl.constexpr, KO1: tl.constexpr, KT1: tl.constexpr, KN1: tl.constexpr,
+    KD2: tl.constexpr, KB2: tl.constexpr, KP2: tl.constexpr, KO2: tl.constexpr, KT2: tl.constexpr, KN2: tl.constexpr,
+    VD0: tl.constexpr, VB0: tl.constexpr, VP0: tl.constexpr, VO0: tl.constexpr, VT0: tl.constexpr, VN0: tl.constexpr,
+    VD1: tl.constexpr, VB1: tl.constexpr, VP1: tl.constexpr, VO1: tl.constexpr, VT1: tl.constexpr, VN1: tl.constexpr,
+    VD2: tl.constexpr, VB2: tl.constexpr, VP2: tl.constexpr, VO2: tl.constexpr, VT2: tl.constexpr, VN2: tl.constexpr,
     K_QJL: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -373,47 +408,39 @@ def _attn_fwd_kernel(
     s_lo = lo + split * per
     s_hi = tl.minimum(s_lo + per, hi)
 
-    # ---- queries, rotated and pre-scaled by scale·log2(e) in torch: [BLOCK_M, D_s] per segment.
+    # ---- queries, rotated and pre-scaled by scale·log2(e): per kernel segment a [BLOCK_M, D_s] tile, or its
+    # planes (columns permuted in A, see _plane_perm).
     q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
-    # Segments with KP > 1 bit-planes are in plane layout (columns permuted in A, see _plane_perm).
-    if KP0 > 1:
-        qa0, qa1, qa2, qa3 = _load_q_planes(q_base, mvalid, 0, KP0, KD0 // KP0)
-    else:
-        q0 = tl.load(q_base + tl.arange(0, KD0)[None, :], mask=mvalid[:, None], other=0.0)
+    qa0, qa1, qa2, qa3 = _load_q_seg(q_base, mvalid, 0, KP0, KD0)
     if KD1 > 0:
-        if KP1 > 1:
-            qb0, qb1, qb2, qb3 = _load_q_planes(q_base, mvalid, KD0, KP1, KD1 // KP1)
-        else:
-            q1 = tl.load(q_base + KD0 + tl.arange(0, KD1)[None, :], mask=mvalid[:, None], other=0.0)
+        qb0, qb1, qb2, qb3 = _load_q_seg(q_base, mvalid, KD0, KP1, KD1)
+    if KD2 > 0:
+        qc0, qc1, qc2, qc3 = _load_q_seg(q_base, mvalid, KD0 + KD1, KP2, KD2)
     if K_QJL:
         qs = tl.load(q_base + D + tl.arange(0, D)[None, :], mask=mvalid[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    VW0P: tl.constexpr = VD0 // VP0
-    VW1P: tl.constexpr = VD1 // VP1
-    if VP0 > 1:
-        aa0 = tl.zeros([BLOCK_M, VW0P], tl.float32)
-        aa1 = tl.zeros([BLOCK_M, VW0P], tl.float32)
-        aa2 = tl.zeros([BLOCK_M, VW0P], tl.float32)  # untouched (and dropped) when VP0 == 2
-        aa3 = tl.zeros([BLOCK_M, VW0P], tl.float32)
-    else:
-        acc0 = tl.zeros([BLOCK_M, VD0], tl.float32)
+    # Value accumulators per kernel segment and plane (planes past P stay untouched and are dropped).
+    aa0 = tl.zeros([BLOCK_M, VD0 // VP0], tl.float32)
+    aa1 = aa0
+    aa2 = aa0
+    aa3 = aa0
     if VD1 > 0:
-        if VP1 > 1:
-            ab0 = tl.zeros([BLOCK_M, VW1P], tl.float32)
-            ab1 = tl.zeros([BLOCK_M, VW1P], tl.float32)
-            ab2 = tl.zeros([BLOCK_M, VW1P], tl.float32)
-            ab3 = tl.zeros([BLOCK_M, VW1P], tl.float32)
-        else:
-            acc1 = tl.zeros([BLOCK_M, VD1], tl.float32)
+        ab0 = tl.zeros([BLOCK_M, VD1 // VP1], tl.float32)
+        ab1 = ab0
+        ab2 = ab0
+        ab3 = ab0
+    if VD2 > 0:
+        ac0 = tl.zeros([BLOCK_M, VD2 // VP2], tl.float32)
+        ac1 = ac0
+        ac2 = ac0
+        ac3 = ac0
 
     kc_base = KC + b * stride_kcb + h * stride_kch
     kn_base = KN + b * stride_knb + h * stride_knh
     vc_base = VC + b * stride_vcb + h * stride_vch
     vn_base = VN + b * stride_vnb + h * stride_vnh
-    KW0: tl.constexpr = KD0 * KB0 // 8
-    VW0: tl.constexpr = VD0 * VB0 // 8
 
     for start in range(s_lo, s_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -421,20 +448,17 @@ def _attn_fwd_kernel(
         # ---- scores s[m, j] (base 2): per segment a [BLOCK_M, D_s] x [D_s, BLOCK_N] product of centroids.
         kc_row = kc_base + offs_n * stride_kct
         kn_row = kn_base + offs_n * stride_knt
-        kn0 = tl.load(kn_row, mask=nmask, other=0.0).to(tl.float32)
-        if KP0 > 1:
-            s = _k_planes(kc_row, nmask, LVK, LUTK, qa0, qa1, qa2, qa3, KB0, KP0, KD0, PREC, FAST) * kn0[None, :]
-        else:
-            ck = _seg_values(kc_row, nmask, LVK, KB0, KD0, BLOCK_N)
-            s = tl.dot(q0, tl.trans(ck), input_precision=PREC) * kn0[None, :]
+        kn = tl.load(kn_row + KN0, mask=nmask, other=0.0).to(tl.float32)
+        s = _k_seg(kc_row + KO0, kn, nmask, LVK + 256 * KT0, LUTK + 4 * KT0, qa0, qa1, qa2, qa3, KB0, KP0, KD0,
+                   BLOCK_N, PREC, FAST)
         if KD1 > 0:
-            kn1 = kn0 if KN_SHARED else tl.load(kn_row + 1, mask=nmask, other=0.0).to(tl.float32)
-            if KP1 > 1:
-                s += _k_planes(kc_row + KW0, nmask, LVK + 256, LUTK + 4, qb0, qb1, qb2, qb3, KB1, KP1, KD1,
-                               PREC, FAST) * kn1[None, :]
-            else:
-                ck1 = _seg_values(kc_row + KW0, nmask, LVK + 256, KB1, KD1, BLOCK_N)
-                s += tl.dot(q1, tl.trans(ck1), input_precision=PREC) * kn1[None, :]
+            kn = tl.load(kn_row + KN1, mask=nmask, other=0.0).to(tl.float32)
+            s += _k_seg(kc_row + KO1, kn, nmask, LVK + 256 * KT1, LUTK + 4 * KT1, qb0, qb1, qb2, qb3, KB1, KP1,
+                        KD1, BLOCK_N, PREC, FAST)
+        if KD2 > 0:
+            kn = tl.load(kn_row + KN2, mask=nmask, other=0.0).to(tl.float32)
+            s += _k_seg(kc_row + KO2, kn, nmask, LVK + 256 * KT2, LUTK + 4 * KT2, qc0, qc1, qc2, qc3, KB2, KP2,
+                        KD2, BLOCK_N, PREC, FAST)
         if K_QJL:
             ks_row = KS + b * stride_ksb + h * stride_ksh + offs_n * stride_kst
             sg = _unpack_codes(ks_row, nmask, 1, D, BLOCK_N)
@@ -458,39 +482,31 @@ def _attn_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
 
-        # ---- values: acc_s += (p · n^V_s) @ c^V_s[idx]; the scale rides on p so the centroids stay raw.
+        # ---- values: acc_s += (p · n^V_s) @ c^V_s[idx], per kernel segment.
         vc_row = vc_base + offs_n * stride_vct
         vn_row = vn_base + offs_n * stride_vnt
-        vn0 = tl.load(vn_row, mask=nmask, other=0.0).to(tl.float32)
-        if VP0 > 1:
-            aa0, aa1, aa2, aa3 = _v_planes(vc_row, nmask, LVV, LUTV, (p * vn0[None, :]).to(DT), alpha,
-                                           aa0, aa1, aa2, aa3, VB0, VP0, VD0, PREC, FAST)
-        else:
-            cv = _seg_values(vc_row, nmask, LVV, VB0, VD0, BLOCK_N)
-            acc0 = acc0 * alpha[:, None] + tl.dot((p * vn0[None, :]).to(DT), cv, input_precision=PREC)
+        vn = tl.load(vn_row + VN0, mask=nmask, other=0.0).to(tl.float32)
+        aa0, aa1, aa2, aa3 = _v_seg(vc_row + VO0, vn, nmask, LVV + 256 * VT0, LUTV + 4 * VT0, p, alpha,
+                                    aa0, aa1, aa2, aa3, VB0, VP0, VD0, BLOCK_N, PREC, FAST)
         if VD1 > 0:
-            vn1 = vn0 if VN_SHARED else tl.load(vn_row + 1, mask=nmask, other=0.0).to(tl.float32)
-            if VP1 > 1:
-                ab0, ab1, ab2, ab3 = _v_planes(vc_row + VW0, nmask, LVV + 256, LUTV + 4, (p * vn1[None, :]).to(DT),
-                                               alpha, ab0, ab1, ab2, ab3, VB1, VP1, VD1, PREC, FAST)
-            else:
-                cv1 = _seg_values(vc_row + VW0, nmask, LVV + 256, VB1, VD1, BLOCK_N)
-                acc1 = acc1 * alpha[:, None] + tl.dot((p * vn1[None, :]).to(DT), cv1, input_precision=PREC)
+            vn = tl.load(vn_row + VN1, mask=nmask, other=0.0).to(tl.float32)
+            ab0, ab1, ab2, ab3 = _v_seg(vc_row + VO1, vn, nmask, LVV + 256 * VT1, LUTV + 4 * VT1, p, alpha,
+                                        ab0, ab1, ab2, ab3, VB1, VP1, VD1, BLOCK_N, PREC, FAST)
+        if VD2 > 0:
+            vn = tl.load(vn_row + VN2, mask=nmask, other=0.0).to(tl.float32)
+            ac0, ac1, ac2, ac3 = _v_seg(vc_row + VO2, vn, nmask, LVV + 256 * VT2, LUTV + 4 * VT2, p, alpha,
+                                        ac0, ac1, ac2, ac3, VB2, VP2, VD2, BLOCK_N, PREC, FAST)
 
     # ---- partials of this split (rows past M are not stored).
     prow = (pid_bh * SPLITS + split) * M + offs_m
     tl.store(PM + prow, m_i, mask=mvalid)
     tl.store(PL + prow, l_i, mask=mvalid)
     pa = PACC + prow[:, None] * D
-    if VP0 > 1:
-        _store_planes(pa, mvalid, aa0, aa1, aa2, aa3, 0, VP0, VW0P)
-    else:
-        tl.store(pa + tl.arange(0, VD0)[None, :], acc0, mask=mvalid[:, None])
+    _store_seg(pa, mvalid, aa0, aa1, aa2, aa3, 0, VP0, VD0)
     if VD1 > 0:
-        if VP1 > 1:
-            _store_planes(pa, mvalid, ab0, ab1, ab2, ab3, VD0, VP1, VW1P)
-        else:
-            tl.store(pa + VD0 + tl.arange(0, VD1)[None, :], acc1, mask=mvalid[:, None])
+        _store_seg(pa, mvalid, ab0, ab1, ab2, ab3, VD0, VP1, VD1)
+    if VD2 > 0:
+        _store_seg(pa, mvalid, ac0, ac1, ac2, ac3, VD0 + VD1, VP2, VD2)
 
 
 @triton.jit
@@ -592,6 +608,9 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
             return f"{name} codec is {type(c).__name__}, the kernel reads TurboQuant only"
         if len(c.segments) > 2:
             return f"{name} codec has {len(c.segments)} segments"
+        if _kernel_segments(c) is None:
+            return (f"{name} segments {c.segments}: each must be a power of two >= 16 channels, or one power of two "
+                    f"plus another (e.g. 48 = 32 + 16), three at most in all")
         if c.channel_scale.dim() != 1 and (name == "value" or c.channel_scale.shape[0] != k_packed_heads(k_packed, q)):
             # Per-head key scales fold into a per-head query map A [Hkv, d, d']; the value side folds one
             # shared unrotation U into the merge kernel, so per-head value scales stay on the torch path.
@@ -599,8 +618,6 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
         for d_s, b_s in c.segments:
             if b_s not in _BITS_OK:
                 return f"{name} segment of {b_s} bits (kernel unpacks {_BITS_OK})"
-            if not _pow2(d_s) or d_s < 16:
-                return f"{name} segment of {d_s} channels (needs a power of two >= 16)"
     if v_codec.qjl:
         return "QJL on values: the torch reference handles it (the kernel supports QJL on keys only)"
     d = q.shape[-1]
@@ -637,23 +654,28 @@ def _dummy(device) -> torch.Tensor:
     return t
 
 
-# Decode (BLOCK_M = 16) tiles per (d, key bits, value bits, many programs = B·Hkv ≥ 32), from the v4 sweep on
-# H100 at 128K (docs/kernel-notes.md): value (BLOCK_N, num_warps, split multiplier on the 4/SM or 8/SM target).
-# BLOCK_N 64 × 2 warps with 4× the splits won for every scheme at B = 1 and B = 8 (more resident programs hide
-# the latency of each program's short dependent chains; the split count is capped at 128).
-# Comments: sweep µs (graph, 128K, B = 1 / B = 8); final runs in docs/performance.md.
+# Decode (BLOCK_M = 16) tiles per (d, key segments, value segments, many programs = B·Hkv ≥ 32), from the v4
+# sweeps on H100 at 128K (docs/kernel-notes.md): value (BLOCK_N, num_warps, split multiplier on the 4/SM or
+# 8/SM target). BLOCK_N 64 × 2 warps with 4× the splits won for the whole-bit schemes at B = 1 and B = 8 (more
+# resident programs hide the latency of each program's short dependent chains; splits are capped at 128).
+# Comments: sweep µs (graph, 128K, B = 1 / B = 8); final runs in docs/performance.md. Schemes not listed take
+# the same tile as the default (the v4 segments sweep picked it for turbo3.5, k3.25v3 and k2.25v2 too).
 _DECODE_TUNED: dict = {
-    (128, (4,), (4,), False): (64, 2, 4),  # turbo4  144.7 (smul 1) -> 140–145
-    (128, (4,), (4,), True): (64, 2, 4),  # turbo4  828 vs 852 (smul 2), 938 (128 × 4 warps, smul 1)
-    (128, (3,), (3,), False): (64, 2, 4),  # turbo3  276
-    (128, (3,), (3,), True): (64, 2, 4),  # turbo3  1984 vs 2053 (smul 2)
-    (128, (4,), (3,), False): (64, 2, 4),  # k4v3    216
-    (128, (4,), (3,), True): (64, 2, 4),  # k4v3    1507 vs 1561 (smul 2)
+    (128, ((128, 4),), ((128, 4),), False): (64, 2, 4),  # turbo4  144.7 (smul 1) -> 140–145
+    (128, ((128, 4),), ((128, 4),), True): (64, 2, 4),  # turbo4  828 vs 852 (smul 2), 938 (128 × 4 warps)
+    (128, ((128, 3),), ((128, 3),), False): (64, 2, 4),  # turbo3  276
+    (128, ((128, 3),), ((128, 3),), True): (64, 2, 4),  # turbo3  1984 vs 2053 (smul 2)
+    (128, ((128, 4),), ((128, 3),), False): (64, 2, 4),  # k4v3    216
+    (128, ((128, 4),), ((128, 3),), True): (64, 2, 4),  # k4v3    1507 vs 1561 (smul 2)
 }
 
 
 def _bits_key(c) -> tuple:
     return tuple(b for _, b in c.segments) if c is not None else ()
+
+
+def _seg_key(c) -> tuple:
+    return tuple(tuple(s) for s in c.segments) if c is not None else ()
 
 
 def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device, *, k_codec=None,
@@ -662,23 +684,26 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
 
     Splits: enough programs for 4–8 per SM (many loads in flight), but each split keeps ≥ 4 blocks of tokens
     so the per-split overhead (query load, partial write, merge read) stays small against what it streams.
-    With ``k_codec``/``v_codec`` a decode shape takes its measured tile from ``_DECODE_TUNED`` when listed.
-    (A config passed to :func:`attend_packed_triton` may also carry ``planes=False``: natural-order layout,
-    for A/B comparisons.)
+    Decode shapes take their measured tile from ``_DECODE_TUNED`` when listed, else the v4 default: BLOCK_N 64,
+    2 warps, 4× splits at d ≤ 128 — the sweep's pick for every scheme measured, multi-segment ones included
+    (turbo3.5, k3.25v3, k2.25v2; turbo3.5 spills a little at that tile and still wins) — and the earlier
+    BLOCK_N 32 × 4 warps at d = 256 (not re-measured). (A config passed to :func:`attend_packed_triton` may
+    also carry ``planes=False`` / ``fast=False``, for A/B comparisons.)
     """
     block_m = 16 if M <= 16 else 64
-    # Decode: 128 tokens per step measured best on H100 (v1 sweep: 270 µs vs 420 µs at 64); d = 256 halves it.
-    block_n = (128 if d <= 128 else 32) if block_m == 16 else 64
     m_tiles = triton.cdiv(M, block_m)
     progs = B * Hkv * m_tiles
-    # ~2 resident programs per SM at ~230 registers: 4/SM at B·Hkv = 8 (66 splits of 2K tokens at 128K),
-    # 8/SM from 32 (B = 8: 18 splits beat 9 by 15%, a shorter tail wave).
+    # ~4 resident programs per SM: 4/SM at B·Hkv = 8, 8/SM from 32, times the split multiplier.
     target = (8 if progs >= 32 else 4) * _num_sms(device)
-    num_warps = 4 if block_m == 16 else 8
-    smul = 1
-    tuned = _DECODE_TUNED.get((d, _bits_key(k_codec), _bits_key(v_codec), progs >= 32)) if block_m == 16 else None
-    if tuned:
-        block_n, num_warps, smul = tuned
+    if block_m == 16:
+        block_n, num_warps, smul = 64, 2, 4
+        if d > 128:  # the earlier rule, not re-measured
+            block_n, num_warps, smul = 32, 4, 1
+        tuned = _DECODE_TUNED.get((d, _seg_key(k_codec), _seg_key(v_codec), progs >= 32))
+        if tuned:
+            block_n, num_warps, smul = tuned
+    else:
+        block_n, num_warps, smul = 64, 8, 1
     max_splits = max(1, triton.cdiv(T, 4 * block_n))
     splits = max(1, min(triton.cdiv(target, progs) * smul, max_splits, 128))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
@@ -696,18 +721,37 @@ def _planes(d_s: int, b_s: int, enabled: bool = True, key: bool = False) -> int:
     return 1
 
 
+def _kernel_segments(codec, enabled: bool = True, key: bool = False) -> list[tuple] | None:
+    """The codec's segments as the kernel reads them: ``[(channels, bits, planes, byte offset, table row, norm
+    column, channel offset), ...]``, at most three; None when the codec does not fit.
+
+    A segment whose width is not a power of two but the sum of two (48 = 32 + 16, 96 = 64 + 32, 192 = 128 + 64:
+    the quarter-bit presets) is read as two kernel segments with the same codebook and norm — its bit stream
+    splits at a byte boundary since both parts are multiples of 8 channels.
+    """
+    out, byte, chan = [], 0, 0
+    shared = getattr(codec, "shared_norm", False)
+    for s, (d_s, b_s) in enumerate(codec.segments):
+        parts = [d_s] if _pow2(d_s) else [1 << (d_s.bit_length() - 1), d_s - (1 << (d_s.bit_length() - 1))]
+        for w in parts:
+            if not _pow2(w) or w < 16:
+                return None
+            out.append((w, b_s, _planes(w, b_s, enabled, key), byte, s, 0 if shared else s, chan))
+            byte += w * b_s // 8
+            chan += w
+    return out if len(out) <= 3 else None
+
+
 def _plane_perm(codec, enabled: bool = True, key: bool = False) -> list[int]:
-    """Kernel column order: ``perm[new] = natural channel``. Plane p of a segment at offset o fills columns
-    ``o + p·d_s/P + e``: for 2/4 bits column e holds channel ``o + e·P + p`` (bit-plane p of byte e); for 3 bits
-    ``o + 8·(e // 2) + 4·(e % 2) + p`` (code 4h + p of group e // 2, h = e % 2). Identity for natural order."""
-    perm, off = [], 0
-    for d_s, b_s in codec.segments:
-        P = _planes(d_s, b_s, enabled, key)
+    """Kernel column order: ``perm[new] = natural channel``. Plane p of a kernel segment at channel offset o fills
+    columns ``o + p·d_s/P + e``: for 2/4 bits column e holds channel ``o + e·P + p`` (bit-plane p of byte e); for
+    3 bits ``o + 8·(e // 2) + 4·(e % 2) + p`` (code 4h + p of group e // 2, h = e % 2). Identity in natural order."""
+    perm = []
+    for d_s, b_s, P, _, _, _, off in _kernel_segments(codec, enabled, key):
         if P > 1 and b_s == 3:
             perm += [off + 8 * (e // 2) + 4 * (e % 2) + p for p in range(P) for e in range(d_s // P)]
         else:
             perm += [off + i * P + p for p in range(P) for i in range(d_s // P)]
-        off += d_s
     return perm
 
 
@@ -737,27 +781,26 @@ def _i32(words) -> list[int]:
     return [((w & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000 for w in words]
 
 
-def _register_tables(codec, planes: bool = True, key: bool = False) -> tuple[torch.Tensor, bool]:
-    """``([2, 4] int32 words, usable)``: the fp16 centroid tables of the plane segments in the register form of
+def _register_tables(codec) -> tuple[torch.Tensor, bool]:
+    """``([2, 4] int32 words, usable)``: each codec segment's fp16 centroid table in the register form of
     ``_ASM_LUT4`` (low bytes of ``|c[8..15]|`` in words 0–1, high bytes in 2–3), ``_ASM_LUT3`` (low bytes of
-    ``c[0..7]`` in words 0–1, high bytes in 2–3) and ``_ASM_LUT2`` (the 4 fp16 levels in words 0–1). Not usable when a 4-bit table is not exactly sign-symmetric in fp16."""
+    ``c[0..7]`` in words 0–1, high bytes in 2–3) or ``_ASM_LUT2`` (the 4 fp16 levels in words 0–1); zeros for
+    other bit widths. Not usable when a 4-bit table is not exactly sign-symmetric in fp16."""
     words, ok = [[0] * 4, [0] * 4], True
     for s, (d_s, b_s) in enumerate(codec.segments):
-        if _planes(d_s, b_s, planes, key) == 1:
+        if b_s not in (2, 3, 4):
             continue
         h = [x & 0xFFFF for x in getattr(codec, f"levels{s}").detach().cpu().half().view(torch.int16).tolist()]
         if b_s == 2:
             words[s][:2] = [h[0] | h[1] << 16, h[2] | h[3] << 16]
             continue
-        if b_s == 3:  # low bytes of c[0..7] in words 0–1, high bytes in 2–3
+        if b_s == 3:
             lo, hi = [x & 0xFF for x in h], [x >> 8 for x in h]
-            words[s] = [sum(part[4 * k + i] << 8 * i for i in range(4)) for part in (lo, hi) for k in range(2)]
-            continue
-        mag = h[8:]
-        ok &= all(m < 0x8000 for m in mag) and all(h[7 - i] == mag[i] | 0x8000 for i in range(8))
-        for j, part in enumerate(([m & 0xFF for m in mag], [m >> 8 for m in mag])):
-            words[s][2 * j] = part[0] | part[1] << 8 | part[2] << 16 | part[3] << 24
-            words[s][2 * j + 1] = part[4] | part[5] << 8 | part[6] << 16 | part[7] << 24
+        else:
+            mag = h[8:]
+            ok &= all(m < 0x8000 for m in mag) and all(h[7 - i] == mag[i] | 0x8000 for i in range(8))
+            lo, hi = [m & 0xFF for m in mag], [m >> 8 for m in mag]
+        words[s] = [sum(part[4 * k + i] << 8 * i for i in range(4)) for part in (lo, hi) for k in range(2)]
     return torch.tensor([_i32(w) for w in words], dtype=torch.int32), ok
 
 
@@ -789,8 +832,8 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
                 t[s, : 1 << b_s] = getattr(c, f"levels{s}")
             return t.to(dot_dtype).contiguous()
 
-        lk, fk = _register_tables(k_codec, planes, key=True)
-        lv, fv = _register_tables(v_codec, planes)
+        lk, fk = _register_tables(k_codec)
+        lv, fv = _register_tables(v_codec)
         out = (a.contiguous(), u, table(k_codec), table(v_codec), lk.to(device), lv.to(device), fk and fv)
     if len(_MAT_CACHE) > 64:
         _MAT_CACHE.clear()
@@ -892,8 +935,13 @@ def attend_packed_triton(
     pacc = torch.empty(B * Hkv * SPL * M * d, device=dev, dtype=torch.float32)
     pm = torch.empty(B * Hkv * SPL * M, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    (KD0, KB0), (KD1, KB1) = (k_codec.segments + [(0, 0)])[:2]
-    (VD0, VB0), (VD1, VB1) = (v_codec.segments + [(0, 0)])[:2]
+    seg_args = {}
+    for side, codec, key in (("K", k_codec, True), ("V", v_codec, False)):
+        segs = _kernel_segments(codec, use_planes, key)
+        for i in range(3):
+            d_s, b_s, P, off, row, col, _ = segs[i] if i < len(segs) else (0, 0, 1, 0, 0, 0, 0)
+            seg_args.update({f"{side}D{i}": d_s, f"{side}B{i}": b_s, f"{side}P{i}": P, f"{side}O{i}": off,
+                             f"{side}T{i}": row, f"{side}N{i}": col})
 
     ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](
         qk, qk.stride(0), qk.stride(1), qk.stride(2),
@@ -908,10 +956,7 @@ def attend_packed_triton(
         pacc, pm, pl,
         T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
         HKV=Hkv, G=G, D=d,
-        KD0=KD0, KB0=KB0, KD1=KD1, KB1=KB1, VD0=VD0, VB0=VB0, VD1=VD1, VB1=VB1,
-        KP0=_planes(KD0, KB0, use_planes, True), KP1=_planes(KD1, KB1, use_planes, True) if KD1 else 1,
-        VP0=_planes(VD0, VB0, use_planes), VP1=_planes(VD1, VB1, use_planes) if VD1 else 1,
-        KN_SHARED=kn.shape[-1] == 1, VN_SHARED=vn.shape[-1] == 1,
+        **seg_args,
         K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
         CAUSAL=qp is not None, HAS_WINDOW=window is not None,
         SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32, FAST=fast,

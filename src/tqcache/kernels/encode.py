@@ -196,6 +196,8 @@ def encode_unsupported_reason(codec, x: torch.Tensor | None = None) -> str | Non
         return f"codec is {type(codec).__name__}, the encode kernel writes TurboQuant only"
     if len(codec.segments) > 2:
         return "more than two segments"
+    if getattr(codec, "shared_norm", False):
+        return "split='rotated' (one norm over a full-width rotation): the encode kernel rotates per segment"
     for d_s, b_s in codec.segments:
         if b_s not in (1, 2, 3, 4, 8):
             return f"segment of {b_s} bits (kernel packs 1, 2, 3, 4, 8)"
