@@ -156,7 +156,7 @@ ATT_CASES = [
     (128, 4.5, 4, True, torch.float32, 37, 1),
     (64, 3, 2, False, torch.float16, 130, 1),  # narrow key planes take the natural path, value planes 16 wide
     (128, 3.5, 2.5, False, torch.bfloat16, 130, 1),
-    (64, 3.25, 3, False, torch.float32, 70, 1),  # quarter-bit keys: 48 channels read as 32 + 16
+    (64, 4, 3.25, False, torch.float32, 70, 1),  # quarter-bit values: 48 channels read as 32 + 16
     (128, 2.25, 3.25, False, torch.bfloat16, 70, 2),  # 96 = 64 + 32 on both sides, three kernel segments
 ]
 
@@ -260,6 +260,10 @@ def test_kernel_segments_split_widths_that_are_two_powers_of_two():
     assert _kernel_segments(odd) is None
     q = torch.randn(1, 2, 1, 128)
     assert "112" in unsupported_reason(q, odd, odd)
+    # Keys need 32-channel segments (16-channel key products are wrong on the H100): d = 64 at 3.25 bits has 16.
+    small = TurboQuantizer(64, 3.25)
+    assert _kernel_segments(small) is not None and _kernel_segments(small, key=True) is None
+    assert "key segments" in unsupported_reason(torch.randn(1, 2, 1, 64), small, small)
 
 
 @pytest.mark.parametrize("d,kb,vb", [(128, 4, 2), (128, 2, 4), (128, 3.5, 2.5), (64, 2.5, 4), (128, 3, 3), (64, 4, 3)])

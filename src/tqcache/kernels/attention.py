@@ -608,9 +608,9 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
             return f"{name} codec is {type(c).__name__}, the kernel reads TurboQuant only"
         if len(c.segments) > 2:
             return f"{name} codec has {len(c.segments)} segments"
-        if _kernel_segments(c) is None:
-            return (f"{name} segments {c.segments}: each must be a power of two >= 16 channels, or one power of two "
-                    f"plus another (e.g. 48 = 32 + 16), three at most in all")
+        if _kernel_segments(c, key=name == "key") is None:
+            return (f"{name} segments {c.segments}: each must be a power of two >= {32 if name == 'key' else 16} "
+                    f"channels, or one power of two plus another (e.g. 96 = 64 + 32), three at most in all")
         if c.channel_scale.dim() != 1 and (name == "value" or c.channel_scale.shape[0] != k_packed_heads(k_packed, q)):
             # Per-head key scales fold into a per-head query map A [Hkv, d, d']; the value side folds one
             # shared unrotation U into the merge kernel, so per-head value scales stay on the torch path.
@@ -727,14 +727,16 @@ def _kernel_segments(codec, enabled: bool = True, key: bool = False) -> list[tup
 
     A segment whose width is not a power of two but the sum of two (48 = 32 + 16, 96 = 64 + 32, 192 = 128 + 64:
     the quarter-bit presets) is read as two kernel segments with the same codebook and norm — its bit stream
-    splits at a byte boundary since both parts are multiples of 8 channels.
+    splits at a byte boundary since both parts are multiples of 8 channels. Key segments need ≥ 32 channels.
     """
     out, byte, chan = [], 0, 0
     shared = getattr(codec, "shared_norm", False)
     for s, (d_s, b_s) in enumerate(codec.segments):
         parts = [d_s] if _pow2(d_s) else [1 << (d_s.bit_length() - 1), d_s - (1 << (d_s.bit_length() - 1))]
         for w in parts:
-            if not _pow2(w) or w < 16:
+            # Keys: a 16-channel product q [16, 16] @ cᵀ [16, N] came out wrong on the H100 with Triton 3.6 (planes
+            # and natural order alike; values are right), so key segments need ≥ 32 channels.
+            if not _pow2(w) or w < (32 if key else 16):
                 return None
             out.append((w, b_s, _planes(w, b_s, enabled, key), byte, s, 0 if shared else s, chan))
             byte += w * b_s // 8
