@@ -128,7 +128,8 @@ def test_scheme_modifiers_change_one_field_each():
 @pytest.mark.parametrize(
     "bad, shown",
     [("turbo4-foo", "unknown modifier 'foo' in scheme 'turbo4-foo'"), ("affine4-rot", "-rot in scheme 'affine4-rot'"),
-     ("none-noks", "TurboQuant schemes only"), ("turbo3-", "unknown modifier ''")],
+     ("none-noks", "TurboQuant schemes only"), ("turbo3-", "unknown modifier ''"),
+     ("turbo-fast", "unknown scheme 'turbo-fast'; valid names: none, turbo4")],
 )  # fmt: skip
 def test_bad_scheme_modifiers_name_the_value(bad, shown):
     with pytest.raises(ValueError, match=re.escape(shown)):

@@ -250,7 +250,10 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
         return SCHEMES[name]
     base, *mods = name.split("-")
     if mods:
-        cfg = parse_scheme(base)
+        try:
+            cfg = parse_scheme(base)
+        except ValueError:
+            raise _unknown(scheme) from None
         for mod in mods:
             cfg = _modify(cfg, mod, scheme)
         return cfg.replace(name=name)
@@ -261,7 +264,11 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
             if key.kind == "turbo":
                 return CacheConfig(key, value, window=128, sinks=4, name=name)
             return CacheConfig(key, value, name=name)
-    raise ValueError(
+    raise _unknown(scheme)
+
+
+def _unknown(scheme: str) -> ValueError:
+    return ValueError(
         f"unknown scheme {scheme!r}; valid names: {', '.join(SCHEMES)} "
         "(or turbo<bits>, k<bits>v<bits>, affine<bits>; TurboQuant schemes take -"
         + ", -".join(MODIFIERS)
