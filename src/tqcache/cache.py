@@ -10,7 +10,9 @@ Per layer the tokens live in three places, in position order::
 for this step's attention it hands back a *step handle* recording the state *before* compression, so a
 prefill chunk attends to itself in full precision and to older tokens compressed — what a fused decode
 kernel sees. Sliding-window layers (Gemma-3's local layers) keep the compressed part in a ring buffer of
-``sliding_window − 1 − window`` slots and never store more than the window.
+``sliding_window − 1 − window`` slots and never store more than the window (plus the one step of overflow
+that waits in full precision: a step's overflow is compressed at the start of the next step, into the slot
+of a token that has left the window — never into one the step's own attention still reads).
 
 Codecs that calibrate on data (query-aware key scaling, outlier channel split) keep the prompt full
 precision for one step: the attention function records the prompt's queries, and the next ``update``
@@ -314,6 +316,11 @@ class TurboQuantLayer(CacheLayerMixin):
             # The previous step (the prompt) stayed full precision so its queries could be observed:
             # choose the codecs' channel handling now, then compress what overflows the window.
             self.finish_calibration()
+        elif self.is_sliding:
+            # A sliding layer compresses the previous step's overflow only now, before this step's handle:
+            # writing it at the end of that step would reuse the ring slot of the oldest token that step's
+            # own attention (which runs after update() returns) still sees.
+            self._settle()
         n_new = key_states.shape[-2]
         if n_new == 1:
             self.decoding = True
@@ -328,7 +335,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self._q_sq, self._q_count, self._q_sample = None, 0, None
             self._trim_sliding()
         else:
-            self._settle()
+            self._settle(write=not self.is_sliding)
         return handle
 
     def _handle(self, fp_k: torch.Tensor, fp_v: torch.Tensor, n_new: int) -> StepHandle:
@@ -396,8 +403,9 @@ class TurboQuantLayer(CacheLayerMixin):
         self.calibrating, self._q_sq, self._q_count, self._q_sample = False, None, 0, None
         self._settle()
 
-    def _settle(self) -> None:
-        """Move window tokens where they belong: sinks first, overflow compressed, sliding layers trimmed."""
+    def _settle(self, write: bool = True) -> None:
+        """Move window tokens where they belong: sinks first, overflow compressed (unless ``write`` is False:
+        sliding layers defer it to the next step), sliding layers trimmed."""
         fp_k, fp_v, fp_start = self.win_k, self.win_v, self.win_start
         # 1) attention sinks come first, kept in full precision forever (not for sliding layers).
         want = self.cfg.sinks if (self.compress and not self.is_sliding) else 0
@@ -411,7 +419,7 @@ class TurboQuantLayer(CacheLayerMixin):
         overflow = fp_k.shape[-2] - self.window if math.isfinite(self.window) else 0
         if self.cfg.two_phase and not self.decoding:
             overflow = 0
-        if overflow > 0:
+        if overflow > 0 and write:
             self._write(fp_k[:, :, :overflow], fp_v[:, :, :overflow], fp_start)
             fp_k, fp_v, fp_start = fp_k[:, :, overflow:], fp_v[:, :, overflow:], fp_start + overflow
         self.win_k, self.win_v, self.win_start = fp_k, fp_v, fp_start
