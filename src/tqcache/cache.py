@@ -316,11 +316,8 @@ class TurboQuantLayer(CacheLayerMixin):
             # The previous step (the prompt) stayed full precision so its queries could be observed:
             # choose the codecs' channel handling now, then compress what overflows the window.
             self.finish_calibration()
-        elif self.is_sliding:
-            # A sliding layer compresses the previous step's overflow only now, before this step's handle:
-            # writing it at the end of that step would reuse the ring slot of the oldest token that step's
-            # own attention (which runs after update() returns) still sees.
-            self._settle()
+        else:
+            self.flush_pending()
         n_new = key_states.shape[-2]
         if n_new == 1:
             self.decoding = True
@@ -402,6 +399,16 @@ class TurboQuantLayer(CacheLayerMixin):
             self.v_codec.calibrate(values)
         self.calibrating, self._q_sq, self._q_count, self._q_sample = False, None, 0, None
         self._settle()
+
+    def flush_pending(self) -> None:
+        """Compress a sliding layer's pending overflow (the last step's): what the next ``update()`` does first.
+
+        A sliding layer compresses a step's overflow only at the start of the next step, before that step's
+        handle: writing it at the end of its own step would reuse the ring slot of the oldest token that the
+        step's attention (which runs after ``update()`` returns) still sees. Between steps it is safe either way.
+        """
+        if self.is_sliding and self.is_initialized and not self.calibrating:
+            self._settle()
 
     def _settle(self, write: bool = True) -> None:
         """Move window tokens where they belong: sinks first, overflow compressed (unless ``write`` is False:

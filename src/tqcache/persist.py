@@ -121,6 +121,7 @@ def save_cache(
         # would continue from.
         if layer.is_initialized and layer.calibrating:
             layer.finish_calibration()
+        layer.flush_pending()  # a sliding layer's last overflow, likewise (its next update() compresses it first)
     meta, tensors = _collect(cache, model, token_ids, extra)
     _atomic_write(path, _serialize(meta, tensors, FORMAT_VERSION), overwrite=overwrite)
     return path
