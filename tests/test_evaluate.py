@@ -257,10 +257,26 @@ def test_passkey_runs_for_full_and_scheme(model, fill):
         fill=fill,
     )  # fmt: skip
     assert [r["scheme"] for r in rows] == ["full", "turbo4"]
-    assert all(isinstance(r["ok"], bool) for r in rows)
+    assert all(isinstance(r["ok"], bool) and isinstance(r["digits_ok"], bool) for r in rows)
+    assert all(math.isfinite(r["key_logp"]) and r["key_logp"] < 0 for r in rows)
     for r in rows:
         r["model"] = "tiny"
-    assert "turbo4" in passkey.format_passkey_table(rows)
+    table = passkey.format_passkey_table(rows)
+    assert "turbo4" in table and "log p(key)" in table
+
+
+def test_passkey_key_score_is_the_teacher_forced_log_probability(model):
+    # Through an empty cache the score is log p(key | question) of a plain forward pass.
+    tok = ByteTokenizer()
+    q = torch.tensor([list(b"What is the pass key? The pass key is")])
+    cache = evaluate.make_method("turbo4").make_cache(model)
+    logp, ok = passkey._key_score(model, tok, cache, q, "12345")
+    ids = torch.cat([q, torch.tensor([list(b" 12345")])], 1)
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    want = sum(float(lp[q.shape[1] - 1 + i, ids[0, q.shape[1] + i]]) for i in range(6))
+    assert logp == pytest.approx(want, abs=1e-4)
+    assert isinstance(ok, bool)
 
 
 # ------------------------------------------------------------------------------------------ real model
