@@ -292,17 +292,19 @@ def test_attention_paths_are_recorded():
     assert tqcache.attention.tqcache_attention is not None
 
 
-def test_shared_norm_codecs_stay_on_the_torch_path_until_the_kernels_declare_them():
-    from types import SimpleNamespace
-
-    from tqcache.cache import kernels_cover
+def test_shared_norm_codecs_are_read_by_the_attention_kernel_and_declined_by_the_encode_kernel():
+    # Each kernel says itself what it covers: the attention kernel reads one norm shared by both segments,
+    # the encode kernel (one rotation per segment) declines split="rotated", so the torch codec writes it.
     from tqcache.codec import make_codec
+    from tqcache.kernels.attention import unsupported_reason
+    from tqcache.kernels.encode import encode_unsupported_reason
 
     cfg = parse_scheme("k3.5v3-rot").key
     rot, chan = make_codec(cfg, 64), make_codec(dataclasses.replace(cfg, split="outliers"), 64)
     assert rot.shared_norm and not chan.shared_norm
-    assert kernels_cover(SimpleNamespace(), chan, chan) and not kernels_cover(SimpleNamespace(), chan, rot)
-    assert kernels_cover(SimpleNamespace(SHARED_NORM=True), rot, rot)
+    q = torch.randn(1, 2, 1, 64)
+    assert unsupported_reason(q, rot, rot) is None and unsupported_reason(q, chan, chan) is None
+    assert "rotated" in encode_unsupported_reason(rot) and encode_unsupported_reason(chan) is None
 
 
 def test_query_aware_key_scaling_calibrates_on_the_prompt_and_its_queries():

@@ -98,10 +98,8 @@ def _kernel_for(query: torch.Tensor, layer):
         from . import kernels
     except ImportError:
         return None
-    from .cache import kernels_cover
-
     attend = getattr(kernels, "attend", None)
-    if attend is None or not kernels.available(query.device) or not kernels_cover(kernels, layer.k_codec, layer.v_codec):
+    if attend is None or not kernels.available(query.device):
         return None
     return attend
 

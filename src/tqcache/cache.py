@@ -47,24 +47,16 @@ _Q_SAMPLE = 64  # query rows per KV head kept to check the key scaling on real s
 _K_SAMPLE = 1024  # most recent prompt keys used for that check
 
 
-def kernels_cover(kernels, *codecs) -> bool:
-    """Whether the Triton ``kernels`` module reads these codecs' storage. Codecs whose two segments share one
-    norm (``split="rotated"``) stay on the torch path until the kernels declare ``SHARED_NORM = True``: a kernel
-    written for one norm per segment would read a second norm that is not there (its self-test probe is keyed
-    by segments, not by the norm layout, so it cannot be relied on to catch this)."""
-    return bool(getattr(kernels, "SHARED_NORM", False)) or not any(getattr(c, "shared_norm", False) for c in codecs)
-
-
 def _encode_kernel(device: torch.device, *codecs):
     """``tqcache.kernels.encode`` when Triton can run on ``device`` (it self-tests and falls back per
-    configuration) and reads ``codecs``' storage, else None: the torch codec writes the storage."""
+    configuration, e.g. to the torch codec for ``split="rotated"``, which it declines), else None."""
     if device.type != "cuda":
         return None
     try:
         from . import kernels
     except ImportError:
         return None
-    return kernels.encode if kernels.available(device) and kernels_cover(kernels, *codecs) else None
+    return kernels.encode if kernels.available(device) else None
 
 
 @dataclasses.dataclass

@@ -107,13 +107,14 @@ _DIGIT_MASKS: dict = {}
 def _digit_mask(tok, n_vocab: int, device) -> torch.Tensor:
     """Bool ``[n_vocab]``: tokens that can start a numeric answer — text that is (after spaces) a digit first,
     or only spaces (tokenizers that split " 60494" into " ", "6", ...). Cached per tokenizer."""
-    hit = _DIGIT_MASKS.get(id(tok))
-    if hit is None or hit.shape[0] != n_vocab:
+    tok_hit, hit = _DIGIT_MASKS.get(id(tok), (None, None))
+    if tok_hit is not tok or hit.shape[0] != n_vocab:  # an id can be reused by another tokenizer
         conv = getattr(tok, "convert_ids_to_tokens", None)
         n = min(n_vocab, len(tok)) if hasattr(tok, "__len__") else n_vocab
         texts = conv(list(range(n))) if conv is not None else [tok.decode([i]) for i in range(n)]
         ok = [bool(re.match(r"^[\s▁Ġ]*(\d|$)", t or "-")) for t in texts] + [False] * (n_vocab - n)
-        hit = _DIGIT_MASKS[id(tok)] = torch.tensor(ok)
+        hit = torch.tensor(ok)
+        _DIGIT_MASKS[id(tok)] = (tok, hit)
     return hit.to(device)
 
 

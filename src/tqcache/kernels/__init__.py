@@ -37,10 +37,6 @@ except Exception as e:  # pragma: no cover - depends on the environment
 
 __all__ = ["available", "attend", "encode", "info"]
 
-# Codecs with one norm shared by two segments (split="rotated") are understood here: the attention kernel reads
-# them (norm column per kernel segment), the encode kernel declines them in its unsupported reason (torch codec).
-SHARED_NORM = True
-
 _LOCK = threading.Lock()
 _PROBES: dict[tuple, dict] = {}
 _CONFIGS: dict[str, dict] = {}

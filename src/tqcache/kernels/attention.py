@@ -216,6 +216,11 @@ def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.co
 
     ``FAST``: the register-table lookups above (fp16 tables, compiled GPU only); else gathers from ``lv_ptr``.
     """
+    if FAST:  # the segment's register table (words unused by a bit width are never read)
+        t0 = tl.load(lut_ptr)
+        t1 = tl.load(lut_ptr + 1)
+        t2 = tl.load(lut_ptr + 2)
+        t3 = tl.load(lut_ptr + 3)
     if BITS == 3:
         # Three byte planes at stride 3 -> the 24-bit group words, split into 12-bit halves: x[:, 2g + h].
         G8: tl.constexpr = DS // 8
@@ -225,10 +230,6 @@ def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.co
         w = w | (tl.load(p + 2, mask=nmask[:, None], other=0).to(tl.int32) << 16)
         x = tl.reshape(tl.join(w, w >> 12), (w.shape[0], 2 * G8))
         if FAST:
-            t0 = tl.load(lut_ptr)
-            t1 = tl.load(lut_ptr + 1)
-            t2 = tl.load(lut_ptr + 2)
-            t3 = tl.load(lut_ptr + 3)
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
                 _ASM_LUT3, "=r" + ",=r" * 7 + ",r" * 20, [x, t0, t1, t2, t3],
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
@@ -240,11 +241,7 @@ def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.co
     elif FAST:
         W: tl.constexpr = DS * BITS // 8
         bt = tl.load(row_ptr[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
-        t0 = tl.load(lut_ptr)
-        t1 = tl.load(lut_ptr + 1)
         if BITS == 4:
-            t2 = tl.load(lut_ptr + 2)
-            t3 = tl.load(lut_ptr + 3)
             c0, c1 = tl.inline_asm_elementwise(
                 _ASM_LUT4, "=r,=r,=r,=r,r" + ",r" * 16, [bt, t0, t1, t2, t3],
                 dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
@@ -609,7 +606,7 @@ def unsupported_reason(q: torch.Tensor, k_codec, v_codec, k_packed=None, v_packe
         if len(c.segments) > 2:
             return f"{name} codec has {len(c.segments)} segments"
         if _kernel_segments(c, key=name == "key") is None:
-            return (f"{name} segments {c.segments}: each must be a power of two >= {32 if name == 'key' else 16} "
+            return (f"{name} segments {c.segments}: each must be a power of two >= {_min_dot_k(name == 'key')} "
                     f"channels, or one power of two plus another (e.g. 96 = 64 + 32), three at most in all")
         if c.channel_scale.dim() != 1 and (name == "value" or c.channel_scale.shape[0] != k_packed_heads(k_packed, q)):
             # Per-head key scales fold into a per-head query map A [Hkv, d, d']; the value side folds one
@@ -709,14 +706,20 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
 
 
+def _min_dot_k(key: bool) -> int:
+    """Fewest channels one product may reduce over: 16 (a tensor-core K) for values, 32 for keys — on the H100
+    with Triton 3.6 a key product ``q [16, 16] @ cᵀ [16, N]`` came out wrong (planes and natural order alike)
+    while the same value product was right."""
+    return 32 if key else 16
+
+
 def _planes(d_s: int, b_s: int, enabled: bool = True, key: bool = False) -> int:
     """Planes a segment is read in: ``8/b`` bit-planes for b ∈ {2, 4}, 4 code planes for b = 3 (codes ``4h + j``
-    of each 8-code group), when each plane keeps ≥ 16 channels (a dot's K) — ≥ 32 for keys: on the H100 (Triton
-    3.6) a key product ``q [16, 16] @ cᵀ [16, N]`` of a 16-channel plane came out wrong while the same value
-    product was right — else 1 (natural channel order: 8 bits directly, 1 bit and narrow segments via ``tl.join``)."""
+    of each 8-code group), when each plane keeps :func:`_min_dot_k` channels; else 1 (natural channel order:
+    8 bits directly, 1 bit and narrow segments via ``tl.join``)."""
     if enabled and b_s in (2, 3, 4):
         P = 4 if b_s == 3 else 8 // b_s
-        if d_s // P >= (32 if key else 16):
+        if d_s // P >= _min_dot_k(key):
             return P
     return 1
 
@@ -727,16 +730,14 @@ def _kernel_segments(codec, enabled: bool = True, key: bool = False) -> list[tup
 
     A segment whose width is not a power of two but the sum of two (48 = 32 + 16, 96 = 64 + 32, 192 = 128 + 64:
     the quarter-bit presets) is read as two kernel segments with the same codebook and norm — its bit stream
-    splits at a byte boundary since both parts are multiples of 8 channels. Key segments need ≥ 32 channels.
+    splits at a byte boundary since both parts are multiples of 8 channels. Each needs :func:`_min_dot_k` channels.
     """
     out, byte, chan = [], 0, 0
     shared = getattr(codec, "shared_norm", False)
     for s, (d_s, b_s) in enumerate(codec.segments):
         parts = [d_s] if _pow2(d_s) else [1 << (d_s.bit_length() - 1), d_s - (1 << (d_s.bit_length() - 1))]
         for w in parts:
-            # Keys: a 16-channel product q [16, 16] @ cᵀ [16, N] came out wrong on the H100 with Triton 3.6 (planes
-            # and natural order alike; values are right), so key segments need ≥ 32 channels.
-            if not _pow2(w) or w < (32 if key else 16):
+            if not _pow2(w) or w < _min_dot_k(key):
                 return None
             out.append((w, b_s, _planes(w, b_s, enabled, key), byte, s, 0 if shared else s, chan))
             byte += w * b_s // 8
@@ -806,9 +807,21 @@ def _register_tables(codec) -> tuple[torch.Tensor, bool]:
     return torch.tensor([_i32(w) for w in words], dtype=torch.int32), ok
 
 
+def _segment_args(k_codec, v_codec, planes: bool) -> dict:
+    """The kernel-segment constexprs ``{K,V}{D,B,P,O,T,N}{0,1,2}`` of :func:`_attn_fwd_kernel` (absent = 0)."""
+    args = {}
+    for side, codec, key in (("K", k_codec, True), ("V", v_codec, False)):
+        segs = _kernel_segments(codec, planes, key)
+        for i in range(3):
+            d_s, b_s, P, off, row, col, _ = segs[i] if i < len(segs) else (0, 0, 1, 0, 0, 0, 0)
+            args.update({f"{side}D{i}": d_s, f"{side}B{i}": b_s, f"{side}P{i}": P, f"{side}O{i}": off,
+                         f"{side}T{i}": row, f"{side}N{i}": col})
+    return args
+
+
 def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
     """(A [(Hkv,) d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype,
-    K/V register tables [2, 4] int32, whether the register tables are usable).
+    K/V register tables [2, 4] int32, whether the register tables are usable, the kernel-segment constexprs).
 
     The bit-plane column permutation (:func:`_plane_perm`) is folded in: A's first d columns are in the
     kernel's key column order, U's rows in its value column order (zero run-time cost).
@@ -836,7 +849,8 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
 
         lk, fk = _register_tables(k_codec)
         lv, fv = _register_tables(v_codec)
-        out = (a.contiguous(), u, table(k_codec), table(v_codec), lk.to(device), lv.to(device), fk and fv)
+        out = (a.contiguous(), u, table(k_codec), table(v_codec), lk.to(device), lv.to(device), fk and fv,
+               _segment_args(k_codec, v_codec, planes))
     if len(_MAT_CACHE) > 64:
         _MAT_CACHE.clear()
     _MAT_CACHE[key] = (k_codec, v_codec, out)
@@ -901,7 +915,7 @@ def attend_packed_triton(
     dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
     cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
     use_planes = bool(cfg.get("planes", True))
-    A, U, lvk, lvv, lutk, lutv, lut_ok = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
+    A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
     # Register-table lookup: compiled fp16 path only (the interpreter runs no PTX; fp32 queries use fp32 tables).
     fast = bool(cfg.get("fast", True)) and lut_ok and dot_dtype == torch.float16 and dev.type == "cuda"
 
@@ -937,14 +951,6 @@ def attend_packed_triton(
     pacc = torch.empty(B * Hkv * SPL * M * d, device=dev, dtype=torch.float32)
     pm = torch.empty(B * Hkv * SPL * M, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    seg_args = {}
-    for side, codec, key in (("K", k_codec, True), ("V", v_codec, False)):
-        segs = _kernel_segments(codec, use_planes, key)
-        for i in range(3):
-            d_s, b_s, P, off, row, col, _ = segs[i] if i < len(segs) else (0, 0, 1, 0, 0, 0, 0)
-            seg_args.update({f"{side}D{i}": d_s, f"{side}B{i}": b_s, f"{side}P{i}": P, f"{side}O{i}": off,
-                             f"{side}T{i}": row, f"{side}N{i}": col})
-
     ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](
         qk, qk.stride(0), qk.stride(1), qk.stride(2),
         kc, kc.stride(0), kc.stride(1), kc.stride(2),
