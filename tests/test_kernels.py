@@ -380,12 +380,23 @@ ENC_CASES = [
     (64, 3.5, False, torch.float32, "haar", "halves", False, 37),
     (256, 4, False, torch.bfloat16, "hadamard", "halves", False, 9),
     (256, 3, True, torch.float32, "hadamard", "halves", False, 9),
+    # per-KV-head channel scales (the presets' keys), one and two segments
+    (128, 4, False, torch.bfloat16, "hadamard", "halves", "heads", 70),
+    (128, 3.5, False, torch.float16, "hadamard", "outliers", "heads", 37),
 ]
 
 
+# exact=None: the device's default (bit-exact arithmetic in the interpreter, the fast path on a GPU);
+# exact=False on the CPU runs the GPU's arithmetic (tagged select chain, norms from the rotated row, fp16
+# packing operands) in the interpreter, judged by the same tie rules as the GPU.
+ENC_EXACT = [None] if DEV == "cuda" else [None, False]
+
+
+@pytest.mark.parametrize("exact", ENC_EXACT)
 @pytest.mark.parametrize("d,bits,qjl,dt,rot,split,cs,N", ENC_CASES)
-def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N):
-    c = TurboQuantizer(d, bits, qjl=qjl, rotation=rot, split=split, channel_scale=cs, seed=3).to(DEV)
+def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
+    c = TurboQuantizer(d, bits, qjl=qjl, rotation=rot, split=split, channel_scale=bool(cs), seed=3,
+                       heads=3 if cs == "heads" else None).to(DEV)
     g = _gen(int(bits * 10) + d)
     x = (torch.randn(2, 3, N, d, generator=g) * (0.5 + 3 * torch.rand(d, generator=g))).to(DEV, dt)
     c.calibrate(x)
@@ -395,7 +406,7 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N):
     fields = {n: torch.full((2, 3, cap, w * t.itemsize), 0xAB, dtype=torch.uint8, device=DEV).view(t)
               for n, (w, t) in c.field_widths().items()}
     poison = {n: f.clone() for n, f in fields.items()}
-    encode_into(c, x, fields, start)
+    encode_into(c, x, fields, start, exact=exact)
     for n, f in fields.items():
         assert torch.equal(f[:, :, :start].view(torch.uint8), poison[n][:, :, :start].view(torch.uint8)), f"{n} wrote below start"
         assert torch.equal(f[:, :, start + N :].view(torch.uint8), poison[n][:, :, start + N :].view(torch.uint8)), f"{n} wrote past the end"
@@ -426,6 +437,30 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N):
         nd = (got["qjl_signs"] != ref["qjl_signs"]).sum().item()
         assert nd <= max(2, 0.002 * got["qjl_signs"].numel() * 8) + 8 * int(tie_rows.sum()), f"{nd} QJL sign bytes differ"
     print(f"encode {d}/{bits}/{dt}: {ties} boundary ties of {x.numel()} coordinates")
+
+
+@pytest.mark.parametrize("exact", ENC_EXACT)
+def test_encode_general_codebook(exact):
+    """A codebook that is not symmetric about 0 (e.g. loaded from elsewhere) takes the binary-search path;
+    changing it in place after a first encode must not reuse the old constants."""
+    c = TurboQuantizer(64, 3, seed=5).to(DEV)
+    g = _gen(77)
+    x = torch.randn(1, 2, 21, 64, generator=g).to(DEV)
+    fields = {n: torch.zeros(1, 2, 24, w, dtype=t, device=DEV) for n, (w, t) in c.field_widths().items()}
+    encode_into(c, x, fields, 1, exact=exact)  # symmetric constants cached first
+    with torch.no_grad():
+        c.levels0 += 0.011 * torch.rand(c.levels0.shape, generator=g).to(DEV)
+        c.levels0.copy_(c.levels0.sort().values)
+        c.bounds0.copy_(0.5 * (c.levels0[1:] + c.levels0[:-1]))
+    ref = c.quantize(x)
+    encode_into(c, x, fields, 1, exact=exact)
+    got = fields["codes"][:, :, 1:22]
+    from tqcache.codec.packing import unpack_bits
+
+    diff = unpack_bits(got, 3, 64) != unpack_bits(ref["codes"], 3, 64)
+    assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ from the torch codec"
+    dn = (fields["norms"][:, :, 1:22].float() - ref["norms"].float()).abs()
+    assert torch.all(dn <= ref["norms"].float() * 2.0**-10 + 1e-7)
 
 
 def test_encode_dispatch_matches_codec():
