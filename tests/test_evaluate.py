@@ -257,12 +257,60 @@ def test_passkey_runs_for_full_and_scheme(model, fill):
         fill=fill,
     )  # fmt: skip
     assert [r["scheme"] for r in rows] == ["full", "turbo4"]
-    assert all(isinstance(r["ok"], bool) and isinstance(r["digits_ok"], bool) for r in rows)
-    assert all(math.isfinite(r["key_logp"]) and r["key_logp"] < 0 for r in rows)
     for r in rows:
+        assert isinstance(r["ok"], bool) and isinstance(r["number_ok"], bool) and "digits_ok" not in r
+        assert r["number_answer"][:1].isdigit() or r["number_answer"][:1].isspace()  # the first token a number's
+        assert math.isfinite(r["key_logp"]) and r["key_logp"] < 0
         r["model"] = "tiny"
     table = passkey.format_passkey_table(rows)
-    assert "turbo4" in table and "log p(key)" in table
+    assert "turbo4" in table and "number" in table and "log p(key)" in table
+
+
+class WordFirstModel(torch.nn.Module):
+    """Stub LM over bytes: the first answer token's argmax is "t" (a word), its runner-up "4"; after that it
+    spells the rest of "42345..." from the last token (the answer to "t" is "he ...")."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
+        last = int(input_ids[0, -1])
+        logits = torch.zeros(1, input_ids.shape[1], 256)
+        nxt = {ord("s"): {ord("t"): 2.0, ord("4"): 1.0}, ord("t"): {ord("h"): 1.0}, ord("4"): {ord("2"): 1.0},
+               ord("2"): {ord("3"): 1.0}, ord("3"): {ord("4"): 1.0}}.get(last, {ord("e"): 1.0})  # fmt: skip
+        for tok, v in nxt.items():
+            logits[0, -1, tok] = v
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_passkey_number_constrained_greedy_starts_with_a_number():
+    tok, stub = ByteTokenizer(), WordFirstModel()
+    q = torch.tensor([list(b"The pass key is")])
+    mask = passkey._digit_mask(tok, 256, "cpu")
+    assert mask[ord("4")] and mask[ord(" ")] and not mask[ord("t")]
+    free = tok.decode(passkey._greedy(stub, None, q, 3))
+    number = tok.decode(passkey._greedy(stub, None, q, 3, first_mask=mask))
+    assert free == "the" and number == "423"  # free greedy answers with words; constrained, with the digits
+    assert not passkey._answer_ok(free, "42345") and passkey._answer_ok(number + "45", "42345")
+
+
+def _row(scheme, length, ok, **kw):
+    return {"model": "m", "scheme": scheme, "length": length, "ok": ok, "key_logp": -1.0, **kw}
+
+
+def test_passkey_table_has_free_greedy_and_number_columns():
+    rows = [_row("full", 1024, False, number_ok=True), _row("full", 2048, True, number_ok=True),
+            _row("turbo4", 1024, False, number_ok=False), _row("turbo4", 2048, True, number_ok=True)]  # fmt: skip
+    lines = passkey.format_passkey_table(rows).splitlines()
+    assert lines[1].split() == ["scheme", "1K", "2K", "all", "number", "log", "p(key)"]
+    assert lines[3].split() == ["full", "0/1", "1/1", "1/2", "2/2", "-1.00"]
+    assert lines[4].split() == ["turbo4", "0/1", "1/1", "1/2", "1/2", "-1.00"]
+
+
+def test_passkey_table_reads_old_rows():
+    # Rows saved before number_ok: teacher-forced digits_ok stands in, labelled "digits"; older ones have neither.
+    lines = passkey.format_passkey_table([_row("full", 1024, False, digits_ok=True)]).splitlines()
+    assert lines[1].split() == ["scheme", "1K", "all", "digits", "log", "p(key)"]
+    assert lines[3].split() == ["full", "0/1", "0/1", "1/1", "-1.00"]
+    lines = passkey.format_passkey_table([{"scheme": "full", "length": 1024, "ok": True}]).splitlines()
+    assert lines[1].split() == ["scheme", "1K", "all"] and lines[3].split() == ["full", "1/1", "1/1"]
 
 
 def test_passkey_key_score_is_the_teacher_forced_log_probability(model):
@@ -270,13 +318,12 @@ def test_passkey_key_score_is_the_teacher_forced_log_probability(model):
     tok = ByteTokenizer()
     q = torch.tensor([list(b"What is the pass key? The pass key is")])
     cache = evaluate.make_method("turbo4").make_cache(model)
-    logp, ok = passkey._key_score(model, tok, cache, q, "12345")
-    ids = torch.cat([q, torch.tensor([list(b" 12345")])], 1)
     with torch.no_grad():
+        logp = passkey._key_score(model, tok, cache, q, "12345")
+        ids = torch.cat([q, torch.tensor([list(b" 12345")])], 1)
         lp = torch.log_softmax(model(ids).logits[0].float(), -1)
     want = sum(float(lp[q.shape[1] - 1 + i, ids[0, q.shape[1] + i]]) for i in range(6))
     assert logp == pytest.approx(want, abs=1e-4)
-    assert isinstance(ok, bool)
 
 
 # ------------------------------------------------------------------------------------------ real model

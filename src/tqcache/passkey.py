@@ -1,9 +1,19 @@
 """Passkey retrieval: can the model still find a number hidden deep in a compressed cache?
 
 A random 5-digit pass key is hidden in filler text at a given depth of a context of a given length (in
-tokens); the prompt ends by asking for it. The model answers by greedy decoding; a case passes when the
-first five digits of the answer equal the key (exact match). Run for full precision and for each scheme:
-``tqcache eval --passkey --schemes turbo4,turbo3 --models smollm2,gemma3``.
+tokens); the prompt ends by asking for it. Run for full precision and for each scheme:
+``tqcache eval --passkey --schemes turbo4,turbo3 --models smollm2,gemma3``. Each case is answered twice by
+greedy decoding through the cache, and passes when the first five digits of the answer equal the key:
+
+* ``number_ok`` (the gate): the *first* answer token is restricted to tokens that can start a number
+  (:func:`_digit_mask`), every later token is the plain argmax. A pass key is a number; this is the answer
+  format constraint, and what is left is retrieval: the digits come from unconstrained greedy decoding.
+* ``ok``: free greedy decoding. Small models (Gemma-3-270M) often answer "The pass key is" with
+  " the key that you need to pass" instead of a number — a near tie between " the" and the number that any
+  perturbation of the cache (8-bit keys too) flips either way, at full precision as well. Free greedy
+  exact match measures that tie more than retrieval, so it is reported but does not gate.
+
+``key_logp`` is the teacher-forced log-probability of the key's tokens after the question.
 
 Filler: the classic one of the passkey test (Mohtashami & Jaggi, 2023, "Landmark Attention")::
 
@@ -91,13 +101,19 @@ def _fill(cache, dense) -> None:
         cache.update(layer.keys, layer.values, i)
 
 
-def _greedy(model, cache, question_ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+def _greedy(model, cache, question_ids: torch.Tensor, max_new_tokens: int, first_mask=None) -> list[int]:
+    """Greedy answer to the question through ``cache``; ``first_mask`` (bool ``[vocab]``) restricts the first
+    token to the allowed ones, later tokens are the plain argmax."""
     out = model(input_ids=question_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     generated = []
-    for _ in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
-        generated.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]], device=question_ids.device), past_key_values=cache, use_cache=True)
+    for i in range(max_new_tokens):
+        logits = out.logits[0, -1]
+        if i == 0 and first_mask is not None:
+            logits = logits.masked_fill(~first_mask, float("-inf"))
+        generated.append(int(logits.argmax()))
+        if i + 1 < max_new_tokens:
+            nxt = torch.tensor([generated[-1:]], device=question_ids.device)
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
     return generated
 
 
@@ -118,25 +134,15 @@ def _digit_mask(tok, n_vocab: int, device) -> torch.Tensor:
     return hit.to(device)
 
 
-def _key_score(model, tok, cache, question_ids: torch.Tensor, key: str) -> tuple[float, bool]:
-    """Teacher-forced retrieval of the key after the question: ``(log p(key digits), digits_ok)``.
-
-    ``digits_ok``: the first key token is the most likely token *that can start a number* (this sidesteps the
-    model's choice between answering with the number or with words, a near-tie for small models), and every
-    further key token is the most likely token outright. The question and the key go through ``cache`` as one
-    chunk, so the needle is read from the cache as in the greedy run.
-    """
+def _key_score(model, tok, cache, question_ids: torch.Tensor, key: str) -> float:
+    """Teacher-forced log p(key tokens | question): the question and the key go through ``cache`` as one chunk,
+    so the needle is read from the cache as in the greedy runs."""
     key_ids = torch.tensor([_encode(tok, " " + key, False)], device=question_ids.device)
     ids = torch.cat([question_ids, key_ids], 1)
     logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[0].float()
     n_q, n_k = question_ids.shape[1], key_ids.shape[1]
-    pred = logits[n_q - 1 : n_q - 1 + n_k]  # the logits that predict each key token
-    logp = torch.log_softmax(pred, -1)
-    target = key_ids[0]
-    total = float(logp.gather(1, target[:, None]).sum())
-    first = pred[0].masked_fill(~_digit_mask(tok, pred.shape[-1], pred.device), float("-inf"))
-    ok = int(first.argmax()) == int(target[0]) and bool((pred[1:].argmax(-1) == target[1:]).all())
-    return total, ok
+    logp = torch.log_softmax(logits[n_q - 1 : n_q - 1 + n_k], -1)  # the positions that predict each key token
+    return float(logp.gather(1, key_ids[0][:, None]).sum())
 
 
 def _answer_ok(text: str, key: str) -> bool:
@@ -169,6 +175,7 @@ def run_passkey(
     rng = random.Random(seed)
     device = next(model.parameters()).device
     rows = []
+    mask = _digit_mask(tok, model.get_output_embeddings().weight.shape[0], device)
     with torch.inference_mode():
         for length in lengths:
             for depth in depths:
@@ -191,9 +198,10 @@ def run_passkey(
                                 _fill(cache, dense)
                             else:
                                 model(input_ids=ctx, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                        key_logp, digits_ok = _key_score(model, tok, copy.deepcopy(cache), q, key)
-                        gen = _greedy(model, cache, q, max_new_tokens)
-                        text = tok.decode(gen, skip_special_tokens=True)
+                        key_logp = _key_score(model, tok, copy.deepcopy(cache), q, key)
+                        number = _greedy(model, copy.deepcopy(cache), q, max_new_tokens, first_mask=mask)
+                        number_text = tok.decode(number, skip_special_tokens=True)
+                        text = tok.decode(_greedy(model, cache, q, max_new_tokens), skip_special_tokens=True)
                         rows.append(
                             {
                                 "scheme": name,
@@ -204,7 +212,8 @@ def run_passkey(
                                 "key": key,
                                 "answer": text,
                                 "ok": _answer_ok(text, key),
-                                "digits_ok": digits_ok,
+                                "number_answer": number_text,
+                                "number_ok": _answer_ok(number_text, key),
                                 "key_logp": key_logp,
                                 "wall_s": time.perf_counter() - t1 + (prefill_s if method is None else 0.0),
                             }
@@ -215,32 +224,37 @@ def run_passkey(
     return rows
 
 
+def _frac(hits: Sequence[bool]) -> str:
+    return f"{sum(hits)}/{len(hits)}"
+
+
 def format_passkey_table(rows: Sequence[dict]) -> str:
-    """Accuracy per scheme (rows) and context length (columns), grouped by model."""
+    """Per model: free greedy correct / cases per scheme (rows) and context length (columns) and over all
+    ("all"), then the gate (number-constrained greedy, "number") and the mean log p(key). Old rows without
+    ``number_ok`` show their teacher-forced ``digits_ok`` in its place, in a column named "digits"."""
     out = []
     models = list(dict.fromkeys(r.get("model", "?") for r in rows))
     for model in models:
         rs = [r for r in rows if r.get("model", "?") == model]
         lengths = sorted({r["length"] for r in rs})
         schemes = list(dict.fromkeys(r["scheme"] for r in rs))
+        gate = "number_ok" if any("number_ok" in r for r in rs) else "digits_ok"
         head = ["scheme"] + [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths] + ["all"]
         table = [head]
         for s in schemes:
-            cells = [s]
-            for n in lengths:
-                sel = [r["ok"] for r in rs if r["scheme"] == s and r["length"] == n]
-                cells.append(f"{sum(sel)}/{len(sel)}")
-            sel = [r["ok"] for r in rs if r["scheme"] == s]
-            cells.append(f"{100.0 * sum(sel) / len(sel):.0f}%")
-            dig = [r["digits_ok"] for r in rs if r["scheme"] == s and "digits_ok" in r]
-            lp = [r["key_logp"] for r in rs if r["scheme"] == s and "key_logp" in r]
-            if dig:
-                cells += [f"{sum(dig)}/{len(dig)}", f"{sum(lp) / len(lp):.2f}"]
+            mine = [r for r in rs if r["scheme"] == s]
+            cells = [s] + [_frac([r["ok"] for r in mine if r["length"] == n]) for n in lengths]
+            cells.append(_frac([r["ok"] for r in mine]))
+            hit = [r[gate] for r in mine if gate in r]
+            lp = [r["key_logp"] for r in mine if "key_logp" in r]
+            if hit:
+                cells += [_frac(hit), f"{sum(lp) / len(lp):.2f}" if lp else "-"]
             table.append(cells)
-        if any("digits_ok" in r for r in rs):
-            head += ["digits", "log p(key)"]
-        out.append(f"== {model} (passkey: greedy answer correct / cases per context length; digits = the key's "
-                   "digits retrieved teacher-forced, first token among digit tokens)")
+        if any(gate in r for r in rs):
+            head += ["number" if gate == "number_ok" else "digits", "log p(key)"]
+        what = ("number = greedy with the first token a number's (the gate)" if gate == "number_ok"
+                else "digits = the key's digits retrieved teacher-forced, first token among digit tokens")
+        out.append(f"== {model} (passkey: free greedy answer correct / cases per context length; {what})")
         out.extend(text_table(table))
         out.append("")
     return "\n".join(out)
