@@ -218,6 +218,18 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
 
 
+def test_codebook_changed_in_place_is_not_served_stale():
+    """The kernels cache constants derived from a codec (centroid tables, query map); editing the codec's
+    buffers in place after a first call must rebuild them."""
+    kc, vc, kp, vp = _make(64, 4, 3, T=40, seed=21)
+    q = torch.randn(2, 4, 1, 64, generator=_gen(22)).to(DEV)
+    _check(q, kc, kp, vc, vp)  # constants cached
+    with torch.no_grad():
+        vc.levels0.mul_(1.25)
+        kc.levels0.mul_(0.8)
+    _check(q, kc, kp, vc, vp)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_plane_permutation_matches_the_bit_stream(bits):
     # 2/4 bits: plane p of byte i holds the code of channel i·P + p. 3 bits: the 24-bit word of group g is split

@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._codec_key import codec_key
 from ._compat import patch_interpreter
 
 __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
@@ -776,10 +777,6 @@ def _record_compile(ck, cfg, bits: str = "", fast: bool = False) -> None:
         KERNELS[key] = ck
 
 
-def _codec_key(c, device) -> tuple:
-    return (id(c), str(device), c.perm._version, c.channel_scale._version, c.perm.data_ptr())
-
-
 def _i32(words) -> list[int]:
     return [((w & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000 for w in words]
 
@@ -826,7 +823,7 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
     The bit-plane column permutation (:func:`_plane_perm`) is folded in: A's first d columns are in the
     kernel's key column order, U's rows in its value column order (zero run-time cost).
     """
-    key = (_codec_key(k_codec, device), _codec_key(v_codec, device), dot_dtype, planes)
+    key = (codec_key(k_codec, device), codec_key(v_codec, device), dot_dtype, planes)
     hit = _MAT_CACHE.get(key)
     if hit is not None and hit[0] is k_codec and hit[1] is v_codec:
         return hit[2]

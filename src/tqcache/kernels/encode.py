@@ -37,13 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._codec_key import codec_key
 from ._compat import patch_interpreter
 
 __all__ = ["encode_into", "encode_unsupported_reason"]
-
-_FP16_MAX = 65504.0
-_TINY = 1e-30
-
 
 @triton.jit
 def _pack_dot(code, BITS: tl.constexpr, DS: tl.constexpr, PER: tl.constexpr, FIRST: tl.constexpr,
@@ -194,10 +191,11 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     """
     csq = tl.zeros((xin.shape[0],), tl.float32)
     xr = tl.zeros(xin.shape, tl.float32)
+    if HOIST:
+        y = _rot_dot(xin, r, PIECES)
     if HOIST and not EXACT:
         # ‖x_s‖ from the rotated row itself (the rotation is orthogonal up to rs): no fp32 copy of the input
         # tile, no channel mask. It differs from torch's ‖x_s‖ by fp32 rounding only (boundary ties, ≤ 1 ulp).
-        y = _rot_dot(xin, r, PIECES)
         n = tl.sqrt(tl.sum(y * y, 1)) * rs
     else:
         xf = xin.to(tl.float32)
@@ -207,8 +205,6 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     for c0 in tl.static_range(0, DS, DC):
         if not HOIST:
             y = _rot_dot(xin, _load_rot(R, col0 + c0, D, DC, NCOL), PIECES)
-        elif EXACT:
-            y = _rot_dot(xin, r, PIECES)
         if EXACT:  # the torch codec divides; the CPU interpreter matches it bit for bit
             yn = (y * rs) / nc[:, None]
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
@@ -342,9 +338,7 @@ _ENC_CACHE: dict = {}
 
 
 def _enc_matrices(codec, device):
-    # Tensor versions: an in-place change (calibration, load_state_dict) must rebuild the matrices.
-    key = (id(codec), str(device), codec.perm.data_ptr(),
-           *(t._version for t in (codec.perm, codec.channel_scale, *codec.buffers())))
+    key = codec_key(codec, device)
     hit = _ENC_CACHE.get(key)
     if hit is not None and hit[0] is codec:
         return hit[1]
