@@ -155,7 +155,8 @@ def bench_attention(dev, Bs, Ns, schemes, ref_max_n, graph=True):
             print(f"B={B} N={N:6d} sdpa-bf16      {med:8.1f} us  graph {g or float('nan'):8.1f} us  {sdpa['gbps']:7.0f} GB/s", flush=True)
             del sets, fns
             torch.cuda.empty_cache()
-            # ---- ours
+            # ---- ours: as dispatched (the Gluon decode kernel where it covers the scheme), and beside it the
+            # Triton kernel for the same scheme when Gluon took it (provider tl-<scheme>)
             for sch in schemes:
                 kc, vc = codecs_for(sch, dev)
                 nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
@@ -163,17 +164,24 @@ def bench_attention(dev, Bs, Ns, schemes, ref_max_n, graph=True):
                 for _ in range(n_sets(nbytes)):
                     q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16)
                     sets.append((q, random_packed(kc, B, HKV, N, dev), random_packed(vc, B, HKV, N, dev)))
-                fns = [lambda s=s: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale) for s in sets]
-                med, p20, p80, g = time_fn(fns, graph)
-                cfg = launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc)
-                row = dict(provider=f"triton-{sch}", scheme=sch, B=B, N=N, median_us=med, p20_us=p20, p80_us=p80,
-                           graph_us=g, bytes=nbytes, gbps=nbytes / (med * 1e-6) / 1e9,
-                           gbps_graph=nbytes / (g * 1e-6) / 1e9 if g else None,
-                           ratio_vs_sdpa=sdpa["median_us"] / med,
-                           ratio_graph=(sdpa["graph_us"] / g) if (g and sdpa["graph_us"]) else None, config=cfg)
-                rows.append(row)
-                print(f"B={B} N={N:6d} triton-{sch:8s} {med:8.1f} us  graph {g or float('nan'):8.1f} us  "
-                      f"{row['gbps']:7.0f} GB/s  x{row['ratio_vs_sdpa']:.2f} (graph x{row['ratio_graph'] or float('nan'):.2f})  {cfg}", flush=True)
+                cfg, gl_why = dispatched_config(sets[0][0], kc, vc, B, N, dev)
+                variants = [(f"triton-{sch}", cfg)]
+                if gl_why is None:
+                    variants.append((f"tl-{sch}", dict(launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc,
+                                                                     v_codec=vc), gluon=False)))
+                for prov, c in variants:
+                    fns = [lambda s=s, c=c: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale, config=c)
+                           for s in sets]
+                    med, p20, p80, g = time_fn(fns, graph)
+                    row = dict(provider=prov, scheme=sch, B=B, N=N, median_us=med, p20_us=p20, p80_us=p80,
+                               graph_us=g, bytes=nbytes, gbps=nbytes / (med * 1e-6) / 1e9,
+                               gbps_graph=nbytes / (g * 1e-6) / 1e9 if g else None,
+                               ratio_vs_sdpa=sdpa["median_us"] / med,
+                               ratio_graph=(sdpa["graph_us"] / g) if (g and sdpa["graph_us"]) else None,
+                               config=c, kernel="gluon" if c.get("gluon") else "triton")
+                    rows.append(row)
+                    print(f"B={B} N={N:6d} {prov:15s} {med:8.1f} us  graph {g or float('nan'):8.1f} us  "
+                          f"{row['gbps']:7.0f} GB/s  x{row['ratio_vs_sdpa']:.2f} (graph x{row['ratio_graph'] or float('nan'):.2f})  {c}", flush=True)
                 if N <= ref_max_n:
                     s0 = sets[0]
                     med, p20, p80, _ = time_fn([lambda: attend_packed(s0[0], kc, s0[1], vc, s0[2], scale=scale)], graph=False)
@@ -184,6 +192,17 @@ def bench_attention(dev, Bs, Ns, schemes, ref_max_n, graph=True):
                 del sets, fns
                 torch.cuda.empty_cache()
     return rows
+
+
+def dispatched_config(q, kc, vc, B, N, dev):
+    """(config, why not Gluon): what ``attend_packed_triton`` runs by default for this shape."""
+    from tqcache.kernels import attention as A
+
+    G = A._gluon_module()
+    why = "no Gluon" if G is None else G.gluon_reason(q, kc, vc, HQ // HKV, True)
+    if why is None and A._matrices(kc, vc, dev, torch.float16, gluon=True)[6]:
+        return A.gluon_config(B, HKV, N, dev), None
+    return dict(launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc), gluon=False), why or "tables"
 
 
 def sweep(dev, schemes, B, N):

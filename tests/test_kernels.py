@@ -257,6 +257,98 @@ def test_plane_permutation_matches_the_bit_stream(bits):
     assert _planes(64, 2) == 4 and _planes(64, 2, key=True) == 1  # keys need 32-channel planes
 
 
+# ---------------------------------------------------------------------------------------------- Gluon decode
+def test_gluon_fragment_geometry_gives_each_lane_one_contiguous_run():
+    # The Gluon kernel's column numbering: the columns a lane's mma.sync B fragments need (keys: k = column;
+    # values: n = column) must be exactly the bytes its one vector load per token row brings in.
+    from tqcache.kernels.decode_gluon import fragment_columns, sigma
+
+    for W in (16, 32, 64):
+        for key in (True, False):
+            assert sorted(sigma(j, W, key) for j in range(W)) == list(range(W))
+            run = W // 4 if key else W // 8
+            for lane in range(32):
+                first = (lane & 3) * run if key else (lane >> 2) * run
+                assert sorted(sigma(j, W, key) for j in fragment_columns(lane, W, key)) == list(
+                    range(first, first + run)), (W, key, lane)
+
+
+@pytest.mark.parametrize("d,bits", [(128, 4), (128, 2), (64, 4), (64, 2)])
+def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
+    # Emulates what the kernel reads: plane p of column j is bits [p·b, (p+1)·b) of stored byte σ(j). That must
+    # be the code of channel kernel_order[p·W + j], the order A (keys) and U (values) fold in.
+    from tqcache.codec.packing import pack_bits
+    from tqcache.kernels.attention import _matrices
+    from tqcache.kernels.decode_gluon import kernel_order, sigma
+
+    P, W = 8 // bits, d * bits // 8
+    codes = torch.randint(0, 1 << bits, (7, d), generator=_gen(31))
+    by = pack_bits(codes, bits).long()
+    for key in (True, False):
+        cols = by[:, [sigma(j, W, key) for j in range(W)]]
+        planes = torch.cat([(cols >> (p * bits)) & ((1 << bits) - 1) for p in range(P)], -1)
+        perm = kernel_order(TurboQuantizer(d, bits, seed=1), key)
+        assert sorted(perm) == list(range(d))
+        assert torch.equal(planes, codes[:, perm])
+    kc, vc = TurboQuantizer(d, bits, seed=3), TurboQuantizer(d, bits, seed=4)
+    A, U, *_ = _matrices(kc, vc, torch.device("cpu"), torch.float16, gluon=True)
+    eye = torch.eye(d)
+    torch.testing.assert_close(A, kc.rotate_query(eye)[:, kernel_order(kc, True)])
+    torch.testing.assert_close(U, vc.unrotate(eye)[kernel_order(vc, False)])
+
+
+def test_gluon_reason_names_what_it_does_not_cover():
+    from tqcache.kernels.decode_gluon import gluon_reason
+
+    q = torch.randn(1, 8, 1, 128)
+    k4, k3 = TurboQuantizer(128, 4), TurboQuantizer(128, 3)
+    assert "CUDA" in gluon_reason(q, k4, k4, 4, True)
+    if HAS_CUDA:
+        qc = q.to(DEV, torch.bfloat16)
+        assert gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, True) is None
+        assert "3)" in gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True)
+        assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
+        assert "float32" in gluon_reason(q.to(DEV), k4.to(DEV), k4.to(DEV), 4, True)
+        assert "sign-symmetric" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, False)
+
+
+GLUON_CASES = [
+    # d, kbits, vbits, q dtype, B, Hkv, Hq, T, Lq, extra
+    (128, 4, 4, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (128, 2, 2, torch.float16, 2, 2, 8, 517, 1, None),
+    (128, 4, 2, torch.bfloat16, 2, 2, 8, 300, 4, "causal"),
+    (64, 4, 4, torch.float16, 2, 2, 8, 130, 1, None),
+    (64, 2, 4, torch.bfloat16, 2, 1, 8, 77, 2, "causal"),
+    (128, 4, 4, torch.float16, 3, 2, 8, 200, 1, "ragged"),
+    (128, 4, 4, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (128, 2, 4, torch.bfloat16, 1, 2, 16, 3000, 1, None),  # G = 8
+]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="Gluon kernels compile for CUDA only (no interpreter)")
+@pytest.mark.parametrize("d,kb,vb,dt,B,Hkv,Hq,T,Lq,extra", GLUON_CASES)
+def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra):
+    from tqcache.kernels import attention as att
+
+    kc, vc, kp, vp = _make(d, kb, vb, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T)) % 1000)
+    q = (torch.randn(B, Hq, Lq, d, generator=_gen(17)) * 2).to(DEV, dt)
+    kw = {}
+    if extra == "causal":
+        kw = dict(q_pos=torch.tensor([T - Lq, T // 2][:B], device=DEV))
+    elif extra == "ragged":
+        kw = dict(kv_start=torch.tensor([5, 40, 0], device=DEV), kv_end=torch.tensor([190, 40, 200], device=DEV))
+    elif extra == "window":
+        kw = dict(q_pos=torch.tensor([T - Lq, 100], device=DEV), window=70)
+    assert att._gluon_module().gluon_reason(q, kc, vc, Lq * Hq // Hkv, True) is None
+    before = {k for k in att.COMPILED if k.startswith("gluon")}
+    out, lse = _check(q, kc, kp, vc, vp, **kw)
+    assert {k for k in att.COMPILED if k.startswith("gluon")} or before, "the Gluon kernel did not run"
+    # Same answer as the Triton kernel (different operand order and tiles: fp16-level agreement).
+    o2, l2 = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(
+        att.launch_config(B, Hkv, Lq * Hq // Hkv, T, d, DEV, k_codec=kc, v_codec=vc), gluon=False), **kw)
+    torch.testing.assert_close(out, o2, rtol=2e-2, atol=2e-2 * out.abs().max().item())
+
+
 def test_kernel_segments_split_widths_that_are_two_powers_of_two():
     from tqcache.kernels.attention import _kernel_segments, unsupported_reason
 

@@ -707,6 +707,36 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
 
 
+def _gluon_module():
+    """``decode_gluon`` when this Triton has Gluon (3.5+), else None (the Triton kernel takes every shape)."""
+    global _GLUON
+    if _GLUON is False:
+        try:
+            from . import decode_gluon
+        except Exception:  # pragma: no cover - depends on the Triton version
+            decode_gluon = None
+        _GLUON = decode_gluon
+    return _GLUON
+
+
+_GLUON = False
+
+
+def gluon_config(B: int, Hkv: int, T: int, device: torch.device) -> dict:
+    """Launch configuration of the Gluon decode kernel: one warp per program, ``BLOCK_N`` 32 tokens per step,
+    a 2-deep cp.async ring, splits for about ``GLUON_PER_SM`` programs per SM (each split keeps ≥ 4 blocks,
+    ≤ 256 splits). H100 sweep at 128K (docs/kernel-notes.md, v5): 12 per SM — one full wave at 168 registers —
+    for B·Hkv < 32, 16 from 32 on (1600 programs would spill 16 into a second wave)."""
+    block_n = 32
+    per_sm = GLUON_PER_SM if GLUON_PER_SM else (12 if B * Hkv < 32 else 16)
+    splits = max(1, min(triton.cdiv(per_sm * _num_sms(device), B * Hkv), triton.cdiv(T, 4 * block_n), 256))
+    return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2)
+
+
+GLUON_PER_SM = 0  # 0: the rule above; a number overrides it (sweeps)
+MERGE = dict(num_warps=4, elems=4096)  # merge kernel: warps, elements per [SCH, D] tile (sweeps)
+
+
 def _min_dot_k(key: bool) -> int:
     """Fewest channels one product may reduce over: 16 (a tensor-core K) for values, 32 for keys — on the H100
     with Triton 3.6 a key product ``q [16, 16] @ cᵀ [16, N]`` came out wrong (planes and natural order alike)
@@ -816,22 +846,29 @@ def _segment_args(k_codec, v_codec, planes: bool) -> dict:
     return args
 
 
-def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True):
+def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: bool = False):
     """(A [(Hkv,) d, d or 2d] fp32 query map, U [d, d] fp32 unrotation, K/V centroid tables [2, 256] dot dtype,
     K/V register tables [2, 4] int32, whether the register tables are usable, the kernel-segment constexprs).
 
-    The bit-plane column permutation (:func:`_plane_perm`) is folded in: A's first d columns are in the
-    kernel's key column order, U's rows in its value column order (zero run-time cost).
+    The kernel's column permutation is folded in — :func:`_plane_perm` for this module's kernel,
+    ``decode_gluon.kernel_order`` with ``gluon`` — so A's first d columns are in the kernel's key column order
+    and U's rows in its value column order (zero run-time cost).
     """
-    key = (codec_key(k_codec, device), codec_key(v_codec, device), dot_dtype, planes)
+    key = (codec_key(k_codec, device), codec_key(v_codec, device), dot_dtype, planes, gluon)
     hit = _MAT_CACHE.get(key)
     if hit is not None and hit[0] is k_codec and hit[1] is v_codec:
         return hit[2]
     d = k_codec.dim
     eye = torch.eye(d, device=device, dtype=torch.float32)
     with torch.no_grad():
-        pk = torch.tensor(_plane_perm(k_codec, planes, key=True), device=device)
-        pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
+        if gluon:
+            from .decode_gluon import kernel_order
+
+            pk = torch.tensor(kernel_order(k_codec, key=True), device=device)
+            pv = torch.tensor(kernel_order(v_codec, key=False), device=device)
+        else:
+            pk = torch.tensor(_plane_perm(k_codec, planes, key=True), device=device)
+            pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
         # [d, d'] for a shared key scale, [Hkv, d, d'] for per-head scales (matmul broadcasts over heads).
         a = k_codec.rotate_query(eye)[..., pk]
         if k_codec.qjl:
@@ -912,7 +949,16 @@ def attend_packed_triton(
     dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
     cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
     use_planes = bool(cfg.get("planes", True))
-    A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
+    # The Gluon decode kernel (decode_gluon.py) takes the shapes it covers unless the config says gluon=False.
+    use_gluon = False
+    if cfg.get("gluon", True) and _gluon_module() is not None and \
+            _gluon_module().gluon_reason(q, k_codec, v_codec, M, True) is None:
+        A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, gluon=True)
+        use_gluon = lut_ok
+        if use_gluon and not config:
+            cfg = gluon_config(B, Hkv, T, dev)
+    if not use_gluon:
+        A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
     # Register-table lookup: compiled fp16 path only (the interpreter runs no PTX; fp32 queries use fp32 tables).
     fast = bool(cfg.get("fast", True)) and lut_ok and dot_dtype == torch.float16 and dev.type == "cuda"
 
@@ -948,26 +994,32 @@ def attend_packed_triton(
     pacc = torch.empty(B * Hkv * SPL * M * d, device=dev, dtype=torch.float32)
     pm = torch.empty(B * Hkv * SPL * M, device=dev, dtype=torch.float32)
     pl = torch.empty_like(pm)
-    ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](
-        qk, qk.stride(0), qk.stride(1), qk.stride(2),
-        kc, kc.stride(0), kc.stride(1), kc.stride(2),
-        kn, kn.stride(0), kn.stride(1), kn.stride(2),
-        ks, ks.stride(0), ks.stride(1), ks.stride(2),
-        kg, kg.stride(0), kg.stride(1), kg.stride(2),
-        vc, vc.stride(0), vc.stride(1), vc.stride(2),
-        vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lvk, lvv, lutk, lutv,
-        st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
-        pacc, pm, pl,
-        T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
-        HKV=Hkv, G=G, D=d,
-        **seg_args,
-        K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
-        CAUSAL=qp is not None, HAS_WINDOW=window is not None,
-        SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32, FAST=fast,
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
-    )
-    _record_compile(ck, cfg, f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"), fast)
+    if use_gluon:
+        ck = _gluon_module().launch_gluon(
+            qk, kc, kn, vc, vn, lutk[0], lutv[0], st, en, qp, dummy, pacc, pm, pl, T=T, M=M, window=window,
+            Hkv=Hkv, G=G, d=d, kb=k_codec.segments[0][1], vb=v_codec.segments[0][1], splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2))
+        _record_compile(ck, cfg, f"gluon K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
+    else:
+        ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](
+            qk, qk.stride(0), qk.stride(1), qk.stride(2),
+            kc, kc.stride(0), kc.stride(1), kc.stride(2),
+            kn, kn.stride(0), kn.stride(1), kn.stride(2),
+            ks, ks.stride(0), ks.stride(1), ks.stride(2),
+            kg, kg.stride(0), kg.stride(1), kg.stride(2),
+            vc, vc.stride(0), vc.stride(1), vc.stride(2),
+            vn, vn.stride(0), vn.stride(1), vn.stride(2),
+            lvk, lvv, lutk, lutv,
+            st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
+            pacc, pm, pl,
+            T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
+            HKV=Hkv, G=G, D=d,
+            **seg_args,
+            K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
+            CAUSAL=qp is not None, HAS_WINDOW=window is not None,
+            SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32, FAST=fast,
+            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
+        )
+        _record_compile(ck, cfg, f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"), fast)
     out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
     lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
     _attn_merge_kernel[(B * Hkv, M)](
@@ -975,6 +1027,6 @@ def attend_packed_triton(
         out, out.stride(0), out.stride(1), out.stride(2),
         lse, lse.stride(0), lse.stride(1),
         M, HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=triton.next_power_of_2(SPL),
-        SCH=max(1, min(triton.next_power_of_2(SPL), 4096 // d)), DC=min(d, 32), num_warps=4,
+        SCH=max(1, min(triton.next_power_of_2(SPL), MERGE["elems"] // d)), DC=min(d, 32), num_warps=MERGE["num_warps"],
     )
     return out, lse

@@ -1,0 +1,338 @@
+"""Decode attention over a TurboQuant-packed cache in Gluon: codes decoded straight into the MMA operand layout.
+
+Why a second decode kernel: in the Triton kernel (:mod:`.attention`) the compiler picks the register layout
+of every tensor. The decoded centroid tile lands in a blocked layout and is moved into the tensor-core
+operand layout through shared memory — ~260 register moves plus STS/LDS per 64-token block, more
+instructions than the centroid lookup itself (docs/kernel-notes.md, v4). Gluon lets the kernel choose
+layouts, and the codec lets it choose the channel order (a dot product does not care how its channels are
+numbered, so a permutation folds into the query map A and the unrotation U at zero run-time cost). This
+kernel numbers the channels so that **each thread loads exactly the code bytes its ``mma.sync`` fragments
+need, contiguously, and decodes them in place**: no shared memory, no layout conversion that moves data.
+
+Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
+one codec segment per side of 2 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``), head_dim 64 or
+128, fp16/bf16 queries (fp16 operands), no QJL, the register tables usable (sign-symmetric fp16 centroids).
+Same arguments, partials and merge as the Triton kernel; one warp per program.
+
+Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
+row; plane ``p`` of byte ``s`` is channel ``s·P + p`` (``P = 8/b``); every plane is a ``[tokens, W]`` tile whose
+column ``j`` is byte ``σ(j)`` of the row:
+
+* keys — B operand of ``S = Q̃ Kᵀ`` (k = column, n = token): lane (gid, t) holds columns
+  ``j = 16·kc + 8·h + 2·t + e`` of token ``gid`` (mod 8). Stored byte ``σ_K(j) = (W/4)·t + 4·kc + 2·h + e``, so the
+  lane's ``W/4`` bytes of a row are one contiguous load;
+* values — B operand of ``O += P V`` (k = token, n = column): lane (gid, t) holds columns ``j = 8·nt + gid`` of
+  tokens ``2t + e + 8h`` (mod 16). ``σ_V(j) = (W/8)·gid + nt``: ``W/8`` contiguous bytes per row.
+
+The load tiles are ``[N, 4, W/4]`` (keys) and ``[N, 8, W/8]`` (values) in blocked layouts whose lanes and
+registers are those of the operand; ``reshape``/``permute`` renumber the elements into ``[W, N]`` / ``[N, W]``
+operand order, and the final ``convert_layout`` only renames registers (checked: the compiled kernel has no
+shared-memory instructions). :func:`kernel_order` gives the column orders that A and U fold in.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from .attention import _ASM_LUT2, _ASM_LUT4
+
+__all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns"]
+
+
+@gluon.jit
+def _decode_planes(bt, lut_ptr, BITS: gl.constexpr):
+    """Centroid planes of the byte tile ``bt`` (any shape and layout; 4 consecutive register bytes per lookup):
+    4 bits -> 2 planes (low, high nibble), 2 bits -> 4 planes (bit pairs); planes past P alias plane 0."""
+    t0 = gl.load(lut_ptr)
+    t1 = gl.load(lut_ptr + 1)
+    t2 = gl.load(lut_ptr + 2)
+    t3 = gl.load(lut_ptr + 3)
+    if BITS == 4:
+        c0, c1 = gl.inline_asm_elementwise(_ASM_LUT4, "=r,=r,=r,=r,r" + ",r" * 16, [bt, t0, t1, t2, t3],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
+        c2 = c0
+        c3 = c0
+    else:
+        c0, c1, c2, c3 = gl.inline_asm_elementwise(
+            _ASM_LUT2, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 8, [bt, t0, t1],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+    return c0, c1, c2, c3
+
+
+@gluon.jit
+def _k_operand(c, BLOCK_N: gl.constexpr, W: gl.constexpr, OPA: gl.constexpr):
+    """``[N, 4(t), W/4(i)]`` plane -> ``[N, W]`` A operand: i = 4·kc + 2·h + e -> column 16·kc + 8·h + 2·t + e."""
+    c = gl.reshape(c, [BLOCK_N, 4, W // 16, 2, 2])
+    c = gl.permute(c, [0, 2, 3, 1, 4])
+    return gl.convert_layout(gl.reshape(c, [BLOCK_N, W]), OPA)
+
+
+@gluon.jit
+def _v_operand(c, BLOCK_N: gl.constexpr, W: gl.constexpr, OPA: gl.constexpr):
+    """``[N, 8(gid), W/8(i)]`` plane -> ``[W, N]`` A operand (transposed): column 8·i + gid."""
+    c = gl.reshape(gl.permute(c, [0, 2, 1]), [BLOCK_N, W])
+    return gl.convert_layout(gl.permute(c, [1, 0]), OPA)
+
+
+@gluon.jit
+def _gluon_decode_kernel(
+    Q, stride_qb, stride_qh, stride_qm,  # [B, Hkv, M, D] fp16 rotated, pre-scaled; columns in kernel_order
+    KC, stride_kcb, stride_kch, stride_kct,  # [B, Hkv, T, W_K] uint8 key codes
+    KN, stride_knb, stride_knh, stride_knt,  # [B, Hkv, T, 1] fp16 key norms
+    VC, stride_vcb, stride_vch, stride_vct,  # [B, Hkv, T, W_V] uint8 value codes
+    VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, 1] fp16 value norms
+    LUTK, LUTV,  # int32 [4] register tables (attention._register_tables, row 0)
+    KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
+    PACC, PM, PL,  # partials [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2 (the merge kernel's input)
+    T, M, window,
+    HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
+    HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
+    SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+):
+    """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
+    ``Oᵀ += Vᵀ Pᵀ`` — half the padded work of ``Q̃ Kᵀ`` with 16 query rows, and half the accumulator registers.
+    The code bytes of the next block are loaded before the current block is decoded (registers as the buffer)."""
+    KP: gl.constexpr = 8 // KB  # planes
+    VP: gl.constexpr = 8 // VB
+    KW: gl.constexpr = D * KB // 8  # code bytes per row = columns per plane
+    VW: gl.constexpr = D * VB // 8
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    OPA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    OPB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    TOK: gl.constexpr = gl.SliceLayout(1, MMA)  # [BLOCK_N] per token (rows of Sᵀ)
+    QRY: gl.constexpr = gl.SliceLayout(0, MMA)  # [BLOCK_M] per query row (columns of Sᵀ)
+    # Load tiles: keys [N, 4, KW/4] (lane = 4·(token mod 8) + t), values [N, 8, VW/8] (lane = 4·gid + token bits 1–2).
+    LK: gl.constexpr = gl.BlockedLayout([1, 1, KW // 4], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    LV: gl.constexpr = gl.BlockedLayout([2, 1, VW // 8], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    # Same lanes as LV, token pairs (2t, 2t + 1) adjacent in registers: the lookup then emits (token, token + 1)
+    # fp16 pairs of one column, which is how the transposed value operand packs its registers.
+    LV2: gl.constexpr = gl.BlockedLayout([2, 1, VW // 8], [4, 8, 1], [1, 1, 1], [0, 2, 1])
+    LQ: gl.constexpr = gl.BlockedLayout([4, 1], [4, 8], [1, 1], [0, 1])
+
+    pid_bh = gl.program_id(0)
+    split = gl.program_id(1)
+    b = pid_bh // HKV
+    h = pid_bh % HKV
+
+    offs_m = gl.arange(0, BLOCK_M, layout=QRY)
+    mvalid = offs_m < M
+    qi = offs_m // G
+
+    lo = pid_bh * 0
+    hi = lo + T
+    if HAS_START:
+        lo = gl.load(KV_START + b)
+    if HAS_END:
+        hi = gl.minimum(gl.load(KV_END + b), T)
+    if CAUSAL:
+        qp = gl.load(QPOS + b)
+        hi = gl.minimum(hi, qp + (M - 1) // G + 1)
+        if HAS_WINDOW:
+            lo = gl.maximum(lo, qp - window + 1)
+    lo = gl.maximum(lo, 0)
+    n_tok = gl.maximum(hi - lo, 0)
+    per = gl.cdiv(gl.cdiv(n_tok, SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * per
+    s_hi = gl.minimum(s_lo + per, hi)
+
+    # ---- query planes as B operands [KW, BLOCK_M]: element (c, m) = q̃[m, p·KW + c]
+    qc = gl.arange(0, KW, layout=gl.SliceLayout(1, LQ))
+    qm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
+    q_ptr = Q + b * stride_qb + h * stride_qh + qm[None, :] * stride_qm + qc[:, None]
+    q_ok = (qm < M)[None, :]
+    q0 = gl.convert_layout(gl.load(q_ptr, mask=q_ok, other=0.0), OPB)
+    q1 = gl.convert_layout(gl.load(q_ptr + KW, mask=q_ok, other=0.0), OPB)
+    q2 = q0
+    q3 = q0
+    if KP == 4:
+        q2 = gl.convert_layout(gl.load(q_ptr + 2 * KW, mask=q_ok, other=0.0), OPB)
+        q3 = gl.convert_layout(gl.load(q_ptr + 3 * KW, mask=q_ok, other=0.0), OPB)
+
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
+    l_i = gl.zeros([BLOCK_M], gl.float32, QRY)
+    a0 = gl.zeros([VW, BLOCK_M], gl.float32, MMA)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+
+    # key byte offsets within a row: lane t reads bytes [t·KW/4, (t+1)·KW/4); values: lane gid [gid·VW/8, ..)
+    kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
+    kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
+    ki = gl.arange(0, KW // 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
+    k_off = (kl * (KW // 4))[None, :, None] + ki[None, None, :]
+    vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
+    vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
+    vi = gl.arange(0, VW // 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
+    v_off = (vl * (VW // 8))[None, :, None] + vi[None, None, :]
+    kc_base = KC + b * stride_kcb + h * stride_kch
+    vc_base = VC + b * stride_vcb + h * stride_vch
+    kn_base = KN + b * stride_knb + h * stride_knh
+    vn_base = VN + b * stride_vnb + h * stride_vnh
+    rows = gl.arange(0, BLOCK_N, layout=TOK)
+
+    # Code bytes stream through a STAGES-deep ring in shared memory (cp.async): block i + STAGES - 1 is in
+    # flight while block i is decoded. Each lane copies and later reads back exactly its own bytes (the load
+    # layouts above), so no barrier is needed between lanes. Norms are prefetched one block ahead in registers.
+    SHK: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
+    smk = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 4, KW // 4], SHK)
+    smv = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 8, VW // 8], SHK)
+    n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
+    for i in gl.static_range(STAGES - 1):
+        tk = s_lo + i * BLOCK_N + kt
+        async_copy.async_copy_global_to_shared(smk.index(i), kc_base + (tk * stride_kct)[:, None, None] + k_off,
+                                               mask=(tk < s_hi)[:, None, None])
+        tv = s_lo + i * BLOCK_N + vt
+        async_copy.async_copy_global_to_shared(smv.index(i), vc_base + (tv * stride_vct)[:, None, None] + v_off,
+                                               mask=(tv < s_hi)[:, None, None])
+        async_copy.commit_group()
+    offs_n = s_lo + rows
+    kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
+    vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
+    for it in range(n_iter):
+        start = s_lo + it * BLOCK_N
+        nxt = start + (STAGES - 1) * BLOCK_N
+        slot = (it + STAGES - 1) % STAGES
+        tk = nxt + kt
+        async_copy.async_copy_global_to_shared(smk.index(slot), kc_base + (tk * stride_kct)[:, None, None] + k_off,
+                                               mask=(tk < s_hi)[:, None, None])
+        tv = nxt + vt
+        async_copy.async_copy_global_to_shared(smv.index(slot), vc_base + (tv * stride_vct)[:, None, None] + v_off,
+                                               mask=(tv < s_hi)[:, None, None])
+        async_copy.commit_group()
+        offs_n = start + rows
+        nmask = offs_n < s_hi
+        knf = kn.to(gl.float32)
+        vnf = vn.to(gl.float32)
+        kn = gl.load(kn_base + (offs_n + BLOCK_N) * stride_knt, mask=offs_n + BLOCK_N < s_hi, other=0.0)
+        vn = gl.load(vn_base + (offs_n + BLOCK_N) * stride_vnt, mask=offs_n + BLOCK_N < s_hi, other=0.0)
+        async_copy.wait_group(STAGES - 1)
+        ck = smk.index(it % STAGES).load(LK)
+        cv = smv.index(it % STAGES).load(LV)
+
+        # ---- scores Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ, times each token's key norm
+        c0, c1, c2, c3 = _decode_planes(ck, LUTK, KB)
+        s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+        s = mma_v2(_k_operand(c0, BLOCK_N, KW, OPA), q0, s)
+        s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
+        if KP == 4:
+            s = mma_v2(_k_operand(c2, BLOCK_N, KW, OPA), q2, s)
+            s = mma_v2(_k_operand(c3, BLOCK_N, KW, OPA), q3, s)
+        s = s * knf[:, None]
+        ok = nmask[:, None] & mvalid[None, :]
+        if CAUSAL:
+            pos = qp + qi
+            ok = ok & (offs_n[:, None] <= pos[None, :])
+            if HAS_WINDOW:
+                ok = ok & (offs_n[:, None] > pos[None, :] - window)
+        s = gl.where(ok, s, float("-inf"))
+
+        # ---- online softmax (base 2) down the token axis; rows that saw nothing keep m = -inf
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - m_safe[None, :])
+        alpha = gl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + gl.sum(p, 0)
+        m_i = m_new
+
+        # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ
+        pv = gl.convert_layout((p * vnf[:, None]).to(gl.float16), OPB)
+        v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), LUTV, VB)
+        a0 = mma_v2(_v_operand(v0, BLOCK_N, VW, OPA), pv, a0 * alpha[None, :])
+        a1 = mma_v2(_v_operand(v1, BLOCK_N, VW, OPA), pv, a1 * alpha[None, :])
+        if VP == 4:
+            a2 = mma_v2(_v_operand(v2, BLOCK_N, VW, OPA), pv, a2 * alpha[None, :])
+            a3 = mma_v2(_v_operand(v3, BLOCK_N, VW, OPA), pv, a3 * alpha[None, :])
+
+    # ---- partials (rows past M are not stored); accumulator columns in kernel_order
+    prow = (pid_bh * SPLITS + split) * M + offs_m
+    gl.store(PM + prow, m_i, mask=mvalid)
+    gl.store(PL + prow, l_i, mask=mvalid)
+    ac = gl.arange(0, VW, layout=TOK)
+    pa = PACC + prow[None, :] * D + ac[:, None]
+    sm = mvalid[None, :]
+    gl.store(pa, a0, mask=sm)
+    gl.store(pa + VW, a1, mask=sm)
+    if VP == 4:
+        gl.store(pa + 2 * VW, a2, mask=sm)
+        gl.store(pa + 3 * VW, a3, mask=sm)
+
+
+# ---------------------------------------------------------------------------------------------- host side
+def sigma(j: int, W: int, key: bool) -> int:
+    """Stored byte of kernel column ``j`` (0 <= j < W) of every plane (module docstring)."""
+    if key:
+        t, e, h, kc = (j >> 1) & 3, j & 1, (j >> 3) & 1, j >> 4
+        return (W // 4) * t + 4 * kc + 2 * h + e
+    return (W // 8) * (j & 7) + (j >> 3)
+
+
+def fragment_columns(lane: int, W: int, key: bool) -> list[int]:
+    """Kernel columns (of one plane) that ``lane`` holds in its ``mma.sync.m16n8k16`` B fragments for one token
+    row: keys ``16·kc + 8·h + 2·t + e``, values ``8·nt + gid`` (lane = 4·gid + t)."""
+    gid, t = lane >> 2, lane & 3
+    if key:
+        return [16 * kc + 8 * h + 2 * t + e for kc in range(W // 16) for h in (0, 1) for e in (0, 1)]
+    return [8 * nt + gid for nt in range(W // 8)]
+
+
+def kernel_order(codec, key: bool) -> list[int]:
+    """Column order of the kernel: ``perm[column] = natural (rotated-space) channel``, planes major.
+
+    Column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel ``σ(j)·P + p``.
+    Keys fold this into the query map A (columns), values into the unrotation U (rows).
+    """
+    (d, b), = codec.segments
+    P, W = 8 // b, d * b // 8
+    return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str | None:
+    """Why the Gluon decode kernel does not take this call (None when it does); the Triton kernel runs instead."""
+    if q.device.type != "cuda":
+        return "not a CUDA tensor (Gluon has no interpreter)"
+    if _capability(q.device) < (8, 0):
+        return "GPU older than sm_80 (mma.sync m16n8k16)"
+    if M > 16:
+        return f"{M} query rows per KV head (decode kernel: G·Lq <= 16)"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"query dtype {q.dtype} (fp16 operands only)"
+    for name, c in (("key", k_codec), ("value", v_codec)):
+        if len(c.segments) != 1 or c.segments[0][1] not in (2, 4):
+            return f"{name} segments {c.segments} (one segment of 2 or 4 bits)"
+    if k_codec.qjl or v_codec.qjl:
+        return "QJL"
+    if q.shape[-1] not in (64, 128):
+        return f"head_dim {q.shape[-1]} (64 or 128)"
+    if not lut_ok:
+        return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
+    return None
+
+
+def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, T, M, window, Hkv, G, d,
+                 kb, vb, splits, block_n, stages=2):
+    """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton."""
+    B = qk.shape[0]
+    return _gluon_decode_kernel[(B * Hkv, splits)](
+        qk, qk.stride(0), qk.stride(1), qk.stride(2),
+        kc, kc.stride(0), kc.stride(1), kc.stride(2),
+        kn, kn.stride(0), kn.stride(1), kn.stride(2),
+        vc, vc.stride(0), vc.stride(1), vc.stride(2),
+        vn, vn.stride(0), vn.stride(1), vn.stride(2),
+        lutk, lutv,
+        st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
+        pacc, pm, pl,
+        T, M, int(window) if window is not None else 0,
+        HKV=Hkv, G=G, D=d, KB=kb, VB=vb,
+        HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None, HAS_WINDOW=window is not None,
+        SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, num_warps=1,
+    )
