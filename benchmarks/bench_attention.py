@@ -1,8 +1,10 @@
 """Decode attention over a TurboQuant cache vs torch SDPA over a bf16 cache (and encode throughput).
 
 Providers (lines): ``sdpa-bf16`` (``scaled_dot_product_attention(..., enable_gqa=True)`` over bf16 K/V),
-``triton-<scheme>`` (our split-K kernel, :func:`tqcache.kernels.attention.attend_packed_triton`, whole step
-included: query rotation in torch, attention kernel, merge + unrotation kernel), ``torch-<scheme>`` (the
+``triton-<scheme>`` (:func:`tqcache.kernels.attention.attend_packed_triton` as dispatched — the Gluon decode
+kernel for 2/4-bit single-segment schemes, else the Triton split-K kernel — whole step included: query-map
+kernel, attention kernel, merge + unrotation kernel), ``tl-<scheme>`` (the Triton kernel for a scheme Gluon
+took, same process), ``torch-<scheme>`` (the
 torch reference ``attend_packed``, small N only).
 
 Sweep: B ∈ {1, 8}, 32 query / 8 KV heads, head_dim 128, N ∈ {4K, 16K, 64K, 128K}, one decode query.
@@ -198,11 +200,11 @@ def dispatched_config(q, kc, vc, B, N, dev):
     """(config, why not Gluon): what ``attend_packed_triton`` runs by default for this shape."""
     from tqcache.kernels import attention as A
 
+    cfg = A.choose_config(q, kc, vc, HKV, N)
+    if cfg.get("gluon"):
+        return cfg, None
     G = A._gluon_module()
-    why = "no Gluon" if G is None else G.gluon_reason(q, kc, vc, HQ // HKV, True)
-    if why is None and A._matrices(kc, vc, dev, torch.float16, gluon=True)[6]:
-        return A.gluon_config(B, HKV, N, dev), None
-    return dict(launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc), gluon=False), why or "tables"
+    return dict(cfg, gluon=False), ("no Gluon" if G is None else G.gluon_reason(q, kc, vc, HQ // HKV, True) or "tables")
 
 
 def sweep(dev, schemes, B, N):

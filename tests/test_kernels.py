@@ -298,11 +298,13 @@ def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
 
 
 def test_gluon_reason_names_what_it_does_not_cover():
+    from tqcache.kernels.attention import choose_config
     from tqcache.kernels.decode_gluon import gluon_reason
 
     q = torch.randn(1, 8, 1, 128)
     k4, k3 = TurboQuantizer(128, 4), TurboQuantizer(128, 3)
     assert "CUDA" in gluon_reason(q, k4, k4, 4, True)
+    assert not choose_config(q, k4, k4, 2, 100).get("gluon")  # CPU: the Triton kernel's configuration
     if HAS_CUDA:
         qc = q.to(DEV, torch.bfloat16)
         assert gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, True) is None
@@ -340,9 +342,8 @@ def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra)
     elif extra == "window":
         kw = dict(q_pos=torch.tensor([T - Lq, 100], device=DEV), window=70)
     assert att._gluon_module().gluon_reason(q, kc, vc, Lq * Hq // Hkv, True) is None
-    before = {k for k in att.COMPILED if k.startswith("gluon")}
+    assert att.choose_config(q, kc, vc, Hkv, T).get("gluon"), "the default configuration must pick the Gluon kernel"
     out, lse = _check(q, kc, kp, vc, vp, **kw)
-    assert {k for k in att.COMPILED if k.startswith("gluon")} or before, "the Gluon kernel did not run"
     # Same answer as the Triton kernel (different operand order and tiles: fp16-level agreement).
     o2, l2 = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(
         att.launch_config(B, Hkv, Lq * Hq // Hkv, T, d, DEV, k_codec=kc, v_codec=vc), gluon=False), **kw)

@@ -168,7 +168,7 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     kw.pop("chunk", None)
     B, Hq, Lq, d = q.shape
     Hkv, T = k_packed.lead_shape[1], k_packed.lead_shape[2]
-    cfg = _attn.launch_config(B, Hkv, (Hq // Hkv) * Lq, T, d, q.device, k_codec=k_codec, v_codec=v_codec)
+    cfg = _attn.choose_config(q, k_codec, v_codec, Hkv, T)
     shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} T={T} d={d} {str(q.dtype).replace('torch.', '')}"
     if len(_CONFIGS) < 256:
         _CONFIGS[shape_key] = cfg
@@ -245,5 +245,7 @@ def info() -> dict:
         d["probes"] = {" | ".join(str(x) for x in k): dict(v) for k, v in _PROBES.items()}
     d["launch_configs"] = dict(_CONFIGS)
     d["compiled"] = dict(_attn.COMPILED) if _attn is not None else {}
+    # Decode steps of 2/4-bit single-segment schemes run the Gluon kernel (compiled entries prefixed "gluon").
+    d["gluon_decode"] = _attn is not None and _attn._gluon_module() is not None
     d["fallbacks"] = dict(_FALLBACKS)
     return d

@@ -22,8 +22,11 @@ the tensor cores (``tl.dot``). Three launches per step: the query map, the split
 with one program per output row (log-sum-exp over the splits, normalise, rotate back). Prefill chunks
 (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
-Measured (H100, docs/performance.md, v4): turbo4 1.28× (B = 1) and 1.68× (B = 8) the speed of bf16 SDPA at
-128K, turbo2 1.74–1.81×, k4v3 0.97–1.20×, turbo3 0.86–0.91×. Still bound by instruction issue and latency
+Decode steps of single-segment 2/4-bit schemes (turbo4, turbo2) at d 64/128 with fp16/bf16 queries run the
+Gluon kernel of :mod:`.decode_gluon` instead (same partials, query map and merge; ``config=dict(..., gluon=False)``
+forces this one). Measured (H100, docs/performance.md, v4 — this kernel): turbo4 1.28× (B = 1) and 1.68× (B = 8)
+the speed of bf16 SDPA at 128K, turbo2 1.74–1.81×, k4v3 0.97–1.20×, turbo3 0.86–0.91×; the Gluon kernel takes
+turbo4 to 2.15× / 2.70×. Still bound by instruction issue and latency
 (~6.5 thread instructions per centroid value at 4 bits, ~10 at 3 bits), not by bytes: 920–1330 GB/s of
 compressed bytes against ~2950 GB/s copy. docs/kernel-notes.md has the profile, the versions and next steps.
 
@@ -722,6 +725,18 @@ def _gluon_module():
 _GLUON = False
 
 
+def choose_config(q: torch.Tensor, k_codec, v_codec, Hkv: int, T: int) -> dict:
+    """The launch configuration :func:`attend_packed_triton` uses by default: :func:`gluon_config` (``gluon=True``)
+    when the Gluon decode kernel covers the call, else :func:`launch_config` for the Triton kernel."""
+    B, Hq, Lq, d = q.shape
+    M = (Hq // Hkv) * Lq
+    g = _gluon_module()
+    if g is not None and g.gluon_reason(q, k_codec, v_codec, M, True) is None and \
+            _matrices(k_codec, v_codec, q.device, torch.float16, gluon=True)[6]:
+        return gluon_config(B, Hkv, T, q.device)
+    return launch_config(B, Hkv, M, T, d, q.device, k_codec=k_codec, v_codec=v_codec)
+
+
 def gluon_config(B: int, Hkv: int, T: int, device: torch.device) -> dict:
     """Launch configuration of the Gluon decode kernel: one warp per program, ``BLOCK_N`` 32 tokens per step,
     a 2-deep cp.async ring, splits for about ``GLUON_PER_SM`` programs per SM (each split keeps ≥ 4 blocks,
@@ -947,16 +962,17 @@ def attend_packed_triton(
     if dev.type == "cpu":
         patch_interpreter()
     dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
-    cfg = dict(config) if config else launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
+    cfg = dict(config) if config else choose_config(q, k_codec, v_codec, Hkv, T)
     use_planes = bool(cfg.get("planes", True))
-    # The Gluon decode kernel (decode_gluon.py) takes the shapes it covers unless the config says gluon=False.
+    # The Gluon decode kernel (decode_gluon.py) runs when the configuration asks for it (choose_config's pick
+    # for the shapes it covers) and the call is covered; a gluon config on a call it does not cover falls back.
     use_gluon = False
-    if cfg.get("gluon", True) and _gluon_module() is not None and \
-            _gluon_module().gluon_reason(q, k_codec, v_codec, M, True) is None:
-        A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, gluon=True)
-        use_gluon = lut_ok
-        if use_gluon and not config:
-            cfg = gluon_config(B, Hkv, T, dev)
+    if cfg.get("gluon"):
+        if _gluon_module() is not None and _gluon_module().gluon_reason(q, k_codec, v_codec, M, True) is None:
+            A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, gluon=True)
+            use_gluon = lut_ok
+        if not use_gluon:
+            cfg = launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
     if not use_gluon:
         A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
     # Register-table lookup: compiled fp16 path only (the interpreter runs no PTX; fp32 queries use fp32 tables).
