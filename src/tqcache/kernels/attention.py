@@ -175,6 +175,11 @@ _ASM_LUT2 = tl.constexpr("{\n.reg .b32 x, s, s2;\n" + "".join(
     + f"mad.lo.u32 s, x, 0x22, 0x10101010;\nprmt.b32 ${2 * p}, $9, $13, s;\n"
     + f"shr.b32 s2, s, 16;\nprmt.b32 ${2 * p + 1}, $9, $13, s2;\n"
     for p in range(4)) + "}")
+# Operand constraints of the two lookups with pack = 4 (4 code bytes in one register, each table word broadcast):
+# LUT4 -> 2 planes × 2 fp16x2 registers, inputs bytes + 4 table words; LUT2 -> 4 planes × 2, bytes + 2 words.
+# Shared with decode_gluon.py, which calls the same PTX.
+_LUT4_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 16)
+_LUT2_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 8)
 
 
 # 3 bits, 4 planes: a 24-bit group word w (8 codes) enters as two 12-bit halves (x = w, w >> 12), and
@@ -247,13 +252,13 @@ def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.co
         bt = tl.load(row_ptr[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
         if BITS == 4:
             c0, c1 = tl.inline_asm_elementwise(
-                _ASM_LUT4, "=r,=r,=r,=r,r" + ",r" * 16, [bt, t0, t1, t2, t3],
+                _ASM_LUT4, _LUT4_CONSTRAINTS, [bt, t0, t1, t2, t3],
                 dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
             c2 = c0
             c3 = c0
         else:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                _ASM_LUT2, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 8, [bt, t0, t1],
+                _ASM_LUT2, _LUT2_CONSTRAINTS, [bt, t0, t1],
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         bt = _load_bytes(row_ptr, nmask, DS * BITS // 8)
@@ -749,7 +754,6 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device) -> dict:
 
 
 GLUON_PER_SM = 0  # 0: the rule above; a number overrides it (sweeps)
-MERGE = dict(num_warps=4, elems=4096)  # merge kernel: warps, elements per [SCH, D] tile (sweeps)
 
 
 def _min_dot_k(key: bool) -> int:
@@ -1043,6 +1047,6 @@ def attend_packed_triton(
         out, out.stride(0), out.stride(1), out.stride(2),
         lse, lse.stride(0), lse.stride(1),
         M, HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=triton.next_power_of_2(SPL),
-        SCH=max(1, min(triton.next_power_of_2(SPL), MERGE["elems"] // d)), DC=min(d, 32), num_warps=MERGE["num_warps"],
+        SCH=max(1, min(triton.next_power_of_2(SPL), 4096 // d)), DC=min(d, 32), num_warps=4,
     )
     return out, lse

@@ -39,27 +39,30 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from .attention import _ASM_LUT2, _ASM_LUT4
+from .attention import _ASM_LUT2, _ASM_LUT4, _LUT2_CONSTRAINTS, _LUT4_CONSTRAINTS
 
 __all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns"]
 
 
 @gluon.jit
-def _decode_planes(bt, lut_ptr, BITS: gl.constexpr):
-    """Centroid planes of the byte tile ``bt`` (any shape and layout; 4 consecutive register bytes per lookup):
-    4 bits -> 2 planes (low, high nibble), 2 bits -> 4 planes (bit pairs); planes past P alias plane 0."""
-    t0 = gl.load(lut_ptr)
-    t1 = gl.load(lut_ptr + 1)
-    t2 = gl.load(lut_ptr + 2)
-    t3 = gl.load(lut_ptr + 3)
+def _load_table(lut_ptr):
+    """The four int32 words of a register table (once per program: they do not change along the loop)."""
+    return gl.load(lut_ptr), gl.load(lut_ptr + 1), gl.load(lut_ptr + 2), gl.load(lut_ptr + 3)
+
+
+@gluon.jit
+def _decode_planes(bt, t0, t1, t2, t3, BITS: gl.constexpr):
+    """Centroid planes of the byte tile ``bt`` (any shape and layout; 4 consecutive register bytes per lookup)
+    from the register table ``t0..t3``: 4 bits -> 2 planes (low, high nibble), 2 bits -> 4 planes (bit pairs);
+    planes past P alias plane 0."""
     if BITS == 4:
-        c0, c1 = gl.inline_asm_elementwise(_ASM_LUT4, "=r,=r,=r,=r,r" + ",r" * 16, [bt, t0, t1, t2, t3],
+        c0, c1 = gl.inline_asm_elementwise(_ASM_LUT4, _LUT4_CONSTRAINTS, [bt, t0, t1, t2, t3],
                                            dtype=(gl.float16, gl.float16), is_pure=True, pack=4)
         c2 = c0
         c3 = c0
     else:
         c0, c1, c2, c3 = gl.inline_asm_elementwise(
-            _ASM_LUT2, "=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 8, [bt, t0, t1],
+            _ASM_LUT2, _LUT2_CONSTRAINTS, [bt, t0, t1],
             dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
     return c0, c1, c2, c3
 
@@ -193,6 +196,8 @@ def _gluon_decode_kernel(
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
+    tk0, tk1, tk2, tk3 = _load_table(LUTK)
+    tv0, tv1, tv2, tv3 = _load_table(LUTV)
     for it in range(n_iter):
         start = s_lo + it * BLOCK_N
         nxt = start + (STAGES - 1) * BLOCK_N
@@ -215,7 +220,7 @@ def _gluon_decode_kernel(
         cv = smv.index(it % STAGES).load(LV)
 
         # ---- scores Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ, times each token's key norm
-        c0, c1, c2, c3 = _decode_planes(ck, LUTK, KB)
+        c0, c1, c2, c3 = _decode_planes(ck, tk0, tk1, tk2, tk3, KB)
         s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         s = mma_v2(_k_operand(c0, BLOCK_N, KW, OPA), q0, s)
         s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
@@ -241,7 +246,7 @@ def _gluon_decode_kernel(
 
         # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ
         pv = gl.convert_layout((p * vnf[:, None]).to(gl.float16), OPB)
-        v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), LUTV, VB)
+        v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), tv0, tv1, tv2, tv3, VB)
         a0 = mma_v2(_v_operand(v0, BLOCK_N, VW, OPA), pv, a0 * alpha[None, :])
         a1 = mma_v2(_v_operand(v1, BLOCK_N, VW, OPA), pv, a1 * alpha[None, :])
         if VP == 4:
