@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tqcache.codec import TurboQuantizer
+from tqcache.codec.packing import pack_bits
 from tqcache.kernels.attention import _ASM_LUT2, _ASM_LUT3, _ASM_LUT4, _register_tables
 
 _M = 0xFFFFFFFF
@@ -32,6 +33,7 @@ _OPS = {
     "shr": lambda a, b: a >> b, "shl": lambda a, b: (a << b) & _M, "and": lambda a, b: a & b,
     "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "mul": lambda a, b: (a * b) & _M,
     "mad": lambda a, b, c: (a * b + c) & _M, "prmt": _prmt, "mov": lambda a: a,
+    "add": lambda a, b: (a + b) & _M, "shf": lambda a, b, c: ((b << 32 | a) >> min(c, 32)) & _M,  # shf.r.clamp
 }
 
 
@@ -108,3 +110,69 @@ def test_lut3_decodes_every_half_word(d):
         env = _run(_ASM_LUT3, regs)
         for j in range(4):
             assert _halves(env, f"${2 * j}", f"${2 * j + 1}") == [lv[(x >> 3 * j) & 7] for x in xs]
+
+
+# ---------------------------------------------------------------------------------- Gluon kernel, 3-bit codes
+def _lut3_setup(key: bool):
+    """(table words, fp16 level bits, the kernel's column order, a generator) of a d = 128 3-bit codec."""
+    from tqcache.kernels.decode_gluon import kernel_order
+
+    c = TurboQuantizer(128, 3)
+    return ([x & _M for x in _register_tables(c)[0][0].tolist()], _bits16(c.levels0), kernel_order(c, key=key),
+            torch.Generator().manual_seed(5 + key))
+
+
+def _words(row: bytes, first_byte: int, n: int) -> list[int]:
+    return [int.from_bytes(row[first_byte + 4 * i: first_byte + 4 * i + 4], "little") for i in range(n)]
+
+
+def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says():
+    # One token row through the key lookup of decode_gluon, then the kernel's tensor renumbering (_key_plane3,
+    # _k_operand): column j of plane m of lane t must hold the centroid of channel kernel_order[32m + j].
+    from tqcache.kernels.decode_gluon import _ASM_LUT3K
+
+    w, lv, perm, gen = _lut3_setup(key=True)
+    for _ in range(6):
+        codes = torch.randint(0, 8, (1, 128), generator=gen)
+        row = bytes(pack_bits(codes, 3)[0].tolist())
+        for t in range(4):
+            words = _words(row, 12 * t, 3) + [int(torch.randint(0, 1 << 32, (1,), generator=gen))]  # padding
+            regs = {f"${16 + i}": words[i] for i in range(4)}
+            regs.update({f"${20 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
+            env = _run(_ASM_LUT3K, regs)
+            for m in range(4):
+                # tensor 2m + r, element i = 2k + e is register $(4m + 2r + k), half e; column l = 4r + i
+                lane = {}
+                for r in (0, 1):
+                    for i in range(4):
+                        k, e = divmod(i, 2)
+                        lane[4 * r + i] = (env[f"${4 * m + 2 * r + k}"] >> 16 * e) & 0xFFFF
+                for l, val in lane.items():  # l = 4·kc + 2·h + e -> column 16·kc + 8·h + 2·t + e
+                    kc, h, e = l >> 2, (l >> 1) & 1, l & 1
+                    j = 16 * kc + 8 * h + 2 * t + e
+                    assert val == lv[codes[0, perm[32 * m + j]]], (t, m, j)
+
+
+def test_gluon_lut3_values_put_each_channel_where_kernel_order_says():
+    # A token pair (a, b) through the value lookup: lane gid reads words (3·gid) // 2 and the next; the fp16 pair
+    # in a register is (token a, token b) of one column, column j = 8·nt + gid of plane p.
+    from tqcache.kernels.decode_gluon import _ASM_LUT3V
+
+    w, lv, perm, gen = _lut3_setup(key=False)
+    for _ in range(6):
+        codes = torch.randint(0, 8, (2, 128), generator=gen)
+        rows = [bytes(r.tolist()) for r in pack_bits(codes, 3)]
+        for gid in range(8):
+            wa, wb = (_words(r, 4 * (3 * gid // 2), 2) for r in rows)
+            sel = (0x5432, 0x7765) if gid % 2 else (0x3210, 0x6543)
+            regs = {"$16": wa[0], "$17": wb[0], "$18": wa[1], "$19": wb[1]}
+            regs.update({f"${20 + j}": sel[0] for j in range(4)})
+            regs.update({f"${24 + j}": sel[1] for j in range(4)})
+            regs.update({f"${28 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
+            env = _run(_ASM_LUT3V, regs)
+            for p in range(4):
+                for u in (0, 1):  # tensor 2p + u (code), its register g = the lane's group: column nt = 2g + u
+                    for g in (0, 1):
+                        j = 8 * (2 * g + u) + gid
+                        got = _halves(env, f"${2 * (2 * p + u) + g}")
+                        assert got == [lv[codes[tok, perm[32 * p + j]]] for tok in (0, 1)], (gid, p, j)

@@ -273,6 +273,24 @@ def test_gluon_fragment_geometry_gives_each_lane_one_contiguous_run():
                     range(first, first + run)), (W, key, lane)
 
 
+def test_gluon_3bit_fragments_are_the_lanes_own_words():
+    # 3 bits (d = 128): the columns a lane's fragments need come from the groups whose bytes its word loads bring
+    # in — keys: groups 4t .. 4t + 3 (words 3t .. 3t + 2), values: groups 2·gid, 2·gid + 1 (bytes 6·gid .. + 5,
+    # inside words (3·gid) // 2 and the next) — and every (group, code) of those groups exactly once per plane set.
+    from tqcache.kernels.decode_gluon import fragment_columns, group3, kernel_order
+
+    for lane in range(32):
+        gid, t = lane >> 2, lane & 3
+        for key, groups in ((True, range(4 * t, 4 * t + 4)), (False, (2 * gid, 2 * gid + 1))):
+            cols = fragment_columns(lane, 32, key)
+            got = sorted(8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key) for j in cols))
+            assert got == sorted(8 * g + c for g in groups for c in range(8)), (lane, key)
+        first = 4 * (3 * gid // 2)
+        assert first <= 6 * gid and 6 * gid + 6 <= first + 8  # the value groups lie inside the two words
+    for key in (True, False):
+        assert sorted(kernel_order(TurboQuantizer(128, 3), key)) == list(range(128))
+
+
 @pytest.mark.parametrize("d,bits", [(128, 4), (128, 2), (64, 4), (64, 2)])
 def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
     # Emulates what the kernel reads: plane p of column j is bits [p·b, (p+1)·b) of stored byte σ(j). That must
@@ -302,13 +320,16 @@ def test_gluon_reason_names_what_it_does_not_cover():
     from tqcache.kernels.decode_gluon import gluon_reason
 
     q = torch.randn(1, 8, 1, 128)
-    k4, k3 = TurboQuantizer(128, 4), TurboQuantizer(128, 3)
+    k4, k3, k35 = TurboQuantizer(128, 4), TurboQuantizer(128, 3), TurboQuantizer(128, 3.5)
     assert "CUDA" in gluon_reason(q, k4, k4, 4, True)
     assert not choose_config(q, k4, k4, 2, 100).get("gluon")  # CPU: the Triton kernel's configuration
     if HAS_CUDA:
         qc = q.to(DEV, torch.bfloat16)
         assert gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, True) is None
-        assert "3)" in gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True)
+        assert gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True) is None
+        assert "one segment" in gluon_reason(qc, k35.to(DEV), k4.to(DEV), 4, True)
+        k3s = TurboQuantizer(64, 3).to(DEV)
+        assert "128 only" in gluon_reason(qc[..., :64], k3s, k3s, 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
         assert "float32" in gluon_reason(q.to(DEV), k4.to(DEV), k4.to(DEV), 4, True)
         assert "sign-symmetric" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, False)
@@ -324,6 +345,11 @@ GLUON_CASES = [
     (128, 4, 4, torch.float16, 3, 2, 8, 200, 1, "ragged"),
     (128, 4, 4, torch.float16, 2, 1, 4, 260, 3, "window"),
     (128, 2, 4, torch.bfloat16, 1, 2, 16, 3000, 1, None),  # G = 8
+    (128, 3, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (128, 4, 3, torch.float16, 2, 2, 8, 517, 2, "causal"),
+    (128, 3, 4, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
+    (128, 3, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (128, 3, 3, torch.float16, 1, 2, 16, 3000, 1, None),  # G = 8
 ]
 
 

@@ -974,7 +974,8 @@ def attend_packed_triton(
     if cfg.get("gluon"):
         if _gluon_module() is not None and _gluon_module().gluon_reason(q, k_codec, v_codec, M, True) is None:
             A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, gluon=True)
-            use_gluon = lut_ok
+            use_gluon = lut_ok and _gluon_module().words_ok(k_packed["codes"], k_codec) and \
+                _gluon_module().words_ok(v_packed["codes"], v_codec)
         if not use_gluon:
             cfg = launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
     if not use_gluon:

@@ -10,9 +10,10 @@ kernel numbers the channels so that **each thread loads exactly the code bytes i
 need, contiguously, and decodes them in place**: no shared memory, no layout conversion that moves data.
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
-one codec segment per side of 2 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``), head_dim 64 or
-128, fp16/bf16 queries (fp16 operands), no QJL, the register tables usable (sign-symmetric fp16 centroids).
-Same arguments, partials and merge as the Triton kernel; one warp per program.
+one codec segment per side of 2 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``) at head_dim 64 or
+128, or of 3 bits at head_dim 128 (``_ASM_LUT3K``/``_ASM_LUT3V`` below); fp16/bf16 queries (fp16 operands), no
+QJL, the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as
+the Triton kernel; one warp per program.
 
 Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
 row; plane ``p`` of byte ``s`` is channel ``s·P + p`` (``P = 8/b``); every plane is a ``[tokens, W]`` tile whose
@@ -23,6 +24,17 @@ column ``j`` is byte ``σ(j)`` of the row:
   lane's ``W/4`` bytes of a row are one contiguous load;
 * values — B operand of ``O += P V`` (k = token, n = column): lane (gid, t) holds columns ``j = 8·nt + gid`` of
   tokens ``2t + e + 8h`` (mod 16). ``σ_V(j) = (W/8)·gid + nt``: ``W/8`` contiguous bytes per row.
+
+3 bits (d = 128, 48 code bytes per row): 3 bytes hold a *group* of 8 codes, which never sits on a byte boundary
+of its own, so lanes load int32 words and the lookup cuts the groups out. Four planes of 32 columns; plane ``p``
+holds codes ``2p, 2p + 1`` of every group (:func:`group3`):
+
+* keys — lane t reads words ``3t .. 3t + 2`` (its groups ``4t .. 4t + 3``; a 4th, masked word pads the tile to a
+  power of two); column ``16·kc + 8·h + 2·t + e`` is code ``2p + e`` of group ``4t + 2·kc + h``, so each fp16 pair
+  of the fragment is two codes of one group;
+* values — lane gid reads words ``(3·gid) // 2`` and the next (its groups ``2·gid, 2·gid + 1`` start at byte 0 or
+  2 of them: a per-lane ``prmt`` selector); column ``8·nt + gid`` is code ``2p + (nt & 1)`` of group
+  ``2·gid + nt // 2``, and each register pairs tokens ``2t, 2t + 1`` of one code.
 
 The load tiles are ``[N, 4, W/4]`` (keys) and ``[N, 8, W/8]`` (values) in blocked layouts whose lanes and
 registers are those of the operand; ``reshape``/``permute`` renumber the elements into ``[W, N]`` / ``[N, W]``
@@ -41,7 +53,63 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .attention import _ASM_LUT2, _ASM_LUT4, _LUT2_CONSTRAINTS, _LUT4_CONSTRAINTS
 
-__all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns"]
+__all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns", "group3", "words_ok"]
+
+
+# ------------------------------------------------------------------------------------ 3-bit lookups (d = 128)
+# A 3-byte group holds 8 codes (c_k at bits 3k). _SPREAD moves them into the nibbles of one word (nibble k = c_k):
+# each step adds a masked copy of the word to itself, x + (2^s - 1)·(x & m) = x with the bits of m moved up by s,
+# so a step is one AND and one multiply-add. The first step also drops the bits above 24 (the next group's byte).
+def _spread(g: str, n: str) -> str:
+    """PTX: ``n`` = the 8 codes of the 24-bit group word ``g`` as nibbles (bits above 24 of ``g`` ignored)."""
+    return (f"and.b32 a, {g}, 0xfff000;\nand.b32 {n}, {g}, 0xfff;\nmad.lo.u32 {n}, a, 16, {n};\n"  # 12 | 12 -> halves
+            f"and.b32 a, {n}, 0x0fc00fc0;\nmad.lo.u32 {n}, a, 3, {n};\n"  # 6 | 6 -> bytes
+            f"and.b32 a, {n}, 0x38383838;\nadd.u32 {n}, {n}, a;\n")  # 3 | 3 -> nibbles
+
+
+def _look3(sel: str, out: tuple[str, str], inter: tuple[int, int]) -> str:
+    """PTX: the 4 codes in the low nibbles of ``sel`` -> fp16 centroids; ``inter`` picks which two pairs of the four
+    looked-up values go into ``out`` (byte selectors over low bytes ``l`` and high bytes ``h``)."""
+    return (f"prmt.b32 l, $T0, $T1, {sel};\nprmt.b32 h, $T2, $T3, {sel};\n"
+            f"prmt.b32 {out[0]}, l, h, {inter[0]:#x};\nprmt.b32 {out[1]}, l, h, {inter[1]:#x};\n")
+
+
+def _tables(asm: str, first: int) -> str:
+    """Name the four table-word operands (each broadcast over the 4 pack registers; the first of each is used)."""
+    for k in range(4):
+        asm = asm.replace(f"$T{k}", f"${first + 4 * k}")
+    return asm
+
+
+def _lut3_keys() -> str:
+    """Keys, pack = 4: ``$16..$18`` are a lane's 12 bytes of one row (its groups 4t .. 4t + 3; ``$19`` is padding),
+    the table words ``$20, $24, $28, $32``. Output ``$(4m + g)`` is the fp16 pair ``(c_2m, c_2m+1)`` of group g."""
+    body = ["shf.r.clamp.b32 g1, $16, $17, 24;\nshf.r.clamp.b32 g2, $17, $18, 16;\nshr.b32 g3, $18, 8;\n"]
+    for g, word in enumerate(("$16", "g1", "g2", "g3")):
+        body += [_spread(word, "n"), _look3("n", (f"${g}", f"${4 + g}"), (0x5140, 0x7362)),
+                 "shr.b32 s, n, 16;\n", _look3("s", (f"${8 + g}", f"${12 + g}"), (0x5140, 0x7362))]
+    return _tables("{\n.reg .b32 a, n, s, l, h, g1, g2, g3;\n" + "".join(body) + "}", 20)
+
+
+def _lut3_values() -> str:
+    """Values, pack = 4: ``$16/$17`` are the first word of tokens a/b (a pair 2t, 2t + 1), ``$18/$19`` the second;
+    the lane's two groups start at byte 0 or 2 of that 8-byte span, cut out by the per-lane byte selectors
+    ``$20``/``$24``. Table words ``$28, $32, $36, $40``. Output ``$(2k + g)`` is the pair ``(c_k(a), c_k(b))`` of
+    group g — tokens paired in a register, as the transposed value operand packs them."""
+    body = ["prmt.b32 ga0, $16, $18, $20;\nprmt.b32 ga1, $16, $18, $24;\n"
+            "prmt.b32 gb0, $17, $19, $20;\nprmt.b32 gb1, $17, $19, $24;\n"]
+    for g in (0, 1):
+        body += [_spread(f"ga{g}", "n"), _spread(f"gb{g}", "nb")]
+        for k, mix in ((0, 0x5140), (4, 0x7362)):  # m's nibbles: c_k(a), c_k+1(a), c_k(b), c_k+1(b), then k + 2, k + 3
+            body += [f"prmt.b32 m, n, nb, {mix:#x};\n", _look3("m", (f"${2 * k + g}", f"${2 * k + 2 + g}"), (0x6240, 0x7351)),
+                     "shr.b32 s, m, 16;\n", _look3("s", (f"${2 * k + 4 + g}", f"${2 * k + 6 + g}"), (0x6240, 0x7351))]
+    return _tables("{\n.reg .b32 a, n, nb, m, s, l, h, ga0, ga1, gb0, gb1;\n" + "".join(body) + "}", 28)
+
+
+_ASM_LUT3K = gl.constexpr(_lut3_keys())
+_ASM_LUT3V = gl.constexpr(_lut3_values())
+_LUT3K_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 20))
+_LUT3V_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 28))
 
 
 @gluon.jit
@@ -65,6 +133,48 @@ def _decode_planes(bt, t0, t1, t2, t3, BITS: gl.constexpr):
             _ASM_LUT2, _LUT2_CONSTRAINTS, [bt, t0, t1],
             dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
     return c0, c1, c2, c3
+
+
+@gluon.jit
+def _copy_keys(buf, base, tk, stride, off, ki, s_hi, PAD: gl.constexpr):
+    """cp.async one block of key rows into ``buf``; ``PAD``: 3-bit word tiles, whose 4th word per lane is padding
+    (masked: not read, zero-filled)."""
+    m = (tk < s_hi)[:, None, None]
+    if PAD:
+        m = m & (ki < 3)[None, None, :]
+    async_copy.async_copy_global_to_shared(buf, base + (tk * stride)[:, None, None] + off, mask=m)
+
+
+@gluon.jit
+def _key_planes3(w, t0, t1, t2, t3, BLOCK_N: gl.constexpr):
+    """3-bit keys: the word tile ``[N, 4(t), 4]`` (12 bytes + padding per lane and row) -> four ``[N, 4(t), 8]``
+    planes; plane m holds codes (2m, 2m + 1) of the lane's groups, column 2g + e (see :func:`kernel_order`)."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+        _ASM_LUT3K, _LUT3K_CONSTRAINTS, [w, t0, t1, t2, t3],
+        dtype=(gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
+        is_pure=True, pack=4)
+    return (_key_plane3(o0, o1, BLOCK_N), _key_plane3(o2, o3, BLOCK_N), _key_plane3(o4, o5, BLOCK_N),
+            _key_plane3(o6, o7, BLOCK_N))
+
+
+@gluon.jit
+def _key_plane3(lo, hi, BLOCK_N: gl.constexpr):
+    """Output tensors 2m, 2m + 1 of the key lookup (element i = 2k + e of tensor 2m + r is group 2r + k, code
+    2m + e) -> ``[N, 4, 8]`` with column 4r + i = 2·group + e."""
+    return gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, 4, 8])
+
+
+@gluon.jit
+def _value_planes3(w, sel0, sel1, t0, t1, t2, t3, BLOCK_N: gl.constexpr):
+    """3-bit values: the word tile ``[N, 8(gid), 2]`` (token pairs adjacent in registers) and the lane's byte
+    selectors -> four ``[N, 8(gid), 4]`` planes; plane p holds codes (2p, 2p + 1), column 2·group + code bit."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+        _ASM_LUT3V, _LUT3V_CONSTRAINTS, [w, sel0, sel1, t0, t1, t2, t3],
+        dtype=(gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
+        is_pure=True, pack=4)
+    # tensor k = code k, its word axis = the lane's group: join -> [N, 8, 2(group), 2(code bit)]
+    return (gl.reshape(gl.join(o0, o1), [BLOCK_N, 8, 4]), gl.reshape(gl.join(o2, o3), [BLOCK_N, 8, 4]),
+            gl.reshape(gl.join(o4, o5), [BLOCK_N, 8, 4]), gl.reshape(gl.join(o6, o7), [BLOCK_N, 8, 4]))
 
 
 @gluon.jit
@@ -100,21 +210,25 @@ def _gluon_decode_kernel(
     """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
     ``Oᵀ += Vᵀ Pᵀ`` — half the padded work of ``Q̃ Kᵀ`` with 16 query rows, and half the accumulator registers.
     The code bytes of the next block are loaded before the current block is decoded (registers as the buffer)."""
-    KP: gl.constexpr = 8 // KB  # planes
-    VP: gl.constexpr = 8 // VB
-    KW: gl.constexpr = D * KB // 8  # code bytes per row = columns per plane
-    VW: gl.constexpr = D * VB // 8
+    KP: gl.constexpr = 4 if KB == 3 else 8 // KB  # planes
+    VP: gl.constexpr = 4 if VB == 3 else 8 // VB
+    KW: gl.constexpr = D // KP  # columns per plane (= code bytes per row at 2 and 4 bits)
+    VW: gl.constexpr = D // VP
+    # Load-tile minor widths: 2/4 bits load bytes (a lane's run per row), 3 bits int32 words (keys: 3 + padding;
+    # values: the 2 words that hold the lane's two groups, at word (3·gid) // 2).
+    KL: gl.constexpr = 4 if KB == 3 else KW // 4
+    VL: gl.constexpr = 2 if VB == 3 else VW // 8
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     OPA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     OPB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     TOK: gl.constexpr = gl.SliceLayout(1, MMA)  # [BLOCK_N] per token (rows of Sᵀ)
     QRY: gl.constexpr = gl.SliceLayout(0, MMA)  # [BLOCK_M] per query row (columns of Sᵀ)
-    # Load tiles: keys [N, 4, KW/4] (lane = 4·(token mod 8) + t), values [N, 8, VW/8] (lane = 4·gid + token bits 1–2).
-    LK: gl.constexpr = gl.BlockedLayout([1, 1, KW // 4], [8, 4, 1], [1, 1, 1], [2, 1, 0])
-    LV: gl.constexpr = gl.BlockedLayout([2, 1, VW // 8], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    # Load tiles: keys [N, 4, KL] (lane = 4·(token mod 8) + t), values [N, 8, VL] (lane = 4·gid + token bits 1–2).
+    LK: gl.constexpr = gl.BlockedLayout([1, 1, KL], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    LV: gl.constexpr = gl.BlockedLayout([2, 1, VL], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     # Same lanes as LV, token pairs (2t, 2t + 1) adjacent in registers: the lookup then emits (token, token + 1)
     # fp16 pairs of one column, which is how the transposed value operand packs its registers.
-    LV2: gl.constexpr = gl.BlockedLayout([2, 1, VW // 8], [4, 8, 1], [1, 1, 1], [0, 2, 1])
+    LV2: gl.constexpr = gl.BlockedLayout([2, 1, VL], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LQ: gl.constexpr = gl.BlockedLayout([4, 1], [4, 8], [1, 1], [0, 1])
 
     pid_bh = gl.program_id(0)
@@ -163,15 +277,24 @@ def _gluon_decode_kernel(
     a2 = a0
     a3 = a0
 
-    # key byte offsets within a row: lane t reads bytes [t·KW/4, (t+1)·KW/4); values: lane gid [gid·VW/8, ..)
+    # Offsets within a row (elements of the code tensor: bytes, or int32 words at 3 bits). Keys: lane t reads
+    # [t·KW/4, (t+1)·KW/4) bytes, or words 3t .. 3t + 2; values: lane gid [gid·VW/8, ..) bytes, or words
+    # (3·gid) // 2 and the next (its groups 2·gid, 2·gid + 1 start at byte 0 or 2 of them: the selectors below).
     kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
     kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
-    ki = gl.arange(0, KW // 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
-    k_off = (kl * (KW // 4))[None, :, None] + ki[None, None, :]
+    ki = gl.arange(0, KL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
+    k_off = (kl * (3 if KB == 3 else KL))[None, :, None] + ki[None, None, :]
     vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
     vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
-    vi = gl.arange(0, VW // 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
-    v_off = (vl * (VW // 8))[None, :, None] + vi[None, None, :]
+    vi = gl.arange(0, VL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
+    if VB == 3:
+        v_off = (vl * 3 // 2)[None, :, None] + vi[None, None, :]
+        odd = (gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2))) % 2)[None, :, None]
+        zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
+        vsel0 = zero + gl.where(odd == 1, 0x5432, 0x3210)  # bytes 2..5 or 0..3 of the two words: group 2·gid
+        vsel1 = zero + gl.where(odd == 1, 0x7765, 0x6543)  # bytes 5..7 or 3..5: group 2·gid + 1
+    else:
+        v_off = (vl * VL)[None, :, None] + vi[None, None, :]
     kc_base = KC + b * stride_kcb + h * stride_kch
     vc_base = VC + b * stride_vcb + h * stride_vch
     kn_base = KN + b * stride_knb + h * stride_knh
@@ -182,13 +305,11 @@ def _gluon_decode_kernel(
     # flight while block i is decoded. Each lane copies and later reads back exactly its own bytes (the load
     # layouts above), so no barrier is needed between lanes. Norms are prefetched one block ahead in registers.
     SHK: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
-    smk = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 4, KW // 4], SHK)
-    smv = gl.allocate_shared_memory(gl.uint8, [STAGES, BLOCK_N, 8, VW // 8], SHK)
+    smk = gl.allocate_shared_memory(KC.dtype.element_ty, [STAGES, BLOCK_N, 4, KL], SHK)
+    smv = gl.allocate_shared_memory(VC.dtype.element_ty, [STAGES, BLOCK_N, 8, VL], SHK)
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
-        tk = s_lo + i * BLOCK_N + kt
-        async_copy.async_copy_global_to_shared(smk.index(i), kc_base + (tk * stride_kct)[:, None, None] + k_off,
-                                               mask=(tk < s_hi)[:, None, None])
+        _copy_keys(smk.index(i), kc_base, s_lo + i * BLOCK_N + kt, stride_kct, k_off, ki, s_hi, KB == 3)
         tv = s_lo + i * BLOCK_N + vt
         async_copy.async_copy_global_to_shared(smv.index(i), vc_base + (tv * stride_vct)[:, None, None] + v_off,
                                                mask=(tv < s_hi)[:, None, None])
@@ -202,9 +323,7 @@ def _gluon_decode_kernel(
         start = s_lo + it * BLOCK_N
         nxt = start + (STAGES - 1) * BLOCK_N
         slot = (it + STAGES - 1) % STAGES
-        tk = nxt + kt
-        async_copy.async_copy_global_to_shared(smk.index(slot), kc_base + (tk * stride_kct)[:, None, None] + k_off,
-                                               mask=(tk < s_hi)[:, None, None])
+        _copy_keys(smk.index(slot), kc_base, nxt + kt, stride_kct, k_off, ki, s_hi, KB == 3)
         tv = nxt + vt
         async_copy.async_copy_global_to_shared(smv.index(slot), vc_base + (tv * stride_vct)[:, None, None] + v_off,
                                                mask=(tv < s_hi)[:, None, None])
@@ -220,7 +339,10 @@ def _gluon_decode_kernel(
         cv = smv.index(it % STAGES).load(LV)
 
         # ---- scores Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ, times each token's key norm
-        c0, c1, c2, c3 = _decode_planes(ck, tk0, tk1, tk2, tk3, KB)
+        if KB == 3:
+            c0, c1, c2, c3 = _key_planes3(ck, tk0, tk1, tk2, tk3, BLOCK_N)
+        else:
+            c0, c1, c2, c3 = _decode_planes(ck, tk0, tk1, tk2, tk3, KB)
         s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
         s = mma_v2(_k_operand(c0, BLOCK_N, KW, OPA), q0, s)
         s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
@@ -246,7 +368,10 @@ def _gluon_decode_kernel(
 
         # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ
         pv = gl.convert_layout((p * vnf[:, None]).to(gl.float16), OPB)
-        v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), tv0, tv1, tv2, tv3, VB)
+        if VB == 3:
+            v0, v1, v2, v3 = _value_planes3(gl.convert_layout(cv, LV2), vsel0, vsel1, tv0, tv1, tv2, tv3, BLOCK_N)
+        else:
+            v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), tv0, tv1, tv2, tv3, VB)
         a0 = mma_v2(_v_operand(v0, BLOCK_N, VW, OPA), pv, a0 * alpha[None, :])
         a1 = mma_v2(_v_operand(v1, BLOCK_N, VW, OPA), pv, a1 * alpha[None, :])
         if VP == 4:
@@ -285,13 +410,27 @@ def fragment_columns(lane: int, W: int, key: bool) -> list[int]:
     return [8 * nt + gid for nt in range(W // 8)]
 
 
+def group3(j: int, key: bool) -> tuple[int, int]:
+    """3 bits, d = 128: ``(group, code offset)`` of kernel column ``j`` (0 <= j < 32) of every plane; plane ``p`` adds
+    ``2p`` to the code offset (channel = 8·group + 2p + offset). Keys: lane t's columns ``16·kc + 8·h + 2·t + e`` are
+    codes (2p + e) of its groups 4t + 2·kc + h; values: lane gid's columns ``8·nt + gid`` are code bit nt & 1 of its
+    groups 2·gid + nt // 2 (module docstring)."""
+    if key:
+        t, e, h, kc = (j >> 1) & 3, j & 1, (j >> 3) & 1, j >> 4
+        return 4 * t + 2 * kc + h, e
+    return 2 * (j & 7) + (j >> 4), (j >> 3) & 1
+
+
 def kernel_order(codec, key: bool) -> list[int]:
     """Column order of the kernel: ``perm[column] = natural (rotated-space) channel``, planes major.
 
-    Column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel ``σ(j)·P + p``.
+    2/4 bits: column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel
+    ``σ(j)·P + p``. 3 bits: column ``p·32 + j`` is channel ``8·g + 2p + o`` with ``(g, o) = group3(j)``.
     Keys fold this into the query map A (columns), values into the unrotation U (rows).
     """
     (d, b), = codec.segments
+    if b == 3:
+        return [8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key) for j in range(d // 4))]
     P, W = 8 // b, d * b // 8
     return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
 
@@ -312,21 +451,34 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"query dtype {q.dtype} (fp16 operands only)"
     for name, c in (("key", k_codec), ("value", v_codec)):
-        if len(c.segments) != 1 or c.segments[0][1] not in (2, 4):
-            return f"{name} segments {c.segments} (one segment of 2 or 4 bits)"
+        if len(c.segments) != 1 or c.segments[0][1] not in (2, 3, 4):
+            return f"{name} segments {c.segments} (one segment of 2, 3 or 4 bits)"
     if k_codec.qjl or v_codec.qjl:
         return "QJL"
     if q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} (64 or 128)"
+    if q.shape[-1] != 128 and 3 in (k_codec.segments[0][1], v_codec.segments[0][1]):
+        return f"3-bit codes at head_dim {q.shape[-1]} (128 only)"
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
+
+
+def words_ok(codes: torch.Tensor, codec) -> bool:
+    """Whether the kernel can read ``codes`` (``[B, Hkv, T, W]`` uint8): 3-bit rows are read as int32 words, so
+    their start and row strides must be 4-byte aligned (always so for cache buffers; a byte-offset view is not)."""
+    if codec.segments[0][1] != 3:
+        return True
+    return codes.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in codes.stride()[:-1]) and codes.shape[-1] % 4 == 0
 
 
 def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, T, M, window, Hkv, G, d,
                  kb, vb, splits, block_n, stages=2):
     """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton."""
     B = qk.shape[0]
+    # 3-bit rows are read as int32 words (48 B rows); the view needs 4-byte aligned rows (words_ok).
+    kc = kc.view(torch.int32) if kb == 3 else kc
+    vc = vc.view(torch.int32) if vb == 3 else vc
     return _gluon_decode_kernel[(B * Hkv, splits)](
         qk, qk.stride(0), qk.stride(1), qk.stride(2),
         kc, kc.stride(0), kc.stride(1), kc.stride(2),
