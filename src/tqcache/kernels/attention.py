@@ -564,7 +564,9 @@ def _attn_merge_kernel(
     One program per row: the merge is latency-bound (a few KB per row), so it wants many small programs and no
     load that waits on another — the maxima of all splits in one ``[SPLITS_P2]`` load, the accumulators ``SCH``
     splits at a time as ``[SCH, D]`` tiles, the unrotation ``acc @ U`` as fp32 products over ``[D, DC]`` tiles of
-    ``U`` (which stays in L2). (v1–v3 merged a 16-row query tile per program, one split per iteration: ~40 µs of
+    ``U`` (which stays in L2). The launcher makes the tiles as large as 8 warps hold (all 256 splits and all of U
+    at d = 128: two dependent loads per row), which took the merge alone from 9.7 to 5.8 µs at 198 splits (H100,
+    docs/kernel-notes.md v6). (v1–v3 merged a 16-row query tile per program, one split per iteration: ~40 µs of
     fixed cost per decode step at 66 splits and 8 programs.)
     """
     pid_bh = tl.program_id(0)
@@ -1048,6 +1050,6 @@ def attend_packed_triton(
         out, out.stride(0), out.stride(1), out.stride(2),
         lse, lse.stride(0), lse.stride(1),
         M, HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=triton.next_power_of_2(SPL),
-        SCH=max(1, min(triton.next_power_of_2(SPL), 4096 // d)), DC=min(d, 32), num_warps=4,
+        SCH=max(1, min(triton.next_power_of_2(SPL), 32768 // d)), DC=min(d, 16384 // d), num_warps=8,
     )
     return out, lse
