@@ -1,6 +1,7 @@
 """The cache's attention through the Triton kernels (CPU interpreter, in a fresh process so the
 interpreter is chosen before Triton is imported): equal to SDPA over the decoded cache, left padding
-included, with the kernel path actually taken."""
+included, with the kernel path actually taken. On a CUDA GPU the same comparison runs at head_dim 128 in bf16,
+where decode steps take the Gluon kernel (2-, 3- and 4-bit codes)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ SCRIPT = textwrap.dedent(
     from tqcache import TurboQuantCache, parse_scheme
     from test_cache import llama, padded_batch
 
-    model = llama(head_dim=64, heads=8, kv_heads=2, layers=2)
-    ids, mask = padded_batch(T=40)
-    feed = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    dev, dtype = torch.device({device!r}), getattr(torch, {dtype!r})
+    model = llama(head_dim={head_dim}, heads=8, kv_heads=2, layers=2).to(dev, dtype)
+    ids, mask = (t.to(dev) for t in padded_batch(T=40))
+    feed = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(7)).to(dev)
 
     def run(impl, dense, scheme):
         model.config._attn_implementation = impl
@@ -42,21 +44,52 @@ SCRIPT = textwrap.dedent(
         return torch.stack(out), cache
 
     res = {{}}
-    for scheme in ("turbo4", "k4v3"):
+    for scheme in {schemes!r}:
         a, ca = run("tqcache", False, scheme)
         b, _ = run("sdpa", True, scheme)
-        res[scheme] = {{"max_diff": (a - b).abs().max().item(), "paths": ca.layers[0].paths}}
+        res[scheme] = {{"max_diff": (a - b).abs().max().item(), "scale": b.abs().max().item(),
+                       "paths": ca.layers[0].paths}}
+    from tqcache.kernels.attention import COMPILED
+    res["compiled"] = sorted(COMPILED)
     print(json.dumps(res))
     """
 )
 
 
+def _run(tests: str, env: dict, **fmt) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests, **fmt)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _src_env(tests: str, **extra) -> dict:
+    return dict(os.environ, **extra,
+                PYTHONPATH=os.pathsep.join([str(Path(tests).parent / "src"), os.environ.get("PYTHONPATH", "")]))
+
+
 def test_cache_attention_through_interpreted_kernels_matches_decoded_cache():
     tests = str(Path(__file__).parent)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(Path(tests).parent / "src"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=tests)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = _run(tests, _src_env(tests, TRITON_INTERPRET="1"), device="cpu", dtype="float32", head_dim=64,
+               schemes=("turbo4", "k4v3"))
+    res.pop("compiled")
     for scheme, r in res.items():
         assert r["paths"].get("kernel", 0) == 5, (scheme, r)  # every decode step read the compressed part via the kernel
         assert r["max_diff"] < 1e-4, (scheme, r)
+
+
+def test_cache_attention_through_gluon_kernel_matches_decoded_cache():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (the Gluon kernel has no interpreter)")
+    tests = str(Path(__file__).parent)
+    res = _run(tests, _src_env(tests), device="cuda", dtype="bfloat16", head_dim=128,
+               schemes=("turbo4", "turbo3", "k4v3", "turbo2"))
+    compiled = res.pop("compiled")
+    for bits in ("K(4)V(4)", "K(3)V(3)", "K(4)V(3)", "K(2)V(2)"):
+        assert any(k.startswith("gluon" + bits) for k in compiled), (bits, compiled)  # decode steps ran Gluon
+    for scheme, r in res.items():
+        assert r["paths"].get("kernel", 0) == 5, (scheme, r)
+        # bf16 model: both sides round activations to bf16 (~0.4 % per op); same cache contents
+        assert r["max_diff"] < 2e-2 * max(r["scale"], 1.0), (scheme, r)
