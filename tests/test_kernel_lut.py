@@ -113,66 +113,86 @@ def test_lut3_decodes_every_half_word(d):
 
 
 # ---------------------------------------------------------------------------------- Gluon kernel, 3-bit codes
-def _lut3_setup(key: bool):
-    """(table words, fp16 level bits, the kernel's column order, a generator) of a d = 128 3-bit codec."""
+def _lut3_setup(key: bool, d: int):
+    """(table words, fp16 level bits, the kernel's column order, a generator) of a 3-bit codec."""
     from tqcache.kernels.decode_gluon import kernel_order
 
-    c = TurboQuantizer(128, 3)
+    c = TurboQuantizer(d, 3)
     return ([x & _M for x in _register_tables(c)[0][0].tolist()], _bits16(c.levels0), kernel_order(c, key=key),
-            torch.Generator().manual_seed(5 + key))
+            torch.Generator().manual_seed(5 + key + d))
 
 
 def _words(row: bytes, first_byte: int, n: int) -> list[int]:
     return [int.from_bytes(row[first_byte + 4 * i: first_byte + 4 * i + 4], "little") for i in range(n)]
 
 
-def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says():
-    # One token row through the key lookup of decode_gluon, then the kernel's tensor renumbering (_key_plane3,
-    # _k_operand): column j of plane m of lane t must hold the centroid of channel kernel_order[32m + j].
-    from tqcache.kernels.decode_gluon import _ASM_LUT3K
+def _table_regs(w: list[int], first: int) -> dict:
+    return {f"${first + 4 * k + j}": w[k] for k in range(4) for j in range(4)}
 
-    w, lv, perm, gen = _lut3_setup(key=True)
+
+@pytest.mark.parametrize("d", [128, 64])
+def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says(d):
+    # Token rows through the key lookup of decode_gluon, then the kernel's tensor renumbering (_key_plane3*,
+    # _k_operand): column j of plane m of lane t must hold the centroid of channel kernel_order[(d/4)·m + j].
+    from tqcache.kernels.decode_gluon import _ASM_LUT3K, _ASM_LUT3K64
+
+    w, lv, perm, gen = _lut3_setup(True, d)
+    W = d // 4
     for _ in range(6):
-        codes = torch.randint(0, 8, (1, 128), generator=gen)
-        row = bytes(pack_bits(codes, 3)[0].tolist())
+        codes = torch.randint(0, 8, (2, d), generator=gen)
+        rows = [bytes(r.tolist()) for r in pack_bits(codes, 3)]
         for t in range(4):
-            words = _words(row, 12 * t, 3) + [int(torch.randint(0, 1 << 32, (1,), generator=gen))]  # padding
-            regs = {f"${16 + i}": words[i] for i in range(4)}
-            regs.update({f"${20 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
-            env = _run(_ASM_LUT3K, regs)
-            for m in range(4):
-                # tensor 2m + r, element i = 2k + e is register $(4m + 2r + k), half e; column l = 4r + i
-                lane = {}
+            got = {}  # (row, plane, column) -> fp16 bits
+            if d == 128:  # words 3t .. 3t + 2 of one row (+ padding); $(4m + g) = pair m of group g
+                for r, row in enumerate(rows):
+                    pad = int(torch.randint(0, 1 << 32, (1,), generator=gen))
+                    regs = dict(zip(("$16", "$17", "$18", "$19"), _words(row, 12 * t, 3) + [pad]))
+                    env = _run(_ASM_LUT3K, {**regs, **_table_regs(w, 20)})
+                    for m in range(4):
+                        for j in (16 * kc + 8 * h + 2 * t + e for kc in (0, 1) for h in (0, 1) for e in (0, 1)):
+                            g = 2 * (j >> 4) + ((j >> 3) & 1)
+                            got[r, m, j] = (env[f"${4 * m + g}"] >> 16 * (j & 1)) & 0xFFFF
+            else:  # two words per row, rows r and r + 8 in one call; $(4m + 2g + k) = pair m of group g, row k
+                sel = (0x5432, 0x7765) if t % 2 else (0x3210, 0x6543)
+                wa, wb = (_words(row, 4 * (3 * t // 2), 2) for row in rows)
+                regs = {"$16": wa[0], "$17": wa[1], "$18": wb[0], "$19": wb[1], **_table_regs(w, 28)}
+                regs.update({f"${20 + j}": sel[0] for j in range(4)} | {f"${24 + j}": sel[1] for j in range(4)})
+                env = _run(_ASM_LUT3K64, regs)
                 for r in (0, 1):
-                    for i in range(4):
-                        k, e = divmod(i, 2)
-                        lane[4 * r + i] = (env[f"${4 * m + 2 * r + k}"] >> 16 * e) & 0xFFFF
-                for l, val in lane.items():  # l = 4·kc + 2·h + e -> column 16·kc + 8·h + 2·t + e
-                    kc, h, e = l >> 2, (l >> 1) & 1, l & 1
-                    j = 16 * kc + 8 * h + 2 * t + e
-                    assert val == lv[codes[0, perm[32 * m + j]]], (t, m, j)
+                    for m in range(4):
+                        for j in (8 * h + 2 * t + e for h in (0, 1) for e in (0, 1)):
+                            got[r, m, j] = (env[f"${4 * m + 2 * (j >> 3) + r}"] >> 16 * (j & 1)) & 0xFFFF
+            for (r, m, j), val in got.items():
+                assert val == lv[codes[r, perm[W * m + j]]], (d, t, r, m, j)
 
 
-def test_gluon_lut3_values_put_each_channel_where_kernel_order_says():
-    # A token pair (a, b) through the value lookup: lane gid reads words (3·gid) // 2 and the next; the fp16 pair
-    # in a register is (token a, token b) of one column, column j = 8·nt + gid of plane p.
-    from tqcache.kernels.decode_gluon import _ASM_LUT3V
+@pytest.mark.parametrize("d", [128, 64])
+def test_gluon_lut3_values_put_each_channel_where_kernel_order_says(d):
+    # A token pair (a, b) through the value lookup; the fp16 pair in a register is (token a, token b) of one column,
+    # column j = 8·nt + gid of plane p. d = 128: lane gid reads words (3·gid) // 2 and the next (two groups);
+    # d = 64: words (3·gid) // 4 and the next (one group, at byte (3·gid) % 4).
+    from tqcache.kernels.decode_gluon import _ASM_LUT3V, _ASM_LUT3V64
 
-    w, lv, perm, gen = _lut3_setup(key=False)
+    w, lv, perm, gen = _lut3_setup(False, d)
+    W = d // 4
     for _ in range(6):
-        codes = torch.randint(0, 8, (2, 128), generator=gen)
+        codes = torch.randint(0, 8, (2, d), generator=gen)
         rows = [bytes(r.tolist()) for r in pack_bits(codes, 3)]
         for gid in range(8):
-            wa, wb = (_words(r, 4 * (3 * gid // 2), 2) for r in rows)
-            sel = (0x5432, 0x7765) if gid % 2 else (0x3210, 0x6543)
-            regs = {"$16": wa[0], "$17": wb[0], "$18": wa[1], "$19": wb[1]}
-            regs.update({f"${20 + j}": sel[0] for j in range(4)})
-            regs.update({f"${24 + j}": sel[1] for j in range(4)})
-            regs.update({f"${28 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
-            env = _run(_ASM_LUT3V, regs)
-            for p in range(4):
-                for u in (0, 1):  # tensor 2p + u (code), its register g = the lane's group: column nt = 2g + u
-                    for g in (0, 1):
-                        j = 8 * (2 * g + u) + gid
-                        got = _halves(env, f"${2 * (2 * p + u) + g}")
-                        assert got == [lv[codes[tok, perm[32 * p + j]]] for tok in (0, 1)], (gid, p, j)
+            if d == 128:
+                wa, wb = (_words(r, 4 * (3 * gid // 2), 2) for r in rows)
+                sel = (0x5432, 0x7765) if gid % 2 else (0x3210, 0x6543)
+                regs = {"$16": wa[0], "$17": wb[0], "$18": wa[1], "$19": wb[1], **_table_regs(w, 28)}
+                regs.update({f"${20 + j}": sel[0] for j in range(4)} | {f"${24 + j}": sel[1] for j in range(4)})
+                env = _run(_ASM_LUT3V, regs)
+                # tensor 2p + u (code), its register g = the lane's group: column nt = 2g + u
+                cols = {(p, 8 * (2 * g + u) + gid): f"${2 * (2 * p + u) + g}" for p in range(4) for u in (0, 1) for g in (0, 1)}
+            else:
+                wa, wb = (_words(r, 4 * (3 * gid // 4), 2) for r in rows)
+                sel = (3 * gid % 4) * 0x1111 + 0x3210
+                regs = {"$8": wa[0], "$9": wb[0], "$10": wa[1], "$11": wb[1], **_table_regs(w, 20)}
+                regs.update({f"${12 + j}": sel for j in range(4)} | {f"${16 + j}": sel for j in range(4)})
+                env = _run(_ASM_LUT3V64, regs)
+                cols = {(k // 2, 8 * (k % 2) + gid): f"${k}" for k in range(8)}  # register k = code k = plane k // 2
+            for (p, j), reg in cols.items():
+                assert _halves(env, reg) == [lv[codes[tok, perm[W * p + j]]] for tok in (0, 1)], (d, gid, p, j)

@@ -273,22 +273,28 @@ def test_gluon_fragment_geometry_gives_each_lane_one_contiguous_run():
                     range(first, first + run)), (W, key, lane)
 
 
-def test_gluon_3bit_fragments_are_the_lanes_own_words():
-    # 3 bits (d = 128): the columns a lane's fragments need come from the groups whose bytes its word loads bring
-    # in — keys: groups 4t .. 4t + 3 (words 3t .. 3t + 2), values: groups 2·gid, 2·gid + 1 (bytes 6·gid .. + 5,
-    # inside words (3·gid) // 2 and the next) — and every (group, code) of those groups exactly once per plane set.
+@pytest.mark.parametrize("d", [128, 64])
+def test_gluon_3bit_fragments_are_the_lanes_own_words(d):
+    # 3 bits: the columns a lane's fragments need come from the groups whose bytes its word loads bring in, and
+    # every (group, code) of those groups appears exactly once over the 4 planes. d = 128 — keys: groups
+    # 4t .. 4t + 3 (words 3t .. 3t + 2), values: 2·gid, 2·gid + 1 (words (3·gid) // 2 and the next); d = 64 — keys:
+    # 2t, 2t + 1 (words (3t) // 2, +1), values: gid (words (3·gid) // 4, +1).
     from tqcache.kernels.decode_gluon import fragment_columns, group3, kernel_order
 
+    per_k, per_v = d // 32, d // 64  # groups per lane and row
     for lane in range(32):
         gid, t = lane >> 2, lane & 3
-        for key, groups in ((True, range(4 * t, 4 * t + 4)), (False, (2 * gid, 2 * gid + 1))):
-            cols = fragment_columns(lane, 32, key)
-            got = sorted(8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key) for j in cols))
-            assert got == sorted(8 * g + c for g in groups for c in range(8)), (lane, key)
-        first = 4 * (3 * gid // 2)
-        assert first <= 6 * gid and 6 * gid + 6 <= first + 8  # the value groups lie inside the two words
+        for key, first in ((True, per_k * t), (False, per_v * gid)):
+            cols = fragment_columns(lane, d // 4, key)
+            got = sorted(8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key, d) for j in cols))
+            n = per_k if key else per_v
+            assert got == list(range(8 * first, 8 * (first + n))), (d, lane, key)
+            # the groups' bytes lie inside the words the kernel loads for this lane
+            w0 = (3 * t if per_k == 4 else 3 * t // 2) if key else (3 * gid // 2 if per_v == 2 else 3 * gid // 4)
+            nw = 3 if (key and per_k == 4) else 2
+            assert 4 * w0 <= 3 * first and 3 * (first + n) <= 4 * (w0 + nw), (d, lane, key)
     for key in (True, False):
-        assert sorted(kernel_order(TurboQuantizer(128, 3), key)) == list(range(128))
+        assert sorted(kernel_order(TurboQuantizer(d, 3), key)) == list(range(d))
 
 
 @pytest.mark.parametrize("d,bits", [(128, 4), (128, 2), (64, 4), (64, 2)])
@@ -328,8 +334,9 @@ def test_gluon_reason_names_what_it_does_not_cover():
         assert gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, True) is None
         assert gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True) is None
         assert "one segment" in gluon_reason(qc, k35.to(DEV), k4.to(DEV), 4, True)
-        k3s = TurboQuantizer(64, 3).to(DEV)
-        assert "128 only" in gluon_reason(qc[..., :64], k3s, k3s, 4, True)
+        k3s, k2s = TurboQuantizer(64, 3).to(DEV), TurboQuantizer(64, 2).to(DEV)
+        assert gluon_reason(qc[..., :64], k3s, k3s, 4, True) is None
+        assert "2-bit values at head_dim 64" in gluon_reason(qc[..., :64], k3s, k2s, 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
         assert "float32" in gluon_reason(q.to(DEV), k4.to(DEV), k4.to(DEV), 4, True)
         assert "sign-symmetric" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, False)
@@ -350,6 +357,10 @@ GLUON_CASES = [
     (128, 3, 4, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
     (128, 3, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
     (128, 3, 3, torch.float16, 1, 2, 16, 3000, 1, None),  # G = 8
+    (64, 3, 3, torch.bfloat16, 2, 2, 8, 700, 1, None),
+    (64, 4, 3, torch.float16, 2, 2, 8, 333, 2, "causal"),
+    (64, 3, 4, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
+    (64, 3, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
 ]
 
 

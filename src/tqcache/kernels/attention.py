@@ -22,8 +22,8 @@ the tensor cores (``tl.dot``). Three launches per step: the query map, the split
 with one program per output row (log-sum-exp over the splits, normalise, rotate back). Prefill chunks
 (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
-Decode steps of single-segment 2/4-bit schemes at d 64/128, and 3-bit ones at d 128 (turbo4, turbo3, k4v3,
-turbo2), with fp16/bf16 queries run the Gluon kernel of :mod:`.decode_gluon` instead (same partials, query map
+Decode steps of single-segment 2/3/4-bit schemes at d 64/128 (turbo4, turbo3, k4v3, turbo2; not 2-bit values
+at d 64), with fp16/bf16 queries run the Gluon kernel of :mod:`.decode_gluon` instead (same partials, query map
 and merge; ``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v6 — this
 kernel): turbo4 1.28× (B = 1) and 1.66× (B = 8) the speed of bf16 SDPA at 128K, turbo2 1.33–1.82×, k4v3
 0.95–1.18×, turbo3 0.87–0.91×, turbo3.5 0.68–0.69×; the Gluon kernel takes turbo4 to 2.32× / 2.71× and turbo3

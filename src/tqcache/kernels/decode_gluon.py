@@ -10,9 +10,10 @@ kernel numbers the channels so that **each thread loads exactly the code bytes i
 need, contiguously, and decodes them in place**: no shared memory, no layout conversion that moves data.
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
-one codec segment per side of 2 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``) at head_dim 64 or
-128, or of 3 bits at head_dim 128 (``_ASM_LUT3K``/``_ASM_LUT3V`` below); fp16/bf16 queries (fp16 operands), no
-QJL, the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as
+one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
+lookups below) at head_dim 64 or 128 (not 2-bit values at 64: 2 bytes per lane and row is below cp.async's
+4), fp16/bf16 queries (fp16 operands), no QJL, the register tables usable (sign-symmetric fp16 centroids at 4
+bits). Same arguments, partials and merge as
 the Triton kernel; one warp per program.
 
 Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
@@ -106,7 +107,34 @@ def _lut3_values() -> str:
     return _tables("{\n.reg .b32 a, n, nb, m, s, l, h, ga0, ga1, gb0, gb1;\n" + "".join(body) + "}", 28)
 
 
+def _lut3_keys64() -> str:
+    """Keys at d = 64, pack = 4: ``$16, $17`` are a lane's two words of row r, ``$18, $19`` of row r + 8; its groups
+    2t, 2t + 1 start at byte 0 or 2 of them (selectors ``$20``/``$24``). Table words ``$28, $32, $36, $40``.
+    Output ``$(4m + 2g + k)`` is the pair ``(c_2m, c_2m+1)`` of group g in row k."""
+    body = []
+    for k, (w0, w1) in enumerate((("$16", "$17"), ("$18", "$19"))):
+        for g, sel in enumerate(("$20", "$24")):
+            body += [f"prmt.b32 x, {w0}, {w1}, {sel};\n", _spread("x", "n"),
+                     _look3("n", (f"${2 * g + k}", f"${4 + 2 * g + k}"), (0x5140, 0x7362)),
+                     "shr.b32 s, n, 16;\n", _look3("s", (f"${8 + 2 * g + k}", f"${12 + 2 * g + k}"), (0x5140, 0x7362))]
+    return _tables("{\n.reg .b32 a, n, s, l, h, x;\n" + "".join(body) + "}", 28)
+
+
+def _lut3_values64() -> str:
+    """Values at d = 64, pack = 4, 8 outputs: ``$8/$9`` are the first word of tokens a/b, ``$10/$11`` the second; the
+    lane's one group (bytes 3·gid ..) starts at byte 0–3 of them (selector ``$12``; ``$16`` unused). Table words
+    ``$20, $24, $28, $32``. Output ``$k`` is the pair ``(c_k(a), c_k(b))``."""
+    body = ["prmt.b32 ga0, $8, $10, $12;\nprmt.b32 gb0, $9, $11, $12;\n", _spread("ga0", "n"), _spread("gb0", "nb")]
+    for k, mix in ((0, 0x5140), (4, 0x7362)):
+        body += [f"prmt.b32 m, n, nb, {mix:#x};\n", _look3("m", (f"${k}", f"${k + 1}"), (0x6240, 0x7351)),
+                 "shr.b32 s, m, 16;\n", _look3("s", (f"${k + 2}", f"${k + 3}"), (0x6240, 0x7351))]
+    return _tables("{\n.reg .b32 a, n, nb, m, s, l, h, ga0, gb0;\n" + "".join(body) + "}", 20)
+
+
 _ASM_LUT3K = gl.constexpr(_lut3_keys())
+_ASM_LUT3K64 = gl.constexpr(_lut3_keys64())
+_ASM_LUT3V64 = gl.constexpr(_lut3_values64())
+_LUT3V64_CONSTRAINTS = gl.constexpr("=r," * 8 + ",".join(["r"] * 28))
 _ASM_LUT3V = gl.constexpr(_lut3_values())
 _LUT3K_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 20))
 _LUT3V_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 28))
@@ -146,22 +174,38 @@ def _copy_keys(buf, base, tk, stride, off, ki, s_hi, PAD: gl.constexpr):
 
 
 @gluon.jit
-def _key_planes3(w, t0, t1, t2, t3, BLOCK_N: gl.constexpr):
-    """3-bit keys: the word tile ``[N, 4(t), 4]`` (12 bytes + padding per lane and row) -> four ``[N, 4(t), 8]``
-    planes; plane m holds codes (2m, 2m + 1) of the lane's groups, column 2g + e (see :func:`kernel_order`)."""
-    o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
-        _ASM_LUT3K, _LUT3K_CONSTRAINTS, [w, t0, t1, t2, t3],
-        dtype=(gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
-        is_pure=True, pack=4)
-    return (_key_plane3(o0, o1, BLOCK_N), _key_plane3(o2, o3, BLOCK_N), _key_plane3(o4, o5, BLOCK_N),
-            _key_plane3(o6, o7, BLOCK_N))
+def _key_planes3(w, sel0, sel1, t0, t1, t2, t3, BLOCK_N: gl.constexpr, D: gl.constexpr):
+    """3-bit keys: the word tile -> four ``[N, 4(t), D/16]`` planes; plane m holds codes (2m, 2m + 1) of the lane's
+    groups, column 2·group + e (see :func:`kernel_order`). d = 128: ``[N, 4(t), 4]`` (12 bytes + padding per lane
+    and row; the selectors are unused); d = 64: ``[N, 4(t), 2]`` with the lane's byte selectors."""
+    if D == 128:
+        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+            _ASM_LUT3K, _LUT3K_CONSTRAINTS, [w, t0, t1, t2, t3],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
+            is_pure=True, pack=4)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7 = gl.inline_asm_elementwise(
+            _ASM_LUT3K64, _LUT3V_CONSTRAINTS, [w, sel0, sel1, t0, t1, t2, t3],
+            dtype=(gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16, gl.float16),
+            is_pure=True, pack=4)
+    return (_key_plane3(o0, o1, BLOCK_N, D // 16), _key_plane3(o2, o3, BLOCK_N, D // 16),
+            _key_plane3(o4, o5, BLOCK_N, D // 16), _key_plane3(o6, o7, BLOCK_N, D // 16))
 
 
 @gluon.jit
-def _key_plane3(lo, hi, BLOCK_N: gl.constexpr):
-    """Output tensors 2m, 2m + 1 of the key lookup (element i = 2k + e of tensor 2m + r is group 2r + k, code
-    2m + e) -> ``[N, 4, 8]`` with column 4r + i = 2·group + e."""
-    return gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, 4, 8])
+def _key_plane3(lo, hi, BLOCK_N: gl.constexpr, L: gl.constexpr):
+    """Output tensors 2m, 2m + 1 of a key lookup -> ``[N, 4, L]``, column = 2·group + e. d = 128: element i = 2k + e
+    of tensor 2m + r is group 2r + k (column 4r + i); d = 64: element (row, e) of tensor 2m + g is group g."""
+    return gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, 4, L])
+
+
+@gluon.jit
+def _value_planes3_64(w, sel0, sel1, t0, t1, t2, t3):
+    """3-bit values at d = 64: word tile ``[N, 8(gid), 2]`` -> four ``[N, 8, 2]`` planes (tensor p = codes 2p, 2p + 1
+    on its word axis = column bit nt)."""
+    return gl.inline_asm_elementwise(
+        _ASM_LUT3V64, _LUT3V64_CONSTRAINTS, [w, sel0, sel1, t0, t1, t2, t3],
+        dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
 
 
 @gluon.jit
@@ -216,7 +260,7 @@ def _gluon_decode_kernel(
     VW: gl.constexpr = D // VP
     # Load-tile minor widths: 2/4 bits load bytes (a lane's run per row), 3 bits int32 words (keys: 3 + padding;
     # values: the 2 words that hold the lane's two groups, at word (3·gid) // 2).
-    KL: gl.constexpr = 4 if KB == 3 else KW // 4
+    KL: gl.constexpr = (4 if D == 128 else 2) if KB == 3 else KW // 4
     VL: gl.constexpr = 2 if VB == 3 else VW // 8
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     OPA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -283,11 +327,26 @@ def _gluon_decode_kernel(
     kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
     kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
     ki = gl.arange(0, KL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
-    k_off = (kl * (3 if KB == 3 else KL))[None, :, None] + ki[None, None, :]
+    if KB == 3 and D == 64:  # groups 2t, 2t + 1: bytes 6t .. 6t + 5 inside words (3t) // 2 and the next
+        k_off = (kl * 3 // 2)[None, :, None] + ki[None, None, :]
+        kodd = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK))) % 2)[None, :, None]
+        kzero = gl.zeros([BLOCK_N, 4, KL], gl.int32, LK)
+        ksel0 = kzero + gl.where(kodd == 1, 0x5432, 0x3210)
+        ksel1 = kzero + gl.where(kodd == 1, 0x7765, 0x6543)
+    else:
+        k_off = (kl * (3 if KB == 3 else KL))[None, :, None] + ki[None, None, :]
+        ksel0 = 0  # unused
+        ksel1 = 0
     vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
     vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
     vi = gl.arange(0, VL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
-    if VB == 3:
+    if VB == 3 and D == 64:  # group gid: bytes 3·gid .. + 2 start at byte (3·gid) % 4 of word (3·gid) // 4
+        v_off = (vl * 3 // 4)[None, :, None] + vi[None, None, :]
+        o = ((gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2))) * 3) % 4)[None, :, None]
+        zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
+        vsel0 = zero + o * 0x1111 + 0x3210
+        vsel1 = vsel0
+    elif VB == 3:
         v_off = (vl * 3 // 2)[None, :, None] + vi[None, None, :]
         odd = (gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2))) % 2)[None, :, None]
         zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
@@ -309,7 +368,7 @@ def _gluon_decode_kernel(
     smv = gl.allocate_shared_memory(VC.dtype.element_ty, [STAGES, BLOCK_N, 8, VL], SHK)
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
-        _copy_keys(smk.index(i), kc_base, s_lo + i * BLOCK_N + kt, stride_kct, k_off, ki, s_hi, KB == 3)
+        _copy_keys(smk.index(i), kc_base, s_lo + i * BLOCK_N + kt, stride_kct, k_off, ki, s_hi, KB == 3 and D == 128)
         tv = s_lo + i * BLOCK_N + vt
         async_copy.async_copy_global_to_shared(smv.index(i), vc_base + (tv * stride_vct)[:, None, None] + v_off,
                                                mask=(tv < s_hi)[:, None, None])
@@ -323,7 +382,7 @@ def _gluon_decode_kernel(
         start = s_lo + it * BLOCK_N
         nxt = start + (STAGES - 1) * BLOCK_N
         slot = (it + STAGES - 1) % STAGES
-        _copy_keys(smk.index(slot), kc_base, nxt + kt, stride_kct, k_off, ki, s_hi, KB == 3)
+        _copy_keys(smk.index(slot), kc_base, nxt + kt, stride_kct, k_off, ki, s_hi, KB == 3 and D == 128)
         tv = nxt + vt
         async_copy.async_copy_global_to_shared(smv.index(slot), vc_base + (tv * stride_vct)[:, None, None] + v_off,
                                                mask=(tv < s_hi)[:, None, None])
@@ -340,7 +399,7 @@ def _gluon_decode_kernel(
 
         # ---- scores Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ, times each token's key norm
         if KB == 3:
-            c0, c1, c2, c3 = _key_planes3(ck, tk0, tk1, tk2, tk3, BLOCK_N)
+            c0, c1, c2, c3 = _key_planes3(ck, ksel0, ksel1, tk0, tk1, tk2, tk3, BLOCK_N, D)
         else:
             c0, c1, c2, c3 = _decode_planes(ck, tk0, tk1, tk2, tk3, KB)
         s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -368,7 +427,9 @@ def _gluon_decode_kernel(
 
         # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ
         pv = gl.convert_layout((p * vnf[:, None]).to(gl.float16), OPB)
-        if VB == 3:
+        if VB == 3 and D == 64:
+            v0, v1, v2, v3 = _value_planes3_64(gl.convert_layout(cv, LV2), vsel0, vsel1, tv0, tv1, tv2, tv3)
+        elif VB == 3:
             v0, v1, v2, v3 = _value_planes3(gl.convert_layout(cv, LV2), vsel0, vsel1, tv0, tv1, tv2, tv3, BLOCK_N)
         else:
             v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), tv0, tv1, tv2, tv3, VB)
@@ -410,15 +471,14 @@ def fragment_columns(lane: int, W: int, key: bool) -> list[int]:
     return [8 * nt + gid for nt in range(W // 8)]
 
 
-def group3(j: int, key: bool) -> tuple[int, int]:
-    """3 bits, d = 128: ``(group, code offset)`` of kernel column ``j`` (0 <= j < 32) of every plane; plane ``p`` adds
-    ``2p`` to the code offset (channel = 8·group + 2p + offset). Keys: lane t's columns ``16·kc + 8·h + 2·t + e`` are
-    codes (2p + e) of its groups 4t + 2·kc + h; values: lane gid's columns ``8·nt + gid`` are code bit nt & 1 of its
-    groups 2·gid + nt // 2 (module docstring)."""
+def group3(j: int, key: bool, d: int = 128) -> tuple[int, int]:
+    """3 bits: ``(group, code offset)`` of kernel column ``j`` (0 <= j < d/4) of every plane; plane ``p`` adds ``2p``
+    to the code offset (channel = 8·group + 2p + offset). Keys: lane t's columns ``16·kc + 8·h + 2·t + e`` are codes
+    (2p + e) of its groups (d/32)·t + 2·kc + h; values: lane gid's columns ``8·nt + gid`` are code bit nt & 1 of its
+    groups (d/64)·gid + nt // 2 (module docstring)."""
     if key:
-        t, e, h, kc = (j >> 1) & 3, j & 1, (j >> 3) & 1, j >> 4
-        return 4 * t + 2 * kc + h, e
-    return 2 * (j & 7) + (j >> 4), (j >> 3) & 1
+        return (d // 32) * ((j >> 1) & 3) + (j >> 3), j & 1
+    return (d // 64) * (j & 7) + (j >> 4), (j >> 3) & 1
 
 
 def kernel_order(codec, key: bool) -> list[int]:
@@ -430,7 +490,7 @@ def kernel_order(codec, key: bool) -> list[int]:
     """
     (d, b), = codec.segments
     if b == 3:
-        return [8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key) for j in range(d // 4))]
+        return [8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key, d) for j in range(d // 4))]
     P, W = 8 // b, d * b // 8
     return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
 
@@ -457,8 +517,8 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         return "QJL"
     if q.shape[-1] not in (64, 128):
         return f"head_dim {q.shape[-1]} (64 or 128)"
-    if q.shape[-1] != 128 and 3 in (k_codec.segments[0][1], v_codec.segments[0][1]):
-        return f"3-bit codes at head_dim {q.shape[-1]} (128 only)"
+    if q.shape[-1] == 64 and v_codec.segments[0][1] == 2:
+        return "2-bit values at head_dim 64 (2 code bytes per lane and row; cp.async moves 4 or more)"
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
