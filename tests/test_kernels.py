@@ -297,6 +297,24 @@ def test_gluon_3bit_fragments_are_the_lanes_own_words(d):
         assert sorted(kernel_order(TurboQuantizer(d, 3), key)) == list(range(d))
 
 
+@pytest.mark.parametrize("bits,split", [(3.5, "halves"), (3.5, "rotated"), (2.5, "outliers")])
+def test_gluon_kernel_order_of_two_halves(bits, split):
+    # Two segments: each half's own order, the second offset by 64, and A / U fold the whole order.
+    from tqcache.kernels.attention import _matrices
+    from tqcache.kernels.decode_gluon import _segment_order, kernel_order
+
+    c = TurboQuantizer(128, bits, split=split, seed=2)
+    (d0, b0), (d1, b1) = c.segments
+    for key in (True, False):
+        perm = kernel_order(c, key)
+        assert perm == _segment_order(d0, b0, key) + [d0 + x for x in _segment_order(d1, b1, key)]
+        assert sorted(perm) == list(range(128))
+    A, U, *_ = _matrices(c, c, torch.device("cpu"), torch.float16, gluon=True)
+    eye = torch.eye(128)
+    torch.testing.assert_close(A, c.rotate_query(eye)[:, kernel_order(c, True)])
+    torch.testing.assert_close(U, c.unrotate(eye)[kernel_order(c, False)])
+
+
 @pytest.mark.parametrize("d,bits", [(128, 4), (128, 2), (64, 4), (64, 2)])
 def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
     # Emulates what the kernel reads: plane p of column j is bits [p·b, (p+1)·b) of stored byte σ(j). That must
@@ -326,17 +344,19 @@ def test_gluon_reason_names_what_it_does_not_cover():
     from tqcache.kernels.decode_gluon import gluon_reason
 
     q = torch.randn(1, 8, 1, 128)
-    k4, k3, k35 = TurboQuantizer(128, 4), TurboQuantizer(128, 3), TurboQuantizer(128, 3.5)
+    k4, k3, k325 = TurboQuantizer(128, 4), TurboQuantizer(128, 3), TurboQuantizer(128, 3.25)
     assert "CUDA" in gluon_reason(q, k4, k4, 4, True)
     assert not choose_config(q, k4, k4, 2, 100).get("gluon")  # CPU: the Triton kernel's configuration
     if HAS_CUDA:
         qc = q.to(DEV, torch.bfloat16)
         assert gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, True) is None
         assert gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True) is None
-        assert "one segment" in gluon_reason(qc, k35.to(DEV), k4.to(DEV), 4, True)
+        assert gluon_reason(qc, TurboQuantizer(128, 3.5).to(DEV), k4.to(DEV), 4, True) is None  # two halves
+        assert "two halves" in gluon_reason(qc, k325.to(DEV), k4.to(DEV), 4, True)  # 32 | 96 channels
+        assert "2-bit values" in gluon_reason(qc, k4.to(DEV), TurboQuantizer(128, 2.5).to(DEV), 4, True)
         k3s, k2s = TurboQuantizer(64, 3).to(DEV), TurboQuantizer(64, 2).to(DEV)
         assert gluon_reason(qc[..., :64], k3s, k3s, 4, True) is None
-        assert "2-bit values at head_dim 64" in gluon_reason(qc[..., :64], k3s, k2s, 4, True)
+        assert "2-bit values over 64" in gluon_reason(qc[..., :64], k3s, k2s, 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
         assert "float32" in gluon_reason(q.to(DEV), k4.to(DEV), k4.to(DEV), 4, True)
         assert "sign-symmetric" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, False)
@@ -361,6 +381,12 @@ GLUON_CASES = [
     (64, 4, 3, torch.float16, 2, 2, 8, 333, 2, "causal"),
     (64, 3, 4, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
     (64, 3, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
+    # two halves per side (channel-split fractional bits: two norms), and the rotated split (one shared norm)
+    (128, 3.5, 3.5, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (128, 4, 3.5, torch.float16, 2, 2, 8, 517, 2, "causal"),
+    (128, 3.5, 4, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
+    (128, 2.5, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (128, 3.5, 3.5, torch.float16, 1, 2, 16, 3000, 1, "rotated"),  # G = 8
 ]
 
 
@@ -369,7 +395,8 @@ GLUON_CASES = [
 def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra):
     from tqcache.kernels import attention as att
 
-    kc, vc, kp, vp = _make(d, kb, vb, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T)) % 1000)
+    kc, vc, kp, vp = _make(d, kb, vb, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T)) % 1000,
+                           split="rotated" if extra == "rotated" else "halves")
     q = (torch.randn(B, Hq, Lq, d, generator=_gen(17)) * 2).to(DEV, dt)
     kw = {}
     if extra == "causal":

@@ -1020,8 +1020,8 @@ def attend_packed_triton(
     pl = torch.empty_like(pm)
     if use_gluon:
         ck = _gluon_module().launch_gluon(
-            qk, kc, kn, vc, vn, lutk[0], lutv[0], st, en, qp, dummy, pacc, pm, pl, T=T, M=M, window=window,
-            Hkv=Hkv, G=G, d=d, kb=k_codec.segments[0][1], vb=v_codec.segments[0][1], splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2))
+            qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, k_codec=k_codec, v_codec=v_codec, T=T,
+            M=M, window=window, Hkv=Hkv, G=G, d=d, splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2))
         _record_compile(ck, cfg, f"gluon K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
     else:
         ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](

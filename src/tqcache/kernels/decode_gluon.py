@@ -164,16 +164,6 @@ def _decode_planes(bt, t0, t1, t2, t3, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _copy_keys(buf, base, tk, stride, off, ki, s_hi, PAD: gl.constexpr):
-    """cp.async one block of key rows into ``buf``; ``PAD``: 3-bit word tiles, whose 4th word per lane is padding
-    (masked: not read, zero-filled)."""
-    m = (tk < s_hi)[:, None, None]
-    if PAD:
-        m = m & (ki < 3)[None, None, :]
-    async_copy.async_copy_global_to_shared(buf, base + (tk * stride)[:, None, None] + off, mask=m)
-
-
-@gluon.jit
 def _key_planes3(w, sel0, sel1, t0, t1, t2, t3, BLOCK_N: gl.constexpr, D: gl.constexpr):
     """3-bit keys: the word tile -> four ``[N, 4(t), D/16]`` planes; plane m holds codes (2m, 2m + 1) of the lane's
     groups, column 2·group + e (see :func:`kernel_order`). d = 128: ``[N, 4(t), 4]`` (12 bytes + padding per lane
@@ -237,42 +227,206 @@ def _v_operand(c, BLOCK_N: gl.constexpr, W: gl.constexpr, OPA: gl.constexpr):
 
 
 @gluon.jit
+def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL: gl.constexpr, LK: gl.constexpr):
+    """Token rows, minor index, in-row offsets (elements of the segment's code tensor: bytes, or int32 words at 3
+    bits) and byte selectors of one key segment's ``[N, 4(t), KL]`` load tile. Lane t reads bytes
+    ``[t·W/4, (t+1)·W/4)``; 3 bits: words 3t .. 3t + 2 (d_s = 128), or (3t) // 2 and the next, whose bytes 0 or 2 start
+    its groups 2t, 2t + 1 (d_s = 64)."""
+    kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
+    kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
+    ki = gl.arange(0, KL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
+    zero = gl.zeros([BLOCK_N, 4, KL], gl.int32, LK)
+    if BITS == 3 and DS == 64:
+        off = (kl * 3 // 2)[None, :, None] + ki[None, None, :]
+        odd = (kl % 2)[None, :, None]
+        sel0 = zero + gl.where(odd == 1, 0x5432, 0x3210)
+        sel1 = zero + gl.where(odd == 1, 0x7765, 0x6543)
+    else:
+        off = (kl * (3 if BITS == 3 else KL))[None, :, None] + ki[None, None, :]
+        sel0 = zero
+        sel1 = zero
+    return kt, ki, off, sel0, sel1
+
+
+@gluon.jit
+def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, VL: gl.constexpr,
+                   LV: gl.constexpr, LV2: gl.constexpr):
+    """Token rows, in-row offsets and byte selectors (in the lookup's layout ``LV2``) of one value segment's
+    ``[N, 8(gid), VL]`` load tile. Lane gid reads bytes ``[gid·W/8, ..)``; 3 bits: words (3·gid) // 2 and the next,
+    whose byte 0 or 2 starts its groups 2·gid, 2·gid + 1 (d_s = 128), or words (3·gid) // 4 and the next, whose byte
+    (3·gid) % 4 starts its group gid (d_s = 64)."""
+    vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
+    vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
+    vi = gl.arange(0, VL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
+    g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2)))[None, :, None]
+    zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
+    if BITS == 3 and DS == 64:  # (gid 7's group lies in word 5 alone: its "next" word is clamped, not read past the row)
+        off = gl.minimum((vl * 3 // 4)[None, :, None] + vi[None, None, :], 5)
+        sel0 = zero + (g * 3 % 4) * 0x1111 + 0x3210
+        sel1 = sel0
+    elif BITS == 3:
+        off = (vl * 3 // 2)[None, :, None] + vi[None, None, :]
+        sel0 = zero + gl.where(g % 2 == 1, 0x5432, 0x3210)  # bytes 2..5 or 0..3 of the two words: group 2·gid
+        sel1 = zero + gl.where(g % 2 == 1, 0x7765, 0x6543)  # bytes 5..7 or 3..5: group 2·gid + 1
+    else:
+        off = (vl * VL)[None, :, None] + vi[None, None, :]
+        sel0 = zero
+        sel1 = zero
+    return vt, off, sel0, sel1
+
+
+@gluon.jit
+def _copy_rows(buf, base, rows, stride, off, ki, s_hi, PAD: gl.constexpr):
+    """cp.async one block of code rows into ``buf``; ``PAD``: 3-bit d_s = 128 key tiles, whose 4th word per lane is
+    padding (masked: not read, zero-filled)."""
+    m = (rows < s_hi)[:, None, None]
+    if PAD:
+        m = m & (ki < 3)[None, None, :]
+    async_copy.async_copy_global_to_shared(buf, base + (rows * stride)[:, None, None] + off, mask=m)
+
+
+@gluon.jit
+def _copy_stage(slot, r0, s_hi, smk0, kc0, kt0, sk0, ko0, ki0, smv0, vc0, vt0, sv0, vo0,
+                smk1, kc1, kt1, sk1, ko1, ki1, smv1, vc1, vt1, sv1, vo1,
+                PADK0: gl.constexpr, PADK1: gl.constexpr, TWO_K: gl.constexpr, TWO_V: gl.constexpr):
+    """cp.async the code rows ``r0 ..`` of every segment into ring slot ``slot``, as one commit group."""
+    _copy_rows(smk0.index(slot), kc0, r0 + kt0, sk0, ko0, ki0, s_hi, PADK0)
+    _copy_rows(smv0.index(slot), vc0, r0 + vt0, sv0, vo0, vt0, s_hi, False)
+    if TWO_K:
+        _copy_rows(smk1.index(slot), kc1, r0 + kt1, sk1, ko1, ki1, s_hi, PADK1)
+    if TWO_V:
+        _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, False)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _load_q(qrow, qm, stride_qm, q_ok, OFF: gl.constexpr, KP: gl.constexpr, KW: gl.constexpr, LQ: gl.constexpr,
+            OPB: gl.constexpr):
+    """Query planes of one key segment as B operands ``[KW, BLOCK_M]``: element (c, m) = q̃[m, OFF + p·KW + c]."""
+    qc = gl.arange(0, KW, layout=gl.SliceLayout(1, LQ))
+    ptr = qrow + qm[None, :] * stride_qm + qc[:, None] + OFF
+    q0 = gl.convert_layout(gl.load(ptr, mask=q_ok, other=0.0), OPB)
+    q1 = gl.convert_layout(gl.load(ptr + KW, mask=q_ok, other=0.0), OPB)
+    q2 = q0
+    q3 = q0
+    if KP == 4:
+        q2 = gl.convert_layout(gl.load(ptr + 2 * KW, mask=q_ok, other=0.0), OPB)
+        q3 = gl.convert_layout(gl.load(ptr + 3 * KW, mask=q_ok, other=0.0), OPB)
+    return q0, q1, q2, q3
+
+
+@gluon.jit
+def _key_scores(ck, sel0, sel1, t0, t1, t2, t3, q0, q1, q2, q3, BITS: gl.constexpr, DS: gl.constexpr,
+                KP: gl.constexpr, KW: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                MMA: gl.constexpr, OPA: gl.constexpr):
+    """Raw scores ``Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ`` of one key segment (before its norm)."""
+    if BITS == 3:
+        c0, c1, c2, c3 = _key_planes3(ck, sel0, sel1, t0, t1, t2, t3, BLOCK_N, DS)
+    else:
+        c0, c1, c2, c3 = _decode_planes(ck, t0, t1, t2, t3, BITS)
+    s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+    s = mma_v2(_k_operand(c0, BLOCK_N, KW, OPA), q0, s)
+    s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
+    if KP == 4:
+        s = mma_v2(_k_operand(c2, BLOCK_N, KW, OPA), q2, s)
+        s = mma_v2(_k_operand(c3, BLOCK_N, KW, OPA), q3, s)
+    return s
+
+
+@gluon.jit
+def _value_update(cv, sel0, sel1, t0, t1, t2, t3, pv, alpha, a0, a1, a2, a3, BITS: gl.constexpr,
+                  DS: gl.constexpr, VP: gl.constexpr, VW: gl.constexpr, BLOCK_N: gl.constexpr, OPA: gl.constexpr):
+    """One value segment's accumulators ``a_pᵀ ← a_pᵀ·alpha + plane_pᵀ pvᵀ`` (``cv`` in the lookup layout LV2)."""
+    if BITS == 3 and DS == 64:
+        v0, v1, v2, v3 = _value_planes3_64(cv, sel0, sel1, t0, t1, t2, t3)
+    elif BITS == 3:
+        v0, v1, v2, v3 = _value_planes3(cv, sel0, sel1, t0, t1, t2, t3, BLOCK_N)
+    else:
+        v0, v1, v2, v3 = _decode_planes(cv, t0, t1, t2, t3, BITS)
+    a0 = mma_v2(_v_operand(v0, BLOCK_N, VW, OPA), pv, a0 * alpha[None, :])
+    a1 = mma_v2(_v_operand(v1, BLOCK_N, VW, OPA), pv, a1 * alpha[None, :])
+    if VP == 4:
+        a2 = mma_v2(_v_operand(v2, BLOCK_N, VW, OPA), pv, a2 * alpha[None, :])
+        a3 = mma_v2(_v_operand(v3, BLOCK_N, VW, OPA), pv, a3 * alpha[None, :])
+    return a0, a1, a2, a3
+
+
+@gluon.jit
+def _store_acc(pa, sm, a0, a1, a2, a3, OFF: gl.constexpr, VP: gl.constexpr, VW: gl.constexpr, TOK: gl.constexpr):
+    """One value segment's accumulators into the partials row ``pa`` ([1, BLOCK_M] pointers) at column OFF."""
+    ac = gl.arange(0, VW, layout=TOK)
+    ptr = pa + ac[:, None] + OFF
+    gl.store(ptr, a0, mask=sm)
+    gl.store(ptr + VW, a1, mask=sm)
+    if VP == 4:
+        gl.store(ptr + 2 * VW, a2, mask=sm)
+        gl.store(ptr + 3 * VW, a3, mask=sm)
+
+
+@gluon.jit
 def _gluon_decode_kernel(
     Q, stride_qb, stride_qh, stride_qm,  # [B, Hkv, M, D] fp16 rotated, pre-scaled; columns in kernel_order
-    KC, stride_kcb, stride_kch, stride_kct,  # [B, Hkv, T, W_K] uint8 key codes
-    KN, stride_knb, stride_knh, stride_knt,  # [B, Hkv, T, 1] fp16 key norms
-    VC, stride_vcb, stride_vch, stride_vct,  # [B, Hkv, T, W_V] uint8 value codes
-    VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, 1] fp16 value norms
-    LUTK, LUTV,  # int32 [4] register tables (attention._register_tables, row 0)
+    # Codes per segment: the whole [B, Hkv, T, W] row buffer as uint8, or as int32 words for a 3-bit segment, and the
+    # segment's start KO/VO in those elements (the buffer itself is 16-byte aligned; a sliced view at byte 24 would
+    # not be, and the compiler would allow no cp.async width at all). Strides are in 4-byte units for both (the
+    # kernel scales uint8 ones back up), which tells it that rows are 4-byte aligned: a 3.5-bit row is 56 bytes.
+    KC0, stride_k0b, stride_k0h, stride_k0t,  # key codes of segment 0
+    KC1, stride_k1b, stride_k1h, stride_k1t,  # segment 1 (= KC0 when there is one)
+    KN, stride_knb, stride_knh, stride_knt,  # [B, Hkv, T, KS] fp16 key norms
+    VC0, stride_v0b, stride_v0h, stride_v0t,  # value codes, as the keys
+    VC1, stride_v1b, stride_v1h, stride_v1t,
+    VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, VS] fp16 value norms
+    LUTK0, LUTK1, LUTV0, LUTV1,  # int32 [4] register tables per segment (attention._register_tables rows)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
     PACC, PM, PL,  # partials [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2 (the merge kernel's input)
     T, M, window,
-    HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr, KB: gl.constexpr, VB: gl.constexpr,
+    HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+    KO0: gl.constexpr, KO1: gl.constexpr, VO0: gl.constexpr, VO1: gl.constexpr,  # segment starts (elements)
+    KB0: gl.constexpr, KB1: gl.constexpr, VB0: gl.constexpr, VB1: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
     HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
     SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
 ):
     """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
     ``Oᵀ += Vᵀ Pᵀ`` — half the padded work of ``Q̃ Kᵀ`` with 16 query rows, and half the accumulator registers.
-    The code bytes of the next block are loaded before the current block is decoded (registers as the buffer)."""
-    KP: gl.constexpr = 4 if KB == 3 else 8 // KB  # planes
-    VP: gl.constexpr = 4 if VB == 3 else 8 // VB
-    KW: gl.constexpr = D // KP  # columns per plane (= code bytes per row at 2 and 4 bits)
-    VW: gl.constexpr = D // VP
-    # Load-tile minor widths: 2/4 bits load bytes (a lane's run per row), 3 bits int32 words (keys: 3 + padding;
-    # values: the 2 words that hold the lane's two groups, at word (3·gid) // 2).
-    KL: gl.constexpr = (4 if D == 128 else 2) if KB == 3 else KW // 4
-    VL: gl.constexpr = 2 if VB == 3 else VW // 8
+
+    Each side has one segment, or two halves (``KB1``/``VB1`` > 0: channel-split fractional bits, e.g. 3.5 = 4 | 3
+    bits over d/2 channels each), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
+    ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``."""
+    KM0: gl.constexpr = 1 if KB0 == 3 else 4  # stride units -> elements
+    KM1: gl.constexpr = 1 if KB1 == 3 else 4
+    VM0: gl.constexpr = 1 if VB0 == 3 else 4
+    VM1: gl.constexpr = 1 if VB1 == 3 else 4
+    KD0: gl.constexpr = D if KB1 == 0 else D // 2  # channels per segment
+    VD0: gl.constexpr = D if VB1 == 0 else D // 2
+    KD1: gl.constexpr = D - KD0
+    VD1: gl.constexpr = D - VD0
+    KP0: gl.constexpr = 4 if KB0 == 3 else 8 // KB0  # planes
+    VP0: gl.constexpr = 4 if VB0 == 3 else 8 // VB0
+    KP1: gl.constexpr = 4 if KB1 == 3 else (8 // KB1 if KB1 > 0 else 2)
+    VP1: gl.constexpr = 4 if VB1 == 3 else (8 // VB1 if VB1 > 0 else 2)
+    KW0: gl.constexpr = KD0 // KP0  # columns per plane (= code bytes per row at 2 and 4 bits)
+    VW0: gl.constexpr = VD0 // VP0
+    KW1: gl.constexpr = KD1 // KP1 if KB1 > 0 else 16  # (16: shapes of the unused second segment)
+    VW1: gl.constexpr = VD1 // VP1 if VB1 > 0 else 16
+    # Load-tile minor widths: 2/4 bits load bytes (a lane's run per row), 3 bits int32 words.
+    KL0: gl.constexpr = (4 if KD0 == 128 else 2) if KB0 == 3 else KW0 // 4
+    KL1: gl.constexpr = (4 if KD1 == 128 else 2) if KB1 == 3 else KW1 // 4
+    VL0: gl.constexpr = 2 if VB0 == 3 else VW0 // 8
+    VL1: gl.constexpr = 2 if VB1 == 3 else VW1 // 8
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     OPA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     OPB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     TOK: gl.constexpr = gl.SliceLayout(1, MMA)  # [BLOCK_N] per token (rows of Sᵀ)
     QRY: gl.constexpr = gl.SliceLayout(0, MMA)  # [BLOCK_M] per query row (columns of Sᵀ)
     # Load tiles: keys [N, 4, KL] (lane = 4·(token mod 8) + t), values [N, 8, VL] (lane = 4·gid + token bits 1–2).
-    LK: gl.constexpr = gl.BlockedLayout([1, 1, KL], [8, 4, 1], [1, 1, 1], [2, 1, 0])
-    LV: gl.constexpr = gl.BlockedLayout([2, 1, VL], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    LK0: gl.constexpr = gl.BlockedLayout([1, 1, KL0], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    LK1: gl.constexpr = gl.BlockedLayout([1, 1, KL1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    LV0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    LV1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     # Same lanes as LV, token pairs (2t, 2t + 1) adjacent in registers: the lookup then emits (token, token + 1)
     # fp16 pairs of one column, which is how the transposed value operand packs its registers.
-    LV2: gl.constexpr = gl.BlockedLayout([2, 1, VL], [4, 8, 1], [1, 1, 1], [0, 2, 1])
+    LW0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [0, 2, 1])
+    LW1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LQ: gl.constexpr = gl.BlockedLayout([4, 1], [4, 8], [1, 1], [0, 1])
 
     pid_bh = gl.program_id(0)
@@ -301,114 +455,115 @@ def _gluon_decode_kernel(
     s_lo = lo + split * per
     s_hi = gl.minimum(s_lo + per, hi)
 
-    # ---- query planes as B operands [KW, BLOCK_M]: element (c, m) = q̃[m, p·KW + c]
-    qc = gl.arange(0, KW, layout=gl.SliceLayout(1, LQ))
+    # ---- query planes as B operands (segment 0's, then segment 1's at column KD0)
     qm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
-    q_ptr = Q + b * stride_qb + h * stride_qh + qm[None, :] * stride_qm + qc[:, None]
+    qrow = Q + b * stride_qb + h * stride_qh
     q_ok = (qm < M)[None, :]
-    q0 = gl.convert_layout(gl.load(q_ptr, mask=q_ok, other=0.0), OPB)
-    q1 = gl.convert_layout(gl.load(q_ptr + KW, mask=q_ok, other=0.0), OPB)
-    q2 = q0
-    q3 = q0
-    if KP == 4:
-        q2 = gl.convert_layout(gl.load(q_ptr + 2 * KW, mask=q_ok, other=0.0), OPB)
-        q3 = gl.convert_layout(gl.load(q_ptr + 3 * KW, mask=q_ok, other=0.0), OPB)
+    q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
+    if KB1 > 0:
+        q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
     l_i = gl.zeros([BLOCK_M], gl.float32, QRY)
-    a0 = gl.zeros([VW, BLOCK_M], gl.float32, MMA)
+    a0 = gl.zeros([VW0, BLOCK_M], gl.float32, MMA)
     a1 = a0
     a2 = a0
     a3 = a0
+    if VB1 > 0:
+        a4 = gl.zeros([VW1, BLOCK_M], gl.float32, MMA)
+        a5 = a4
+        a6 = a4
+        a7 = a4
 
-    # Offsets within a row (elements of the code tensor: bytes, or int32 words at 3 bits). Keys: lane t reads
-    # [t·KW/4, (t+1)·KW/4) bytes, or words 3t .. 3t + 2; values: lane gid [gid·VW/8, ..) bytes, or words
-    # (3·gid) // 2 and the next (its groups 2·gid, 2·gid + 1 start at byte 0 or 2 of them: the selectors below).
-    kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
-    kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
-    ki = gl.arange(0, KL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
-    if KB == 3 and D == 64:  # groups 2t, 2t + 1: bytes 6t .. 6t + 5 inside words (3t) // 2 and the next
-        k_off = (kl * 3 // 2)[None, :, None] + ki[None, None, :]
-        kodd = (gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK))) % 2)[None, :, None]
-        kzero = gl.zeros([BLOCK_N, 4, KL], gl.int32, LK)
-        ksel0 = kzero + gl.where(kodd == 1, 0x5432, 0x3210)
-        ksel1 = kzero + gl.where(kodd == 1, 0x7765, 0x6543)
-    else:
-        k_off = (kl * (3 if KB == 3 else KL))[None, :, None] + ki[None, None, :]
-        ksel0 = 0  # unused
-        ksel1 = 0
-    vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
-    vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
-    vi = gl.arange(0, VL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
-    if VB == 3 and D == 64:  # group gid: bytes 3·gid .. + 2 start at byte (3·gid) % 4 of word (3·gid) // 4
-        v_off = (vl * 3 // 4)[None, :, None] + vi[None, None, :]
-        o = ((gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2))) * 3) % 4)[None, :, None]
-        zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
-        vsel0 = zero + o * 0x1111 + 0x3210
-        vsel1 = vsel0
-    elif VB == 3:
-        v_off = (vl * 3 // 2)[None, :, None] + vi[None, None, :]
-        odd = (gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2))) % 2)[None, :, None]
-        zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
-        vsel0 = zero + gl.where(odd == 1, 0x5432, 0x3210)  # bytes 2..5 or 0..3 of the two words: group 2·gid
-        vsel1 = zero + gl.where(odd == 1, 0x7765, 0x6543)  # bytes 5..7 or 3..5: group 2·gid + 1
-    else:
-        v_off = (vl * VL)[None, :, None] + vi[None, None, :]
-    kc_base = KC + b * stride_kcb + h * stride_kch
-    vc_base = VC + b * stride_vcb + h * stride_vch
+    kt, ki0, k_off0, ksa0, ksb0 = _key_offsets(BLOCK_N, KB0, KD0, KL0, LK0)
+    vt, v_off0, vsa0, vsb0 = _value_offsets(BLOCK_N, VB0, VD0, VL0, LV0, LW0)
+    kc0 = KC0 + KO0 + b * (stride_k0b * KM0) + h * (stride_k0h * KM0)
+    vc0 = VC0 + VO0 + b * (stride_v0b * VM0) + h * (stride_v0h * VM0)
+    kt1, ki1, k_off1, ksa1, ksb1, kc1 = kt, ki0, k_off0, ksa0, ksb0, kc0  # aliases when a side has one segment
+    vt1, v_off1, vsa1, vsb1, vc1 = vt, v_off0, vsa0, vsb0, vc0
+    if KB1 > 0:
+        kt1, ki1, k_off1, ksa1, ksb1 = _key_offsets(BLOCK_N, KB1, KD1, KL1, LK1)
+        kc1 = KC1 + KO1 + b * (stride_k1b * KM1) + h * (stride_k1h * KM1)
+    if VB1 > 0:
+        vt1, v_off1, vsa1, vsb1 = _value_offsets(BLOCK_N, VB1, VD1, VL1, LV1, LW1)
+        vc1 = VC1 + VO1 + b * (stride_v1b * VM1) + h * (stride_v1h * VM1)
     kn_base = KN + b * stride_knb + h * stride_knh
     vn_base = VN + b * stride_vnb + h * stride_vnh
     rows = gl.arange(0, BLOCK_N, layout=TOK)
 
-    # Code bytes stream through a STAGES-deep ring in shared memory (cp.async): block i + STAGES - 1 is in
-    # flight while block i is decoded. Each lane copies and later reads back exactly its own bytes (the load
+    # Code bytes stream through a STAGES-deep ring in shared memory per segment (cp.async): block i + STAGES - 1 is
+    # in flight while block i is decoded. Each lane copies and later reads back exactly its own bytes (the load
     # layouts above), so no barrier is needed between lanes. Norms are prefetched one block ahead in registers.
     SHK: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
-    smk = gl.allocate_shared_memory(KC.dtype.element_ty, [STAGES, BLOCK_N, 4, KL], SHK)
-    smv = gl.allocate_shared_memory(VC.dtype.element_ty, [STAGES, BLOCK_N, 8, VL], SHK)
+    smk0 = gl.allocate_shared_memory(KC0.dtype.element_ty, [STAGES, BLOCK_N, 4, KL0], SHK)
+    smv0 = gl.allocate_shared_memory(VC0.dtype.element_ty, [STAGES, BLOCK_N, 8, VL0], SHK)
+    smk1 = smk0  # (aliases when a side has one segment: never copied to or read)
+    smv1 = smv0
+    if KB1 > 0:
+        smk1 = gl.allocate_shared_memory(KC1.dtype.element_ty, [STAGES, BLOCK_N, 4, KL1], SHK)
+    if VB1 > 0:
+        smv1 = gl.allocate_shared_memory(VC1.dtype.element_ty, [STAGES, BLOCK_N, 8, VL1], SHK)
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
-        _copy_keys(smk.index(i), kc_base, s_lo + i * BLOCK_N + kt, stride_kct, k_off, ki, s_hi, KB == 3 and D == 128)
-        tv = s_lo + i * BLOCK_N + vt
-        async_copy.async_copy_global_to_shared(smv.index(i), vc_base + (tv * stride_vct)[:, None, None] + v_off,
-                                               mask=(tv < s_hi)[:, None, None])
-        async_copy.commit_group()
+        _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
+                    smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
+                    smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
+                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0)
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
-    tk0, tk1, tk2, tk3 = _load_table(LUTK)
-    tv0, tv1, tv2, tv3 = _load_table(LUTV)
+    if KS == 2:
+        kn1 = gl.load(kn_base + 1 + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
+    if VS == 2:
+        vn1 = gl.load(vn_base + 1 + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
+    tk0, tk1, tk2, tk3 = _load_table(LUTK0)
+    tv0, tv1, tv2, tv3 = _load_table(LUTV0)
+    if KB1 > 0:
+        uk0, uk1, uk2, uk3 = _load_table(LUTK1)
+    if VB1 > 0:
+        uv0, uv1, uv2, uv3 = _load_table(LUTV1)
     for it in range(n_iter):
         start = s_lo + it * BLOCK_N
         nxt = start + (STAGES - 1) * BLOCK_N
         slot = (it + STAGES - 1) % STAGES
-        _copy_keys(smk.index(slot), kc_base, nxt + kt, stride_kct, k_off, ki, s_hi, KB == 3 and D == 128)
-        tv = nxt + vt
-        async_copy.async_copy_global_to_shared(smv.index(slot), vc_base + (tv * stride_vct)[:, None, None] + v_off,
-                                               mask=(tv < s_hi)[:, None, None])
-        async_copy.commit_group()
+        _copy_stage(slot, nxt, s_hi,
+                    smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
+                    smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
+                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0)
         offs_n = start + rows
         nmask = offs_n < s_hi
+        nxt_ok = offs_n + BLOCK_N < s_hi
         knf = kn.to(gl.float32)
         vnf = vn.to(gl.float32)
-        kn = gl.load(kn_base + (offs_n + BLOCK_N) * stride_knt, mask=offs_n + BLOCK_N < s_hi, other=0.0)
-        vn = gl.load(vn_base + (offs_n + BLOCK_N) * stride_vnt, mask=offs_n + BLOCK_N < s_hi, other=0.0)
+        kn = gl.load(kn_base + (offs_n + BLOCK_N) * stride_knt, mask=nxt_ok, other=0.0)
+        vn = gl.load(vn_base + (offs_n + BLOCK_N) * stride_vnt, mask=nxt_ok, other=0.0)
+        if KS == 2:
+            kn1f = kn1.to(gl.float32)
+            kn1 = gl.load(kn_base + 1 + (offs_n + BLOCK_N) * stride_knt, mask=nxt_ok, other=0.0)
+        if VS == 2:
+            vn1f = vn1.to(gl.float32)
+            vn1 = gl.load(vn_base + 1 + (offs_n + BLOCK_N) * stride_vnt, mask=nxt_ok, other=0.0)
         async_copy.wait_group(STAGES - 1)
-        ck = smk.index(it % STAGES).load(LK)
-        cv = smv.index(it % STAGES).load(LV)
+        cur = it % STAGES
+        ck0 = smk0.index(cur).load(LK0)
+        cv0 = smv0.index(cur).load(LV0)
+        if KB1 > 0:
+            ck1 = smk1.index(cur).load(LK1)
+        if VB1 > 0:
+            cv1 = smv1.index(cur).load(LV1)
 
-        # ---- scores Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ, times each token's key norm
-        if KB == 3:
-            c0, c1, c2, c3 = _key_planes3(ck, ksel0, ksel1, tk0, tk1, tk2, tk3, BLOCK_N, D)
+        # ---- scores Sᵀ [N, BLOCK_M]: per segment Σ_p plane_p q_pᵀ, times the token's norm of that segment
+        s = _key_scores(ck0, ksa0, ksb0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
+                        KB0, KD0, KP0, KW0, BLOCK_N, BLOCK_M, MMA, OPA)
+        if KB1 > 0:
+            s1 = _key_scores(ck1, ksa1, ksb1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
+                             KB1, KD1, KP1, KW1, BLOCK_N, BLOCK_M, MMA, OPA)
+            if KS == 2:
+                s = s * knf[:, None] + s1 * kn1f[:, None]
+            else:
+                s = (s + s1) * knf[:, None]
         else:
-            c0, c1, c2, c3 = _decode_planes(ck, tk0, tk1, tk2, tk3, KB)
-        s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        s = mma_v2(_k_operand(c0, BLOCK_N, KW, OPA), q0, s)
-        s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
-        if KP == 4:
-            s = mma_v2(_k_operand(c2, BLOCK_N, KW, OPA), q2, s)
-            s = mma_v2(_k_operand(c3, BLOCK_N, KW, OPA), q3, s)
-        s = s * knf[:, None]
+            s = s * knf[:, None]
         ok = nmask[:, None] & mvalid[None, :]
         if CAUSAL:
             pos = qp + qi
@@ -425,32 +580,25 @@ def _gluon_decode_kernel(
         l_i = l_i * alpha + gl.sum(p, 0)
         m_i = m_new
 
-        # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ
+        # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ per segment
         pv = gl.convert_layout((p * vnf[:, None]).to(gl.float16), OPB)
-        if VB == 3 and D == 64:
-            v0, v1, v2, v3 = _value_planes3_64(gl.convert_layout(cv, LV2), vsel0, vsel1, tv0, tv1, tv2, tv3)
-        elif VB == 3:
-            v0, v1, v2, v3 = _value_planes3(gl.convert_layout(cv, LV2), vsel0, vsel1, tv0, tv1, tv2, tv3, BLOCK_N)
-        else:
-            v0, v1, v2, v3 = _decode_planes(gl.convert_layout(cv, LV2), tv0, tv1, tv2, tv3, VB)
-        a0 = mma_v2(_v_operand(v0, BLOCK_N, VW, OPA), pv, a0 * alpha[None, :])
-        a1 = mma_v2(_v_operand(v1, BLOCK_N, VW, OPA), pv, a1 * alpha[None, :])
-        if VP == 4:
-            a2 = mma_v2(_v_operand(v2, BLOCK_N, VW, OPA), pv, a2 * alpha[None, :])
-            a3 = mma_v2(_v_operand(v3, BLOCK_N, VW, OPA), pv, a3 * alpha[None, :])
+        a0, a1, a2, a3 = _value_update(gl.convert_layout(cv0, LW0), vsa0, vsb0,
+                                       tv0, tv1, tv2, tv3, pv, alpha, a0, a1, a2, a3, VB0, VD0, VP0, VW0, BLOCK_N, OPA)
+        if VB1 > 0:
+            if VS == 2:
+                pv = gl.convert_layout((p * vn1f[:, None]).to(gl.float16), OPB)
+            a4, a5, a6, a7 = _value_update(gl.convert_layout(cv1, LW1), vsa1, vsb1,
+                                           uv0, uv1, uv2, uv3, pv, alpha, a4, a5, a6, a7, VB1, VD1, VP1, VW1,
+                                           BLOCK_N, OPA)
 
     # ---- partials (rows past M are not stored); accumulator columns in kernel_order
     prow = (pid_bh * SPLITS + split) * M + offs_m
     gl.store(PM + prow, m_i, mask=mvalid)
     gl.store(PL + prow, l_i, mask=mvalid)
-    ac = gl.arange(0, VW, layout=TOK)
-    pa = PACC + prow[None, :] * D + ac[:, None]
-    sm = mvalid[None, :]
-    gl.store(pa, a0, mask=sm)
-    gl.store(pa + VW, a1, mask=sm)
-    if VP == 4:
-        gl.store(pa + 2 * VW, a2, mask=sm)
-        gl.store(pa + 3 * VW, a3, mask=sm)
+    pa = PACC + prow[None, :] * D
+    _store_acc(pa, mvalid[None, :], a0, a1, a2, a3, 0, VP0, VW0, TOK)
+    if VB1 > 0:
+        _store_acc(pa, mvalid[None, :], a4, a5, a6, a7, VD0, VP1, VW1, TOK)
 
 
 # ---------------------------------------------------------------------------------------------- host side
@@ -481,18 +629,27 @@ def group3(j: int, key: bool, d: int = 128) -> tuple[int, int]:
     return (d // 64) * (j & 7) + (j >> 4), (j >> 3) & 1
 
 
-def kernel_order(codec, key: bool) -> list[int]:
-    """Column order of the kernel: ``perm[column] = natural (rotated-space) channel``, planes major.
-
-    2/4 bits: column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel
-    ``σ(j)·P + p``. 3 bits: column ``p·32 + j`` is channel ``8·g + 2p + o`` with ``(g, o) = group3(j)``.
-    Keys fold this into the query map A (columns), values into the unrotation U (rows).
-    """
-    (d, b), = codec.segments
+def _segment_order(d: int, b: int, key: bool) -> list[int]:
+    """Column order of one segment of ``d`` channels at ``b`` bits (channels of the segment, 0-based)."""
     if b == 3:
         return [8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key, d) for j in range(d // 4))]
     P, W = 8 // b, d * b // 8
     return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
+
+
+def kernel_order(codec, key: bool) -> list[int]:
+    """Column order of the kernel: ``perm[column] = natural (rotated-space) channel``, segments in order, planes major.
+
+    2/4 bits: column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel
+    ``σ(j)·P + p``. 3 bits: column ``p·d_s/4 + j`` is channel ``8·g + 2p + o`` with ``(g, o) = group3(j)``. A second
+    segment's columns follow the first's, offset by its channel count.
+    Keys fold this into the query map A (columns), values into the unrotation U (rows).
+    """
+    out, off = [], 0
+    for d_s, b_s in codec.segments:
+        out += [off + c for c in _segment_order(d_s, b_s, key)]
+        off += d_s
+    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -510,46 +667,66 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         return f"{M} query rows per KV head (decode kernel: G·Lq <= 16)"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"query dtype {q.dtype} (fp16 operands only)"
+    d = q.shape[-1]
+    if d not in (64, 128):
+        return f"head_dim {d} (64 or 128)"
     for name, c in (("key", k_codec), ("value", v_codec)):
-        if len(c.segments) != 1 or c.segments[0][1] not in (2, 3, 4):
-            return f"{name} segments {c.segments} (one segment of 2, 3 or 4 bits)"
+        segs = c.segments
+        if not (len(segs) == 1 or (len(segs) == 2 and d == 128 and segs[0][0] == segs[1][0] == 64)) or \
+                any(b not in (2, 3, 4) for _, b in segs):
+            return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits, or two halves of 64 channels at "
+                    f"head_dim 128)")
+        if name == "value" and any(b == 2 and d_s == 64 for d_s, b in segs):
+            return "2-bit values over 64 channels (2 code bytes per lane and row; cp.async moves 4 or more)"
     if k_codec.qjl or v_codec.qjl:
         return "QJL"
-    if q.shape[-1] not in (64, 128):
-        return f"head_dim {q.shape[-1]} (64 or 128)"
-    if q.shape[-1] == 64 and v_codec.segments[0][1] == 2:
-        return "2-bit values at head_dim 64 (2 code bytes per lane and row; cp.async moves 4 or more)"
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
 
 
+def _segment_codes(codes: torch.Tensor, codec) -> list[tuple[torch.Tensor, int]]:
+    """Per segment, the row buffer as the kernel reads it — uint8, or int32 words for 3 bits — and the segment's start
+    in those elements."""
+    out, off = [], 0
+    for d_s, b_s in codec.segments:
+        out.append((codes.view(torch.int32), off // 4) if b_s == 3 else (codes, off))
+        off += d_s * b_s // 8
+    return out
+
+
 def words_ok(codes: torch.Tensor, codec) -> bool:
-    """Whether the kernel can read ``codes`` (``[B, Hkv, T, W]`` uint8): 3-bit rows are read as int32 words, so
-    their start and row strides must be 4-byte aligned (always so for cache buffers; a byte-offset view is not)."""
-    if codec.segments[0][1] != 3:
-        return True
-    return codes.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in codes.stride()[:-1]) and codes.shape[-1] % 4 == 0
+    """Whether the kernel can read ``codes`` (``[B, Hkv, T, W]`` uint8): it addresses rows in 4-byte units (3-bit
+    segments are int32 words), so the start, the row strides and every segment's width must be 4-byte aligned —
+    always so for cache buffers; a byte-offset view is not."""
+    return codes.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in codes.stride()[:-1]) and all(
+        d_s * b_s % 32 == 0 for d_s, b_s in codec.segments)
 
 
-def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, T, M, window, Hkv, G, d,
-                 kb, vb, splits, block_n, stages=2):
-    """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton."""
+def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, k_codec, v_codec, T, M, window,
+                 Hkv, G, d, splits, block_n, stages=2):
+    """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton
+    (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment)."""
     B = qk.shape[0]
-    # 3-bit rows are read as int32 words (48 B rows); the view needs 4-byte aligned rows (words_ok).
-    kc = kc.view(torch.int32) if kb == 3 else kc
-    vc = vc.view(torch.int32) if vb == 3 else vc
+    (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec) * 2)[:2]  # one segment: the second is the first (unused)
+    (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec) * 2)[:2]
+    kb = [b for _, b in k_codec.segments] + [0]
+    vb = [b for _, b in v_codec.segments] + [0]
+
+    def words(t):  # strides in 4-byte units (words_ok checked they divide)
+        return [st if t.dtype == torch.int32 else st // 4 for st in t.stride()[:3]]
+
     return _gluon_decode_kernel[(B * Hkv, splits)](
         qk, qk.stride(0), qk.stride(1), qk.stride(2),
-        kc, kc.stride(0), kc.stride(1), kc.stride(2),
+        k0, *words(k0), k1, *words(k1),
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
-        vc, vc.stride(0), vc.stride(1), vc.stride(2),
+        v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lutk, lutv,
+        lutk[0], lutk[1], lutv[0], lutv[1],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0,
-        HKV=Hkv, G=G, D=d, KB=kb, VB=vb,
+        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
         HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None, HAS_WINDOW=window is not None,
         SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, num_warps=1,
     )
