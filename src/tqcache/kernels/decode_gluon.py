@@ -11,10 +11,11 @@ need, contiguously, and decodes them in place**: no shared memory, no layout con
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
-lookups below) at head_dim 64 or 128 (not 2-bit values at 64: 2 bytes per lane and row is below cp.async's
-4), fp16/bf16 queries (fp16 operands), no QJL, the register tables usable (sign-symmetric fp16 centroids at 4
-bits). Same arguments, partials and merge as
-the Triton kernel; one warp per program.
+lookups below) at head_dim 64 or 128, or two halves of 64 channels at head_dim 128 (channel-split or rotated
+fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm); not 2-bit values
+over 64 channels (2 bytes per lane and row is below cp.async's 4); fp16/bf16 queries (fp16 operands), no QJL,
+the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the
+Triton kernel; one warp per program.
 
 Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
 row; plane ``p`` of byte ``s`` is channel ``s·P + p`` (``P = 8/b``); every plane is a ``[tokens, W]`` tile whose
