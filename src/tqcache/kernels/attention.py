@@ -22,12 +22,12 @@ the tensor cores (``tl.dot``). Three launches per step: the query map, the split
 with one program per output row (log-sum-exp over the splits, normalise, rotate back). Prefill chunks
 (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
-Decode steps of single-segment 2/3/4-bit schemes at d 64/128 (turbo4, turbo3, k4v3, turbo2; not 2-bit values
-at d 64), with fp16/bf16 queries run the Gluon kernel of :mod:`.decode_gluon` instead (same partials, query map
-and merge; ``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v6 — this
-kernel): turbo4 1.28× (B = 1) and 1.66× (B = 8) the speed of bf16 SDPA at 128K, turbo2 1.33–1.82×, k4v3
-0.95–1.18×, turbo3 0.87–0.91×, turbo3.5 0.68–0.69×; the Gluon kernel takes turbo4 to 2.32× / 2.71× and turbo3
-to 2.45× / 2.96×. This kernel is still bound by instruction issue and latency
+Decode steps of single-segment 2/3/4-bit schemes at d 64/128 and of two-half sides at d 128 (turbo4, turbo3,
+k4v3, turbo3.5, turbo2; not 2-bit values over 64 channels), with fp16/bf16 queries, run the Gluon kernel of
+:mod:`.decode_gluon` instead (same partials, query map and merge; ``config=dict(..., gluon=False)`` forces this
+one). Measured (H100, docs/performance.md, v6/v7 — this kernel): turbo4 1.28× (B = 1) and 1.66× (B = 8) the
+speed of bf16 SDPA at 128K, turbo2 1.33–1.82×, k4v3 0.95–1.18×, turbo3 0.87–0.91×, turbo3.5 0.67–0.68×; the
+Gluon kernel takes them to 2.08–3.30× (B = 1) and 2.53–4.02× (B = 8). This kernel is still bound by instruction issue and latency
 (~6.5 thread instructions per centroid value at 4 bits, ~10 at 3 bits), not by bytes: 920–1330 GB/s of
 compressed bytes against ~2950 GB/s copy. docs/kernel-notes.md has the profile, the versions and next steps.
 
