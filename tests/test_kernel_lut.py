@@ -34,6 +34,8 @@ _OPS = {
     "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "mul": lambda a, b: (a * b) & _M,
     "mad": lambda a, b, c: (a * b + c) & _M, "prmt": _prmt, "mov": lambda a: a,
     "add": lambda a, b: (a + b) & _M, "shf": lambda a, b, c: ((b << 32 | a) >> min(c, 32)) & _M,  # shf.r.clamp
+    "lop3": lambda a, b, c, lut: sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i
+                                     for i in range(32)),
 }
 
 

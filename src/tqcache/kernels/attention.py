@@ -142,11 +142,14 @@ def _plane(bt, lv_ptr, BITS: tl.constexpr, P: tl.constexpr, I: tl.constexpr):
 # Centroid lookup without memory: the table lives in four registers and `prmt` (byte permute) picks from it.
 # 4 bits (Lloyd–Max levels are symmetric, c[15−n] = −c[n]): the 3-bit magnitude index m (n ≥ 8: n − 8,
 # else 7 − n) selects the low and the high byte of |c| from two 8-byte tables (TL = words 0–1, TH = 2–3),
-# two more prmt interleave them into fp16 pairs, and the sign bit of n < 8 is xor-ed in. Per 4 code bytes
-# (8 values, both planes) ~25 instructions instead of 8 × (shift, mask, 64-bit address, gather, pack).
+# and two more prmt interleave them into fp16 pairs. The sign goes into the high bytes before that: prmt's
+# sign-replicate mode turns bit 3 of each nibble (the top bit of a byte of x or of x << 4) into a 0x00 / 0xFF byte
+# mask, and one lop3 flips bit 7 of the high bytes of the codes below 8. Per 4 code bytes (8 values, both planes)
+# ~18 instructions (v4–v6: ~25, the sign moved bit by bit after the interleave) instead of 8 × (shift, mask,
+# 64-bit address, gather, pack).
 _ASM_LUT4 = tl.constexpr("""
 {
-.reg .b32 t, nf, mk, m, m2, l0, h0, l1, h1, sa, sb, x, z;
+.reg .b32 t, nf, mk, m, m2, l0, h0, l1, h1, y, s0, s1;
 shr.b32 t, $4, 3;
 and.b32 t, t, 0x11111111;
 xor.b32 nf, t, 0x11111111;
@@ -158,16 +161,16 @@ prmt.b32 l0, $5, $9, m;
 prmt.b32 h0, $13, $17, m;
 prmt.b32 l1, $5, $9, m2;
 prmt.b32 h1, $13, $17, m2;
+shl.b32 y, $4, 4;
+prmt.b32 s0, y, $4, 0xD9C8;
+prmt.b32 s1, y, $4, 0xFBEA;
+lop3.b32 h0, h0, s0, 0x80808080, 0xD2;
+lop3.b32 h1, h1, s1, 0x80808080, 0xD2;
 prmt.b32 $0, l0, h0, 0x6240;
 prmt.b32 $2, l0, h0, 0x7351;
 prmt.b32 $1, l1, h1, 0x6240;
 prmt.b32 $3, l1, h1, 0x7351;
-mov.b32 z, 0;
-prmt.b32 sa, nf, z, 0x1404;
-prmt.b32 sb, nf, z, 0x3424;
-""" + "".join(  # sa/sb hold the negative flags of nibbles 0–3 / 4–7 at bits 8, 12, 24, 28: move each to bit 15/31
-    f"shl.b32 x, {src}, {sh};\nand.b32 x, x, 0x80008000;\nxor.b32 {reg}, {reg}, x;\n"
-    for src, sh, reg in (("sa", 7, "$0"), ("sa", 3, "$2"), ("sb", 7, "$1"), ("sb", 3, "$3"))) + """}
+}
 """)
 # 2 bits: the whole 4-entry fp16 table is 8 bytes (T = words 0–1); for a code c the selector nibbles
 # (2c, 2c + 1) come from one multiply-add per 4 codes: byte·0x22 + 0x10. Plane p = bits [2p, 2p + 2).
