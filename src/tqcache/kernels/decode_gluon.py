@@ -7,7 +7,8 @@ instructions than the centroid lookup itself (docs/kernel-notes.md, v4). Gluon l
 layouts, and the codec lets it choose the channel order (a dot product does not care how its channels are
 numbered, so a permutation folds into the query map A and the unrotation U at zero run-time cost). This
 kernel numbers the channels so that **each thread loads exactly the code bytes its ``mma.sync`` fragments
-need, contiguously, and decodes them in place**: no shared memory, no layout conversion that moves data.
+need, contiguously, and decodes them in place**: no operand staging through shared memory, no layout
+conversion that moves data (shared memory only holds the cp.async ring of raw code bytes, each lane's own).
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
@@ -21,11 +22,11 @@ Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = 
 row; plane ``p`` of byte ``s`` is channel ``s·P + p`` (``P = 8/b``); every plane is a ``[tokens, W]`` tile whose
 column ``j`` is byte ``σ(j)`` of the row:
 
-* keys — B operand of ``S = Q̃ Kᵀ`` (k = column, n = token): lane (gid, t) holds columns
+* keys — A operand of ``Sᵀ = K Q̃ᵀ`` (m = token, k = column): lane (gid, t) holds columns
   ``j = 16·kc + 8·h + 2·t + e`` of token ``gid`` (mod 8). Stored byte ``σ_K(j) = (W/4)·t + 4·kc + 2·h + e``, so the
   lane's ``W/4`` bytes of a row are one contiguous load;
-* values — B operand of ``O += P V`` (k = token, n = column): lane (gid, t) holds columns ``j = 8·nt + gid`` of
-  tokens ``2t + e + 8h`` (mod 16). ``σ_V(j) = (W/8)·gid + nt``: ``W/8`` contiguous bytes per row.
+* values — A operand of ``Oᵀ += Vᵀ Pᵀ`` (m = column, k = token): lane (gid, t) holds columns ``j = 8·nt + gid``
+  of tokens ``2t + e + 8h`` (mod 16). ``σ_V(j) = (W/8)·gid + nt``: ``W/8`` contiguous bytes per row.
 
 3 bits (d = 128, 48 code bytes per row): 3 bytes hold a *group* of 8 codes, which never sits on a byte boundary
 of its own, so lanes load int32 words and the lookup cuts the groups out. Four planes of 32 columns; plane ``p``
@@ -37,6 +38,11 @@ holds codes ``2p, 2p + 1`` of every group (:func:`group3`):
 * values — lane gid reads words ``(3·gid) // 2`` and the next (its groups ``2·gid, 2·gid + 1`` start at byte 0 or
   2 of them: a per-lane ``prmt`` selector); column ``8·nt + gid`` is code ``2p + (nt & 1)`` of group
   ``2·gid + nt // 2``, and each register pairs tokens ``2t, 2t + 1`` of one code.
+
+At d = 64 (24 bytes per row) keys read words ``(3t) // 2`` and the next (groups ``2t, 2t + 1``, the values'
+selectors above), values words ``(3·gid) // 4`` and the next (group ``gid`` at byte ``(3·gid) % 4``). A side of
+two halves (64 channels each) runs each half with its own ring, table and norm on the d = 64 geometry; the
+kernel addresses rows in 4-byte units from the 16-byte-aligned row buffer, with each half's start a constexpr.
 
 The load tiles are ``[N, 4, W/4]`` (keys) and ``[N, 8, W/8]`` (values) in blocked layouts whose lanes and
 registers are those of the operand; ``reshape``/``permute`` renumber the elements into ``[W, N]`` / ``[N, W]``
