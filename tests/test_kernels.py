@@ -353,10 +353,12 @@ def test_gluon_reason_names_what_it_does_not_cover():
         assert gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True) is None
         assert gluon_reason(qc, TurboQuantizer(128, 3.5).to(DEV), k4.to(DEV), 4, True) is None  # two halves
         assert "two halves" in gluon_reason(qc, k325.to(DEV), k4.to(DEV), 4, True)  # 32 | 96 channels
-        assert "2-bit values" in gluon_reason(qc, k4.to(DEV), TurboQuantizer(128, 2.5).to(DEV), 4, True)
+        assert gluon_reason(qc, k4.to(DEV), TurboQuantizer(128, 2.5).to(DEV), 4, True) is None  # 2-bit halves
         k3s, k2s = TurboQuantizer(64, 3).to(DEV), TurboQuantizer(64, 2).to(DEV)
         assert gluon_reason(qc[..., :64], k3s, k3s, 4, True) is None
-        assert "2-bit values over 64" in gluon_reason(qc[..., :64], k3s, k2s, 4, True)
+        assert gluon_reason(qc[..., :64], k3s, k2s, 4, True) is None
+        assert "head_dim 256" in gluon_reason(torch.randn(1, 8, 1, 256, device=DEV, dtype=torch.bfloat16),
+                                              TurboQuantizer(256, 4).to(DEV), TurboQuantizer(256, 4).to(DEV), 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
         assert "float32" in gluon_reason(q.to(DEV), k4.to(DEV), k4.to(DEV), 4, True)
         assert "sign-symmetric" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, False)
@@ -387,6 +389,10 @@ GLUON_CASES = [
     (128, 3.5, 4, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
     (128, 2.5, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
     (128, 3.5, 3.5, torch.float16, 1, 2, 16, 3000, 1, "rotated"),  # G = 8
+    # 2-bit values over 64 channels: the shared copy ring (lanes copy 4 bytes, read back 2 after a barrier)
+    (64, 4, 2, torch.float16, 2, 2, 8, 333, 1, None),
+    (64, 2, 2, torch.bfloat16, 2, 1, 4, 260, 3, "window"),
+    (128, 2.5, 2.5, torch.bfloat16, 3, 2, 8, 1000, 2, "ragged"),
 ]
 
 

@@ -13,8 +13,8 @@ conversion that moves data (shared memory only holds the cp.async ring of raw co
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
 lookups below) at head_dim 64 or 128, or two halves of 64 channels at head_dim 128 (channel-split or rotated
-fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm); not 2-bit values
-over 64 channels (2 bytes per lane and row is below cp.async's 4); fp16/bf16 queries (fp16 operands), no QJL,
+fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm); fp16/bf16
+queries (fp16 operands), no QJL,
 the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the
 Triton kernel; one warp per program.
 
@@ -258,10 +258,10 @@ def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL
 @gluon.jit
 def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, VL: gl.constexpr,
                    LV: gl.constexpr, LV2: gl.constexpr):
-    """Token rows, in-row offsets and byte selectors (in the lookup's layout ``LV2``) of one value segment's
-    ``[N, 8(gid), VL]`` load tile. Lane gid reads bytes ``[gid·W/8, ..)``; 3 bits: words (3·gid) // 2 and the next,
-    whose byte 0 or 2 starts its groups 2·gid, 2·gid + 1 (d_s = 128), or words (3·gid) // 4 and the next, whose byte
-    (3·gid) % 4 starts its group gid (d_s = 64)."""
+    """Token rows, in-row offsets (in the copy layout ``LV``) and byte selectors (in the lookup's layout ``LV2``) of
+    one value segment's ``[N, 8(gid), VL]`` tile. Lane gid reads bytes ``[gid·W/8, ..)``; 3 bits: words (3·gid) // 2
+    and the next, whose byte 0 or 2 starts its groups 2·gid, 2·gid + 1 (d_s = 128), or words (3·gid) // 4 and the
+    next, whose byte (3·gid) % 4 starts its group gid (d_s = 64)."""
     vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
     vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
     vi = gl.arange(0, VL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
@@ -420,6 +420,10 @@ def _gluon_decode_kernel(
     KL1: gl.constexpr = (4 if KD1 == 128 else 2) if KB1 == 3 else KW1 // 4
     VL0: gl.constexpr = 2 if VB0 == 3 else VW0 // 8
     VL1: gl.constexpr = 2 if VB1 == 3 else VW1 // 8
+    # 2-bit values over 64 channels: 2 bytes per lane and row, below cp.async's 4. Lanes then copy 4 bytes each
+    # (their own and a neighbour's) and read back their own after a barrier: a shared ring, not a per-lane one.
+    SH0: gl.constexpr = VB0 == 2 and VD0 == 64
+    SH1: gl.constexpr = VB1 == 2 and VD1 == 64
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     OPA: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     OPB: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -430,6 +434,7 @@ def _gluon_decode_kernel(
     LK1: gl.constexpr = gl.BlockedLayout([1, 1, KL1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     LV0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     LV1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [2, 0, 1])
+    LS: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # SH copies: [N, 4, 4] bytes
     # Same lanes as LV, token pairs (2t, 2t + 1) adjacent in registers: the lookup then emits (token, token + 1)
     # fp16 pairs of one column, which is how the transposed value operand packs its registers.
     LW0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [0, 2, 1])
@@ -483,7 +488,10 @@ def _gluon_decode_kernel(
         a7 = a4
 
     kt, ki0, k_off0, ksa0, ksb0 = _key_offsets(BLOCK_N, KB0, KD0, KL0, LK0)
-    vt, v_off0, vsa0, vsb0 = _value_offsets(BLOCK_N, VB0, VD0, VL0, LV0, LW0)
+    if SH0:  # the copy tile is [N, 4, 4] bytes (4 per lane), read back as [N, 8, 2]
+        vt, _u, v_off0, vsa0, vsb0 = _key_offsets(BLOCK_N, 2, 64, 4, LS)
+    else:
+        vt, v_off0, vsa0, vsb0 = _value_offsets(BLOCK_N, VB0, VD0, VL0, LV0, LW0)
     kc0 = KC0 + KO0 + b * (stride_k0b * KM0) + h * (stride_k0h * KM0)
     vc0 = VC0 + VO0 + b * (stride_v0b * VM0) + h * (stride_v0h * VM0)
     kt1, ki1, k_off1, ksa1, ksb1, kc1 = kt, ki0, k_off0, ksa0, ksb0, kc0  # aliases when a side has one segment
@@ -492,7 +500,10 @@ def _gluon_decode_kernel(
         kt1, ki1, k_off1, ksa1, ksb1 = _key_offsets(BLOCK_N, KB1, KD1, KL1, LK1)
         kc1 = KC1 + KO1 + b * (stride_k1b * KM1) + h * (stride_k1h * KM1)
     if VB1 > 0:
-        vt1, v_off1, vsa1, vsb1 = _value_offsets(BLOCK_N, VB1, VD1, VL1, LV1, LW1)
+        if SH1:
+            vt1, _u, v_off1, vsa1, vsb1 = _key_offsets(BLOCK_N, 2, 64, 4, LS)
+        else:
+            vt1, v_off1, vsa1, vsb1 = _value_offsets(BLOCK_N, VB1, VD1, VL1, LV1, LW1)
         vc1 = VC1 + VO1 + b * (stride_v1b * VM1) + h * (stride_v1h * VM1)
     kn_base = KN + b * stride_knb + h * stride_knh
     vn_base = VN + b * stride_vnb + h * stride_vnh
@@ -503,13 +514,14 @@ def _gluon_decode_kernel(
     # layouts above), so no barrier is needed between lanes. Norms are prefetched one block ahead in registers.
     SHK: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
     smk0 = gl.allocate_shared_memory(KC0.dtype.element_ty, [STAGES, BLOCK_N, 4, KL0], SHK)
-    smv0 = gl.allocate_shared_memory(VC0.dtype.element_ty, [STAGES, BLOCK_N, 8, VL0], SHK)
+    smv0 = gl.allocate_shared_memory(VC0.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH0 else 8, 4 if SH0 else VL0], SHK)
     smk1 = smk0  # (aliases when a side has one segment: never copied to or read)
     smv1 = smv0
     if KB1 > 0:
         smk1 = gl.allocate_shared_memory(KC1.dtype.element_ty, [STAGES, BLOCK_N, 4, KL1], SHK)
     if VB1 > 0:
-        smv1 = gl.allocate_shared_memory(VC1.dtype.element_ty, [STAGES, BLOCK_N, 8, VL1], SHK)
+        smv1 = gl.allocate_shared_memory(VC1.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH1 else 8, 4 if SH1 else VL1],
+                                         SHK)
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
         _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
@@ -533,6 +545,8 @@ def _gluon_decode_kernel(
         start = s_lo + it * BLOCK_N
         nxt = start + (STAGES - 1) * BLOCK_N
         slot = (it + STAGES - 1) % STAGES
+        if SH0 or SH1:  # every lane has read the slot it is about to overwrite (last iteration's)
+            gl.thread_barrier()
         _copy_stage(slot, nxt, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
@@ -551,13 +565,21 @@ def _gluon_decode_kernel(
             vn1f = vn1.to(gl.float32)
             vn1 = gl.load(vn_base + 1 + (offs_n + BLOCK_N) * stride_vnt, mask=nxt_ok, other=0.0)
         async_copy.wait_group(STAGES - 1)
+        if SH0 or SH1:  # the other lanes' copies of this slot have landed too
+            gl.thread_barrier()
         cur = it % STAGES
         ck0 = smk0.index(cur).load(LK0)
-        cv0 = smv0.index(cur).load(LV0)
+        if SH0:
+            cv0 = smv0.index(cur).reshape([BLOCK_N, 8, VL0]).load(LV0)
+        else:
+            cv0 = smv0.index(cur).load(LV0)
         if KB1 > 0:
             ck1 = smk1.index(cur).load(LK1)
         if VB1 > 0:
-            cv1 = smv1.index(cur).load(LV1)
+            if SH1:
+                cv1 = smv1.index(cur).reshape([BLOCK_N, 8, VL1]).load(LV1)
+            else:
+                cv1 = smv1.index(cur).load(LV1)
 
         # ---- scores Sᵀ [N, BLOCK_M]: per segment Σ_p plane_p q_pᵀ, times the token's norm of that segment
         s = _key_scores(ck0, ksa0, ksb0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
@@ -683,8 +705,6 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
                 any(b not in (2, 3, 4) for _, b in segs):
             return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits, or two halves of 64 channels at "
                     f"head_dim 128)")
-        if name == "value" and any(b == 2 and d_s == 64 for d_s, b in segs):
-            return "2-bit values over 64 channels (2 code bytes per lane and row; cp.async moves 4 or more)"
     if k_codec.qjl or v_codec.qjl:
         return "QJL"
     if not lut_ok:
