@@ -43,6 +43,8 @@ At d = 64 (24 bytes per row) keys read words ``(3t) // 2`` and the next (groups 
 selectors above), values words ``(3·gid) // 4`` and the next (group ``gid`` at byte ``(3·gid) % 4``). A side of
 two halves (64 channels each) runs each half with its own ring, table and norm on the d = 64 geometry; the
 kernel addresses rows in 4-byte units from the 16-byte-aligned row buffer, with each half's start a constexpr.
+2-bit values over 64 channels leave a lane 2 bytes per row, below cp.async's 4: their ring is shared — lanes copy
+4 bytes each and read back their own 2 after a barrier.
 
 The load tiles are ``[N, 4, W/4]`` (keys) and ``[N, 8, W/8]`` (values) in blocked layouts whose lanes and
 registers are those of the operand; ``reshape``/``permute`` renumber the elements into ``[W, N]`` / ``[N, W]``
