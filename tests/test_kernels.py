@@ -315,6 +315,26 @@ def test_gluon_kernel_order_of_two_halves(bits, split):
     torch.testing.assert_close(U, c.unrotate(eye)[kernel_order(c, False)])
 
 
+@pytest.mark.parametrize("bits", [3.25, 2.25])
+def test_gluon_quarter_bit_keys_run_in_containers_with_zero_extra_columns(bits):
+    # 32 | 96 key channels run as 64 | 128: each container's order over its channels, the ones past the segment
+    # -1, and A zero in those columns (so the masked, zero-filled code bytes there contribute nothing).
+    from tqcache.kernels.attention import _matrices
+    from tqcache.kernels.decode_gluon import _segment_order, kernel_order, key_containers
+
+    c = TurboQuantizer(128, bits, split="outliers", seed=4)
+    assert key_containers(c) == [(64, 32), (128, 96)]
+    perm = kernel_order(c, True)
+    (_, b0), (_, b1) = c.segments
+    want = [x if x < 32 else -1 for x in _segment_order(64, b0, True)]
+    want += [32 + x if x < 96 else -1 for x in _segment_order(128, b1, True)]
+    assert perm == want and sorted(x for x in perm if x >= 0) == list(range(128))
+    A, *_ = _matrices(c, TurboQuantizer(128, 3), torch.device("cpu"), torch.float16, gluon=True)
+    p = torch.tensor(perm)
+    assert A.shape == (128, 192) and bool((A[:, p < 0] == 0).all())
+    torch.testing.assert_close(A[:, p >= 0], c.rotate_query(torch.eye(128))[:, p[p >= 0]])
+
+
 @pytest.mark.parametrize("d,bits", [(128, 4), (128, 2), (64, 4), (64, 2)])
 def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
     # Emulates what the kernel reads: plane p of column j is bits [p·b, (p+1)·b) of stored byte σ(j). That must
@@ -352,7 +372,8 @@ def test_gluon_reason_names_what_it_does_not_cover():
         assert gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, True) is None
         assert gluon_reason(qc, k3.to(DEV), k4.to(DEV), 4, True) is None
         assert gluon_reason(qc, TurboQuantizer(128, 3.5).to(DEV), k4.to(DEV), 4, True) is None  # two halves
-        assert "two halves" in gluon_reason(qc, k325.to(DEV), k4.to(DEV), 4, True)  # 32 | 96 channels
+        assert gluon_reason(qc, k325.to(DEV), k4.to(DEV), 4, True) is None  # quarter-bit keys: 32 | 96 channels
+        assert "value segments" in gluon_reason(qc, k4.to(DEV), k325.to(DEV), 4, True)  # not on values
         assert gluon_reason(qc, k4.to(DEV), TurboQuantizer(128, 2.5).to(DEV), 4, True) is None  # 2-bit halves
         k3s, k2s = TurboQuantizer(64, 3).to(DEV), TurboQuantizer(64, 2).to(DEV)
         assert gluon_reason(qc[..., :64], k3s, k3s, 4, True) is None
@@ -393,6 +414,10 @@ GLUON_CASES = [
     (64, 4, 2, torch.float16, 2, 2, 8, 333, 1, None),
     (64, 2, 2, torch.bfloat16, 2, 1, 4, 260, 3, "window"),
     (128, 2.5, 2.5, torch.bfloat16, 3, 2, 8, 1000, 2, "ragged"),
+    # quarter-bit keys (32 | 96 channels) in 64 | 128-channel containers
+    (128, 3.25, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (128, 2.25, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (128, 3.25, 3, torch.float16, 3, 2, 8, 200, 1, "ragged"),
 ]
 
 

@@ -889,13 +889,13 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
         if gluon:
             from .decode_gluon import kernel_order
 
-            pk = torch.tensor(kernel_order(k_codec, key=True), device=device)
+            pk = torch.tensor(kernel_order(k_codec, key=True), device=device)  # -1: a key container's extra column
             pv = torch.tensor(kernel_order(v_codec, key=False), device=device)
         else:
             pk = torch.tensor(_plane_perm(k_codec, planes, key=True), device=device)
             pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
         # [d, d'] for a shared key scale, [Hkv, d, d'] for per-head scales (matmul broadcasts over heads).
-        a = k_codec.rotate_query(eye)[..., pk]
+        a = k_codec.rotate_query(eye)[..., pk.clamp(min=0)] * (pk >= 0)  # extra columns: exact zeros
         if k_codec.qjl:
             a = torch.cat([a, k_codec.sketch_query(eye)], dim=-1)
         u = v_codec.unrotate(eye)[pv].contiguous()

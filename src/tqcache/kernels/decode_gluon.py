@@ -13,8 +13,9 @@ conversion that moves data (shared memory only holds the cp.async ring of raw co
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
 lookups below) at head_dim 64 or 128, or two halves of 64 channels at head_dim 128 (channel-split or rotated
-fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm); fp16/bf16
-queries (fp16 operands), no QJL,
+fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm), or quarter-bit
+keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`);
+fp16/bf16 queries (fp16 operands), no QJL,
 the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the
 Triton kernel; one warp per program.
 
@@ -285,26 +286,30 @@ def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, 
 
 
 @gluon.jit
-def _copy_rows(buf, base, rows, stride, off, ki, s_hi, PAD: gl.constexpr):
+def _copy_rows(buf, base, rows, stride, off, ki, s_hi, PAD: gl.constexpr, NREAL: gl.constexpr, CUT: gl.constexpr):
     """cp.async one block of code rows into ``buf``; ``PAD``: 3-bit d_s = 128 key tiles, whose 4th word per lane is
-    padding (masked: not read, zero-filled)."""
+    padding; ``CUT``: elements at offsets ≥ ``NREAL`` lie past the segment (masked: not read, zero-filled)."""
     m = (rows < s_hi)[:, None, None]
     if PAD:
         m = m & (ki < 3)[None, None, :]
+    if CUT:
+        m = m & (off < NREAL)
     async_copy.async_copy_global_to_shared(buf, base + (rows * stride)[:, None, None] + off, mask=m)
 
 
 @gluon.jit
 def _copy_stage(slot, r0, s_hi, smk0, kc0, kt0, sk0, ko0, ki0, smv0, vc0, vt0, sv0, vo0,
                 smk1, kc1, kt1, sk1, ko1, ki1, smv1, vc1, vt1, sv1, vo1,
-                PADK0: gl.constexpr, PADK1: gl.constexpr, TWO_K: gl.constexpr, TWO_V: gl.constexpr):
-    """cp.async the code rows ``r0 ..`` of every segment into ring slot ``slot``, as one commit group."""
-    _copy_rows(smk0.index(slot), kc0, r0 + kt0, sk0, ko0, ki0, s_hi, PADK0)
-    _copy_rows(smv0.index(slot), vc0, r0 + vt0, sv0, vo0, vt0, s_hi, False)
+                PADK0: gl.constexpr, PADK1: gl.constexpr, TWO_K: gl.constexpr, TWO_V: gl.constexpr,
+                KR0: gl.constexpr, KR1: gl.constexpr, CUT0: gl.constexpr, CUT1: gl.constexpr):
+    """cp.async the code rows ``r0 ..`` of every segment into ring slot ``slot``, as one commit group. ``CUT``: a key
+    container wider than its segment, whose elements past ``KR`` are not read (zero-filled)."""
+    _copy_rows(smk0.index(slot), kc0, r0 + kt0, sk0, ko0, ki0, s_hi, PADK0, KR0, CUT0)
+    _copy_rows(smv0.index(slot), vc0, r0 + vt0, sv0, vo0, vt0, s_hi, False, 0, False)
     if TWO_K:
-        _copy_rows(smk1.index(slot), kc1, r0 + kt1, sk1, ko1, ki1, s_hi, PADK1)
+        _copy_rows(smk1.index(slot), kc1, r0 + kt1, sk1, ko1, ki1, s_hi, PADK1, KR1, CUT1)
     if TWO_V:
-        _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, False)
+        _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, False, 0, False)
     async_copy.commit_group()
 
 
@@ -392,6 +397,7 @@ def _gluon_decode_kernel(
     HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
     KO0: gl.constexpr, KO1: gl.constexpr, VO0: gl.constexpr, VO1: gl.constexpr,  # segment starts (elements)
     KB0: gl.constexpr, KB1: gl.constexpr, VB0: gl.constexpr, VB1: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
+    KD0: gl.constexpr, KD1: gl.constexpr, KR0: gl.constexpr, KR1: gl.constexpr,  # key containers, real row widths
     HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
     SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
 ):
@@ -405,9 +411,10 @@ def _gluon_decode_kernel(
     KM1: gl.constexpr = 1 if KB1 == 3 else 4
     VM0: gl.constexpr = 1 if VB0 == 3 else 4
     VM1: gl.constexpr = 1 if VB1 == 3 else 4
-    KD0: gl.constexpr = D if KB1 == 0 else D // 2  # channels per segment
+    # Channels per segment. Keys: the *container* the kernel runs each segment as (key_containers: a 96-channel
+    # segment runs as 128, with the rows past its KR real elements masked and A's extra columns zero); values: D or
+    # two halves.
     VD0: gl.constexpr = D if VB1 == 0 else D // 2
-    KD1: gl.constexpr = D - KD0
     VD1: gl.constexpr = D - VD0
     KP0: gl.constexpr = 4 if KB0 == 3 else 8 // KB0  # planes
     VP0: gl.constexpr = 4 if VB0 == 3 else 8 // VB0
@@ -472,7 +479,7 @@ def _gluon_decode_kernel(
     # ---- query planes as B operands (segment 0's, then segment 1's at column KD0)
     qm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
     qrow = Q + b * stride_qb + h * stride_qh
-    q_ok = (qm < M)[None, :]
+    q_ok = (qm < M)[None, :]  # (the query row holds KD0 + KD1 columns)
     q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
     if KB1 > 0:
         q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
@@ -529,7 +536,8 @@ def _gluon_decode_kernel(
         _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0)
+                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0,
+                    KR0, KR1, KR0 < KD0 * KB0 // (32 if KB0 == 3 else 8), KR1 < KD1 * KB1 // (32 if KB1 == 3 else 8))
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
@@ -552,7 +560,8 @@ def _gluon_decode_kernel(
         _copy_stage(slot, nxt, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0)
+                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0,
+                    KR0, KR1, KR0 < KD0 * KB0 // (32 if KB0 == 3 else 8), KR1 < KD1 * KB1 // (32 if KB1 == 3 else 8))
         offs_n = start + rows
         nmask = offs_n < s_hi
         nxt_ok = offs_n + BLOCK_N < s_hi
@@ -668,17 +677,26 @@ def _segment_order(d: int, b: int, key: bool) -> list[int]:
     return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
 
 
+def key_containers(codec) -> list[tuple[int, int]]:
+    """``(container channels, real channels)`` per key segment: a segment runs as 64 or 128 channels — the
+    quarter-bit keys (k3.25v3, k2.25v2: 32 | 96 channels) run as 64 | 128 — with A's extra columns zero and the
+    row's bytes past the segment masked (the query row then has 192 columns, a multiple of the query map's 64)."""
+    return [(64 if d_s <= 64 else 128, d_s) for d_s, _ in codec.segments]
+
+
 def kernel_order(codec, key: bool) -> list[int]:
     """Column order of the kernel: ``perm[column] = natural (rotated-space) channel``, segments in order, planes major.
 
     2/4 bits: column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel
     ``σ(j)·P + p``. 3 bits: column ``p·d_s/4 + j`` is channel ``8·g + 2p + o`` with ``(g, o) = group3(j)``. A second
-    segment's columns follow the first's, offset by its channel count.
+    segment's columns follow the first's, offset by its channel count. Key segments run in their containers
+    (:func:`key_containers`): a container's columns past the segment are ``-1`` (A holds zeros there).
     Keys fold this into the query map A (columns), values into the unrotation U (rows).
     """
     out, off = [], 0
-    for d_s, b_s in codec.segments:
-        out += [off + c for c in _segment_order(d_s, b_s, key)]
+    sizes = key_containers(codec) if key else [(d_s, d_s) for d_s, _ in codec.segments]
+    for (c, d_s), (_, b_s) in zip(sizes, codec.segments):
+        out += [off + x if x < d_s else -1 for x in _segment_order(c, b_s, key)]  # -1: a container's extra column
         off += d_s
     return out
 
@@ -702,11 +720,12 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     if d not in (64, 128):
         return f"head_dim {d} (64 or 128)"
     for name, c in (("key", k_codec), ("value", v_codec)):
-        segs = c.segments
-        if not (len(segs) == 1 or (len(segs) == 2 and d == 128 and segs[0][0] == segs[1][0] == 64)) or \
+        segs = [tuple(x) for x in c.segments]
+        two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
+        if not (len(segs) == 1 or (len(segs) == 2 and d == 128 and (segs[0][0], segs[1][0]) in two)) or \
                 any(b not in (2, 3, 4) for _, b in segs):
-            return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits, or two halves of 64 channels at "
-                    f"head_dim 128)")
+            return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits, or two of 64 channels — keys also "
+                    f"32 | 96 — at head_dim 128)")
     if k_codec.qjl or v_codec.qjl:
         return "QJL"
     if not lut_ok:
@@ -741,6 +760,9 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec) * 2)[:2]
     kb = [b for _, b in k_codec.segments] + [0]
     vb = [b for _, b in v_codec.segments] + [0]
+    kd = [c for c, _ in key_containers(k_codec)] + [0]
+    # real row widths in the elements the kernel reads (bytes, or words at 3 bits)
+    kr = [d_s * b_s // (32 if b_s == 3 else 8) for d_s, b_s in k_codec.segments] + [0]
 
     def words(t):  # strides in 4-byte units (words_ok checked they divide)
         return [st if t.dtype == torch.int32 else st // 4 for st in t.stride()[:3]]
@@ -755,7 +777,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0,
-        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
+        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
         HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None, HAS_WINDOW=window is not None,
         SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, num_warps=1,
     )
