@@ -418,6 +418,9 @@ GLUON_CASES = [
     (128, 3.25, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (128, 2.25, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
     (128, 3.25, 3, torch.float16, 3, 2, 8, 200, 1, "ragged"),
+    # 8-bit keys: centroids gathered from the 256-entry fp16 table
+    (128, 8, 4, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (64, 8, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
 ]
 
 

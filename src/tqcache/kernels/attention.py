@@ -1024,7 +1024,7 @@ def attend_packed_triton(
     if use_gluon:
         ck = _gluon_module().launch_gluon(
             qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, k_codec=k_codec, v_codec=v_codec, T=T,
-            M=M, window=window, Hkv=Hkv, G=G, d=d, splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2))
+            M=M, window=window, Hkv=Hkv, G=G, d=d, splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2), lvk=lvk)
         _record_compile(ck, cfg, f"gluon K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
     else:
         ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](

@@ -320,9 +320,11 @@ def _load_q(qrow, qm, stride_qm, q_ok, OFF: gl.constexpr, KP: gl.constexpr, KW: 
     qc = gl.arange(0, KW, layout=gl.SliceLayout(1, LQ))
     ptr = qrow + qm[None, :] * stride_qm + qc[:, None] + OFF
     q0 = gl.convert_layout(gl.load(ptr, mask=q_ok, other=0.0), OPB)
-    q1 = gl.convert_layout(gl.load(ptr + KW, mask=q_ok, other=0.0), OPB)
+    q1 = q0
     q2 = q0
     q3 = q0
+    if KP > 1:
+        q1 = gl.convert_layout(gl.load(ptr + KW, mask=q_ok, other=0.0), OPB)
     if KP == 4:
         q2 = gl.convert_layout(gl.load(ptr + 2 * KW, mask=q_ok, other=0.0), OPB)
         q3 = gl.convert_layout(gl.load(ptr + 3 * KW, mask=q_ok, other=0.0), OPB)
@@ -330,17 +332,24 @@ def _load_q(qrow, qm, stride_qm, q_ok, OFF: gl.constexpr, KP: gl.constexpr, KW: 
 
 
 @gluon.jit
-def _key_scores(ck, sel0, sel1, t0, t1, t2, t3, q0, q1, q2, q3, BITS: gl.constexpr, DS: gl.constexpr,
+def _key_scores(ck, sel0, sel1, tab, t0, t1, t2, t3, q0, q1, q2, q3, BITS: gl.constexpr, DS: gl.constexpr,
                 KP: gl.constexpr, KW: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                 MMA: gl.constexpr, OPA: gl.constexpr):
-    """Raw scores ``Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ`` of one key segment (before its norm)."""
+    """Raw scores ``Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ`` of one key segment (before its norm). 8 bits: one plane,
+    the centroids gathered from the 256-entry fp16 table ``tab`` (512 bytes: it stays in L1)."""
     if BITS == 3:
         c0, c1, c2, c3 = _key_planes3(ck, sel0, sel1, t0, t1, t2, t3, BLOCK_N, DS)
+    elif BITS == 8:
+        c0 = gl.load(tab + ck.to(gl.int32))
+        c1 = c0
+        c2 = c0
+        c3 = c0
     else:
         c0, c1, c2, c3 = _decode_planes(ck, t0, t1, t2, t3, BITS)
     s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
     s = mma_v2(_k_operand(c0, BLOCK_N, KW, OPA), q0, s)
-    s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
+    if KP > 1:
+        s = mma_v2(_k_operand(c1, BLOCK_N, KW, OPA), q1, s)
     if KP == 4:
         s = mma_v2(_k_operand(c2, BLOCK_N, KW, OPA), q2, s)
         s = mma_v2(_k_operand(c3, BLOCK_N, KW, OPA), q3, s)
@@ -593,10 +602,10 @@ def _gluon_decode_kernel(
                 cv1 = smv1.index(cur).load(LV1)
 
         # ---- scores Sᵀ [N, BLOCK_M]: per segment Σ_p plane_p q_pᵀ, times the token's norm of that segment
-        s = _key_scores(ck0, ksa0, ksb0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
+        s = _key_scores(ck0, ksa0, ksb0, LUTK0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
                         KB0, KD0, KP0, KW0, BLOCK_N, BLOCK_M, MMA, OPA)
         if KB1 > 0:
-            s1 = _key_scores(ck1, ksa1, ksb1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
+            s1 = _key_scores(ck1, ksa1, ksb1, LUTK1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
                              KB1, KD1, KP1, KW1, BLOCK_N, BLOCK_M, MMA, OPA)
             if KS == 2:
                 s = s * knf[:, None] + s1 * kn1f[:, None]
@@ -723,7 +732,7 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         segs = [tuple(x) for x in c.segments]
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
         if not (len(segs) == 1 or (len(segs) == 2 and d == 128 and (segs[0][0], segs[1][0]) in two)) or \
-                any(b not in (2, 3, 4) for _, b in segs):
+                any(b not in (2, 3, 4) for _, b in segs) and not (name == "key" and segs == [(d, 8)]):
             return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits, or two of 64 channels — keys also "
                     f"32 | 96 — at head_dim 128)")
     if k_codec.qjl or v_codec.qjl:
@@ -752,9 +761,10 @@ def words_ok(codes: torch.Tensor, codec) -> bool:
 
 
 def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, k_codec, v_codec, T, M, window,
-                 Hkv, G, d, splits, block_n, stages=2):
+                 Hkv, G, d, splits, block_n, stages=2, lvk=None):
     """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton
-    (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment)."""
+    (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the ``[2, 256]`` fp16 key
+    tables, which 8-bit keys gather from)."""
     B = qk.shape[0]
     (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec) * 2)[:2]  # one segment: the second is the first (unused)
     (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec) * 2)[:2]
@@ -773,7 +783,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
         v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lutk[0], lutk[1], lutv[0], lutv[1],
+        lvk[0] if kb[0] == 8 else lutk[0], lutk[1], lutv[0], lutv[1],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0,
