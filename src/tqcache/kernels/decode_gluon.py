@@ -14,8 +14,8 @@ Scope (everything else takes the Triton kernel): decode and speculative verifica
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
 lookups below) at head_dim 64 or 128, or two halves of 64 channels at head_dim 128 (channel-split or rotated
 fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm), or quarter-bit
-keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`);
-fp16/bf16 queries (fp16 operands), no QJL,
+keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`), or
+8-bit keys (one plane, centroids gathered from the fp16 table); fp16/bf16 queries (fp16 operands), no QJL,
 the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the
 Triton kernel; one warp per program.
 
