@@ -158,6 +158,8 @@ ATT_CASES = [
     (128, 3.5, 2.5, False, torch.bfloat16, 130, 1),
     (64, 4, 3.25, False, torch.float32, 70, 1),  # quarter-bit values: 48 channels read as 32 + 16
     (128, 2.25, 3.25, False, torch.bfloat16, 70, 2),  # 96 = 64 + 32 on both sides, three kernel segments
+    (128, 5, 3, False, torch.float32, 37, 1),  # 5-7 bits: 40-56-bit group words (k5v3)
+    (64, 6, 7, False, torch.float16, 70, 2),
 ]
 
 

@@ -63,7 +63,7 @@ __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-_BITS_OK = (1, 2, 3, 4, 8)
+_BITS_OK = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -91,22 +91,23 @@ def _unpack_codes(row_ptr, nmask, BITS: tl.constexpr, DS: tl.constexpr, BLOCK_N:
         # [i, t, u] = x_{2t+u} -> flat 4i + 2t + u: natural order.
         x = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_N, DS))
     else:
-        # 8 codes per BITS bytes (BITS = 1 or 3): a 24-bit (or 8-bit) word per group of 8 channels.
+        # 8 codes per BITS bytes (BITS = 1, 3, 5, 6, 7): one word of 8·BITS bits per group of 8 channels — int32 up
+        # to 3 bits, int64 from 5 (40–56 bits).
         offs = tl.arange(0, DS // 8)
         p = row_ptr[:, None] + offs[None, :] * BITS
-        w = tl.load(p, mask=nmask[:, None], other=0).to(tl.int32)
-        if BITS == 3:
-            w = w | (tl.load(p + 1, mask=nmask[:, None], other=0).to(tl.int32) << 8)
-            w = w | (tl.load(p + 2, mask=nmask[:, None], other=0).to(tl.int32) << 16)
+        WT: tl.constexpr = tl.int64 if BITS > 3 else tl.int32
+        w = tl.load(p, mask=nmask[:, None], other=0).to(WT)
+        for k in tl.static_range(1, BITS):
+            w = w | (tl.load(p + k, mask=nmask[:, None], other=0).to(WT) << (8 * k))
         MK: tl.constexpr = (1 << BITS) - 1
-        x0 = w & MK
-        x1 = (w >> BITS) & MK
-        x2 = (w >> (2 * BITS)) & MK
-        x3 = (w >> (3 * BITS)) & MK
-        x4 = (w >> (4 * BITS)) & MK
-        x5 = (w >> (5 * BITS)) & MK
-        x6 = (w >> (6 * BITS)) & MK
-        x7 = (w >> (7 * BITS)) & MK
+        x0 = (w & MK).to(tl.int32)
+        x1 = ((w >> BITS) & MK).to(tl.int32)
+        x2 = ((w >> (2 * BITS)) & MK).to(tl.int32)
+        x3 = ((w >> (3 * BITS)) & MK).to(tl.int32)
+        x4 = ((w >> (4 * BITS)) & MK).to(tl.int32)
+        x5 = ((w >> (5 * BITS)) & MK).to(tl.int32)
+        x6 = ((w >> (6 * BITS)) & MK).to(tl.int32)
+        x7 = ((w >> (7 * BITS)) & MK).to(tl.int32)
         # [i, t, u, v] = x_{4t+2u+v} -> flat 8i + 4t + 2u + v: natural order.
         x = tl.join(tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7)))
         x = tl.reshape(x, (BLOCK_N, DS))
