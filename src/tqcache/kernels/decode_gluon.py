@@ -399,7 +399,7 @@ def _gluon_decode_kernel(
     VC0, stride_v0b, stride_v0h, stride_v0t,  # value codes, as the keys
     VC1, stride_v1b, stride_v1h, stride_v1t,
     VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, VS] fp16 value norms
-    LUTK0, LUTK1, LUTV0, LUTV1,  # int32 [4] register tables per segment (attention._register_tables rows)
+    LUTK0, LUTK1, LUTV0, LUTV1,  # int32 [4] register tables per segment (8-bit keys: LUTK0 = the fp16 [256] table)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
     PACC, PM, PL,  # partials [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2 (the merge kernel's input)
     T, M, window,
@@ -413,9 +413,11 @@ def _gluon_decode_kernel(
     """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
     ``Oᵀ += Vᵀ Pᵀ`` — half the padded work of ``Q̃ Kᵀ`` with 16 query rows, and half the accumulator registers.
 
-    Each side has one segment, or two halves (``KB1``/``VB1`` > 0: channel-split fractional bits, e.g. 3.5 = 4 | 3
-    bits over d/2 channels each), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
-    ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``."""
+    Each side has one segment, or two (``KB1``/``VB1`` > 0: fractional bits, e.g. 3.5 = 4 | 3 bits over d/2 channels
+    each; keys also 32 | 96 channels, run in ``KD0 | KD1`` = 64 | 128-channel containers whose elements past
+    ``KR0``/``KR1`` are masked), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
+    ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
+    the fp16 table."""
     KM0: gl.constexpr = 1 if KB0 == 3 else 4  # stride units -> elements
     KM1: gl.constexpr = 1 if KB1 == 3 else 4
     VM0: gl.constexpr = 1 if VB0 == 3 else 4
