@@ -2,7 +2,7 @@
 
 Providers (lines): ``sdpa-bf16`` (``scaled_dot_product_attention(..., enable_gqa=True)`` over bf16 K/V),
 ``triton-<scheme>`` (:func:`tqcache.kernels.attention.attend_packed_triton` as dispatched — the Gluon decode
-kernel for 2/3/4-bit schemes and 3.5-bit halves, else the Triton split-K kernel — whole step included: query-map
+kernel where it covers the scheme (``gluon_reason``), else the Triton split-K kernel — whole step included: query-map
 kernel, attention kernel, merge + unrotation kernel), ``tl-<scheme>`` (the Triton kernel for a scheme Gluon
 took, same process), ``torch-<scheme>`` (the
 torch reference ``attend_packed``, small N only).

@@ -245,7 +245,7 @@ def info() -> dict:
         d["probes"] = {" | ".join(str(x) for x in k): dict(v) for k, v in _PROBES.items()}
     d["launch_configs"] = dict(_CONFIGS)
     d["compiled"] = dict(_attn.COMPILED) if _attn is not None else {}
-    # Decode steps of 2/3/4-bit schemes and two-half sides run the Gluon kernel (compiled entries prefixed "gluon").
+    # Decode steps the Gluon kernel covers (decode_gluon.gluon_reason) run it (compiled entries prefixed "gluon").
     d["gluon_decode"] = _attn is not None and _attn._gluon_module() is not None
     d["fallbacks"] = dict(_FALLBACKS)
     return d
