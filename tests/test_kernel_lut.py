@@ -132,6 +132,13 @@ def _table_regs(w: list[int], first: int) -> dict:
     return {f"${first + 4 * k + j}": w[k] for k in range(4) for j in range(4)}
 
 
+def _pair_selector_regs(odd: int) -> dict:
+    """The two per-lane prmt selectors of _pair_selectors (groups at byte 0 or 2 of two words) as $20.. and $24..,
+    each broadcast over its 4 pack registers."""
+    sel = (0x5432, 0x7765) if odd else (0x3210, 0x6543)
+    return {f"${20 + 4 * k + j}": sel[k] for k in range(2) for j in range(4)}
+
+
 @pytest.mark.parametrize("d", [128, 64])
 def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says(d):
     # Token rows through the key lookup of decode_gluon, then the kernel's tensor renumbering (_key_plane3*,
@@ -155,10 +162,9 @@ def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says(d):
                             g = 2 * (j >> 4) + ((j >> 3) & 1)
                             got[r, m, j] = (env[f"${4 * m + g}"] >> 16 * (j & 1)) & 0xFFFF
             else:  # two words per row, rows r and r + 8 in one call; $(4m + 2g + k) = pair m of group g, row k
-                sel = (0x5432, 0x7765) if t % 2 else (0x3210, 0x6543)
                 wa, wb = (_words(row, 4 * (3 * t // 2), 2) for row in rows)
-                regs = {"$16": wa[0], "$17": wa[1], "$18": wb[0], "$19": wb[1], **_table_regs(w, 28)}
-                regs.update({f"${20 + j}": sel[0] for j in range(4)} | {f"${24 + j}": sel[1] for j in range(4)})
+                regs = {"$16": wa[0], "$17": wa[1], "$18": wb[0], "$19": wb[1], **_table_regs(w, 28),
+                        **_pair_selector_regs(t % 2)}
                 env = _run(_ASM_LUT3K64, regs)
                 for r in (0, 1):
                     for m in range(4):
@@ -183,9 +189,8 @@ def test_gluon_lut3_values_put_each_channel_where_kernel_order_says(d):
         for gid in range(8):
             if d == 128:
                 wa, wb = (_words(r, 4 * (3 * gid // 2), 2) for r in rows)
-                sel = (0x5432, 0x7765) if gid % 2 else (0x3210, 0x6543)
-                regs = {"$16": wa[0], "$17": wb[0], "$18": wa[1], "$19": wb[1], **_table_regs(w, 28)}
-                regs.update({f"${20 + j}": sel[0] for j in range(4)} | {f"${24 + j}": sel[1] for j in range(4)})
+                regs = {"$16": wa[0], "$17": wb[0], "$18": wa[1], "$19": wb[1], **_table_regs(w, 28),
+                        **_pair_selector_regs(gid % 2)}
                 env = _run(_ASM_LUT3V, regs)
                 # tensor 2p + u (code), its register g = the lane's group: column nt = 2g + u
                 cols = {(p, 8 * (2 * g + u) + gid): f"${2 * (2 * p + u) + g}" for p in range(4) for u in (0, 1) for g in (0, 1)}

@@ -237,6 +237,13 @@ def _v_operand(c, BLOCK_N: gl.constexpr, W: gl.constexpr, OPA: gl.constexpr):
 
 
 @gluon.jit
+def _pair_selectors(zero, odd):
+    """``prmt`` selectors of a lane's two 3-bit groups within its two words: they start at byte 0 (``odd`` = 0) or 2
+    of the 8 bytes — group one is bytes 0..3 or 2..5, group two 3..5 or 5..7 (a 4th byte the spread ignores)."""
+    return zero + gl.where(odd == 1, 0x5432, 0x3210), zero + gl.where(odd == 1, 0x7765, 0x6543)
+
+
+@gluon.jit
 def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL: gl.constexpr, LK: gl.constexpr):
     """Token rows, minor index, in-row offsets (elements of the segment's code tensor: bytes, or int32 words at 3
     bits) and byte selectors of one key segment's ``[N, 4(t), KL]`` load tile. Lane t reads bytes
@@ -248,9 +255,7 @@ def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL
     zero = gl.zeros([BLOCK_N, 4, KL], gl.int32, LK)
     if BITS == 3 and DS == 64:
         off = (kl * 3 // 2)[None, :, None] + ki[None, None, :]
-        odd = (kl % 2)[None, :, None]
-        sel0 = zero + gl.where(odd == 1, 0x5432, 0x3210)
-        sel1 = zero + gl.where(odd == 1, 0x7765, 0x6543)
+        sel0, sel1 = _pair_selectors(zero, (kl % 2)[None, :, None])
     else:
         off = (kl * (3 if BITS == 3 else KL))[None, :, None] + ki[None, None, :]
         sel0 = zero
@@ -276,8 +281,7 @@ def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, 
         sel1 = sel0
     elif BITS == 3:
         off = (vl * 3 // 2)[None, :, None] + vi[None, None, :]
-        sel0 = zero + gl.where(g % 2 == 1, 0x5432, 0x3210)  # bytes 2..5 or 0..3 of the two words: group 2·gid
-        sel1 = zero + gl.where(g % 2 == 1, 0x7765, 0x6543)  # bytes 5..7 or 3..5: group 2·gid + 1
+        sel0, sel1 = _pair_selectors(zero, g % 2)
     else:
         off = (vl * VL)[None, :, None] + vi[None, None, :]
         sel0 = zero
