@@ -39,7 +39,9 @@ _OPS = {
 }
 
 
-def _run(asm, regs: dict) -> dict:
+def _run(asm, regs: dict, ops: dict | None = None) -> dict:
+    """Run the PTX text of ``asm`` on the registers ``regs`` (``ops`` adds or replaces instructions)."""
+    ops = {**_OPS, **(ops or {})}
     env = dict(regs)
     for stmt in asm.value.replace("{", "").replace("}", "").split(";"):
         stmt = stmt.strip()
@@ -48,7 +50,7 @@ def _run(asm, regs: dict) -> dict:
         op, rest = stmt.split(None, 1)
         dst, *srcs = [t.strip() for t in rest.split(",")]
         vals = [env[t] if re.match(r"^(\$\d+|[a-z]\w*)$", t) else int(t, 0) & _M for t in srcs]
-        env[dst] = _OPS[op.split(".")[0]](*vals)
+        env[dst] = ops[op.split(".")[0]](*vals)
     return env
 
 
@@ -203,3 +205,28 @@ def test_gluon_lut3_values_put_each_channel_where_kernel_order_says(d):
                 cols = {(k // 2, 8 * (k % 2) + gid): f"${k}" for k in range(8)}  # register k = code k = plane k // 2
             for (p, j), reg in cols.items():
                 assert _halves(env, reg) == [lv[codes[tok, perm[W * p + j]]] for tok in (0, 1)], (d, gid, p, j)
+
+
+def test_gluon_codes5_put_each_channel_where_kernel_order_says():
+    # 5-bit keys: the PTX shifts each code of a lane's 5 words to the low bits (a funnel shift where it straddles two
+    # words) and fetches its centroid with shfl.sync.idx from the lane that holds it (lane L: level[L]; only the low
+    # 5 bits of the lane operand count). Lane element i must be the centroid of channel kernel_order[j] for the
+    # fragment column j it feeds.
+    from tqcache.kernels.decode_gluon import _ASM_CODES5, fragment_columns, kernel_order, sigma
+
+    c = TurboQuantizer(128, 5, seed=3)
+    lv = _bits16(c.levels0)
+    shfl = {"shfl": lambda a, b, c_, m: lv[b & 31] * 0x10001}  # a lane's register: its entry in both halves
+    perm = kernel_order(c, key=True)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(3):
+        codes = torch.randint(0, 32, (128,), generator=gen)
+        w = [x & _M for x in pack_bits(codes[None], 5).view(torch.int32)[0].tolist()]
+        for t in range(4):
+            regs = {f"${16 + k}": w[5 * t + k] for k in range(5)}
+            regs.update({f"${21 + k}": int(torch.randint(0, 1 << 32, (1,), generator=gen)) for k in range(3)})  # padding
+            regs["$24"] = 0  # (the lane's own entry: only read through shfl above)
+            got = _halves(_run(_ASM_CODES5, regs, shfl), *[f"${m}" for m in range(16)])
+            for lane in range(t, 32, 4):
+                for j in fragment_columns(lane, 128, key=True):
+                    assert got[sigma(j, 128, True) - 32 * t] == lv[int(codes[perm[j]])]

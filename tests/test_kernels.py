@@ -361,6 +361,76 @@ def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
     torch.testing.assert_close(U, vc.unrotate(eye)[kernel_order(vc, False)])
 
 
+def test_gluon_5bit_keys_read_the_lanes_own_words():
+    # 5-bit keys: lane t's fragment columns are its 32 stored codes 32t .. 32t + 31, i.e. bits [160t, 160t + 160) of
+    # the row: words 5t .. 5t + 4, which is what the kernel copies. kernel_order must name those channels.
+    from tqcache.codec.packing import pack_bits
+    from tqcache.kernels.decode_gluon import _segment_order, fragment_columns, kernel_order, sigma
+
+    c = TurboQuantizer(128, 5)
+    perm = kernel_order(c, key=True)
+    assert sorted(perm) == list(range(128)) and perm == _segment_order(128, 8, True)
+    codes = torch.randint(0, 32, (3, 128), generator=_gen(5))
+    words = pack_bits(codes, 5).view(torch.int32).long() & 0xFFFFFFFF  # [3, 20]
+    for lane in range(32):
+        t = lane & 3
+        run = sum(int(words[0, 5 * t + k]) << (32 * k) for k in range(5))  # the lane's 160 bits
+        for j in fragment_columns(lane, 128, key=True):
+            i = sigma(j, 128, True) - 32 * t
+            assert 0 <= i < 32
+            assert (run >> (5 * i)) & 31 == int(codes[0, perm[j]])
+
+
+def _ring_offsets(layout, shape) -> dict:
+    """coordinate -> element offset of a SharedLinearLayout (its bases map offset bits to coordinates)."""
+    out = {}
+    for off in range(shape[0] * shape[1] * shape[2]):
+        c = [0, 0, 0]
+        for bit, basis in enumerate(layout.offset_bases):
+            if off >> bit & 1:
+                c = [x ^ y for x, y in zip(c, basis)]
+        out[tuple(c)] = off
+    return out
+
+
+@pytest.mark.parametrize("key,inner,vec,esize", [(True, 4, 1, 4), (True, 8, 1, 4), (True, 16, 16, 1), (True, 8, 8, 1),
+                                                  (False, 2, 1, 4), (False, 8, 8, 1), (False, 4, 4, 1)])
+def test_gluon_lane_major_rings_have_no_bank_conflicts(key, inner, vec, esize):
+    # Every cp.async and every read of a ring slot is one instruction per (register) element slot of the lanes: a
+    # `vec`-element vector per lane. The 32 lanes' vectors must cover distinct 4-byte banks within each 128-byte
+    # wavefront: 32·vec·esize bytes in the fewest wavefronts. (The row-major slot this replaced does not.)
+    from tqcache.kernels.decode_gluon import _lane_major
+
+    n, mid = 32, 4 if key else 8
+    off = _ring_offsets(_lane_major(key, n, inner, vec), (n, mid, inner))
+    assert sorted(off.values()) == list(range(n * mid * inner))  # a bijection onto the slot
+
+    def lane_elems(lane):  # the tile coordinates a lane holds (the load layouts LK / LV of the kernel)
+        if key:
+            return [(r, lane & 3, k) for r in range(lane >> 2, n, 8) for k in range(inner)]
+        return [(r, lane >> 2, k) for r in range(n) if (r >> 1) & 3 == lane & 3 for k in range(inner)]
+
+    def wavefronts(offsets_of_lanes):
+        lines = {}
+        for vecs in offsets_of_lanes:  # bytes of one lane's vector, within one access
+            for b in vecs:
+                lines.setdefault((b // 4) % 32, set()).add(b // 4)
+        return max(len(v) for v in lines.values())
+
+    for slot in range(len(lane_elems(0)) // vec):
+        acc = []
+        for lane in range(32):
+            e = lane_elems(lane)[slot * vec:(slot + 1) * vec]
+            base = [off[c] * esize for c in e]
+            assert base == list(range(base[0], base[0] + vec * esize, esize))  # the lane's vector is contiguous
+            acc.append(range(base[0], base[0] + vec * esize))
+        assert wavefronts(acc) == max(1, 32 * vec * esize // 128)
+    rowmajor = {(r, m, k): (r * mid + m) * inner + k for r in range(n) for m in range(mid) for k in range(inner)}
+    if esize == 4 and key:  # 3- and 5-bit keys: the old row-major slot put lanes 8 rows apart on one bank
+        assert wavefronts([range(rowmajor[e] * 4, rowmajor[e] * 4 + 4) for e in
+                           (lane_elems(lane)[0] for lane in range(32))]) > 1
+
+
 def test_gluon_reason_names_what_it_does_not_cover():
     from tqcache.kernels.attention import choose_config
     from tqcache.kernels.decode_gluon import gluon_reason
@@ -380,6 +450,10 @@ def test_gluon_reason_names_what_it_does_not_cover():
         k3s, k2s = TurboQuantizer(64, 3).to(DEV), TurboQuantizer(64, 2).to(DEV)
         assert gluon_reason(qc[..., :64], k3s, k3s, 4, True) is None
         assert gluon_reason(qc[..., :64], k3s, k2s, 4, True) is None
+        assert gluon_reason(qc, TurboQuantizer(128, 5).to(DEV), k3.to(DEV), 4, True) is None  # 5-bit keys
+        assert "value segments" in gluon_reason(qc, k4.to(DEV), TurboQuantizer(128, 5).to(DEV), 4, True)
+        k5s = TurboQuantizer(64, 5).to(DEV)
+        assert "key segments" in gluon_reason(qc[..., :64], k5s, k3s, 4, True)  # 5 bits at d = 64: 2.5 words a lane
         assert "head_dim 256" in gluon_reason(torch.randn(1, 8, 1, 256, device=DEV, dtype=torch.bfloat16),
                                               TurboQuantizer(256, 4).to(DEV), TurboQuantizer(256, 4).to(DEV), 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
@@ -423,6 +497,12 @@ GLUON_CASES = [
     # 8-bit keys: centroids gathered from the 256-entry fp16 table
     (128, 8, 4, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (64, 8, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
+    # 5-bit keys (d = 128): fp16 pairs gathered from the 1024-entry pair table
+    (128, 5, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (128, 5, 4, torch.float16, 2, 2, 8, 517, 2, "causal"),
+    (128, 5, 2, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
+    (128, 5, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (128, 5, 3.5, torch.float16, 1, 2, 16, 3000, 1, None),  # G = 8
 ]
 
 

@@ -61,6 +61,7 @@ import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+from triton.runtime.jit import constexpr_function
 
 from .attention import _ASM_LUT2, _ASM_LUT4, _LUT2_CONSTRAINTS, _LUT4_CONSTRAINTS
 
@@ -141,6 +142,33 @@ def _lut3_values64() -> str:
     return _tables("{\n.reg .b32 a, n, nb, m, s, l, h, ga0, gb0;\n" + "".join(body) + "}", 20)
 
 
+# --------------------------------------------------------------------------------- 5-bit keys (d = 128)
+# A lane's 32 codes are one run of 160 bits (words 5t .. 5t + 4 of the 80-byte row). The 32-entry table lives in the
+# warp's registers, entry L in lane L, and ``shfl.sync.idx`` fetches entry c: it reads only the low 5 bits of its lane
+# operand, so a code needs one shift (a funnel shift where it straddles two words) and no mask. (A gather from a
+# 1024-entry table of fp16 pairs in memory issues fewer instructions but its 32 lanes hit ~20 L1 lines per load:
+# k5v3 ran at 1.0–1.3× SDPA that way, H100.)
+def _codes5() -> str:
+    """PTX, pack = 8: ``$16..$20`` are a lane's 5 words of one row (``$21..$23`` padding), ``$24`` the lane's table
+    entry (its fp16 centroid in both halves). Output ``$m`` (m < 16) is the fp16 pair (level[c_2m], level[c_2m+1])."""
+    body = []
+    for m in range(16):
+        for e in (0, 1):
+            a, off = divmod(5 * (2 * m + e), 32)
+            src = f"${16 + a}" if off == 0 else f"x{e}"
+            if off + 5 > 32:
+                body.append(f"shf.r.clamp.b32 x{e}, ${16 + a}, ${17 + a}, {off};\n")
+            elif off:
+                body.append(f"shr.b32 x{e}, ${16 + a}, {off};\n")
+            body.append(f"shfl.sync.idx.b32 v{e}, $24, {src}, 0x1f, 0xffffffff;\n")
+        body.append(f"prmt.b32 ${m}, v0, v1, 0x5410;\n")
+    return "{\n.reg .b32 x0, x1, v0, v1;\n" + "".join(body) + "}"
+
+
+_ASM_CODES5 = gl.constexpr(_codes5())
+_CODES5_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 12))
+
+
 _ASM_LUT3K = gl.constexpr(_lut3_keys())
 _ASM_LUT3K64 = gl.constexpr(_lut3_keys64())
 _ASM_LUT3V64 = gl.constexpr(_lut3_values64())
@@ -148,6 +176,25 @@ _LUT3V64_CONSTRAINTS = gl.constexpr("=r," * 8 + ",".join(["r"] * 28))
 _ASM_LUT3V = gl.constexpr(_lut3_values())
 _LUT3K_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 20))
 _LUT3V_CONSTRAINTS = gl.constexpr("=r," * 16 + ",".join(["r"] * 28))
+
+
+@constexpr_function
+def _lane_major(key, n, inner, vec):
+    """Shared layout of one slot ``[n, 4 | 8, inner]`` of a cp.async ring (keys: lane = 4·(row mod 8) + t; values: lane =
+    (row >> 1 & 3) + 4·gid, row bit 0 a register) that stores each lane's ``vec`` contiguous elements, then the 32
+    lanes side by side, then the lane's other elements (the ring's slots follow one another). Every copy and read
+    instruction then touches 32 distinct banks, or whole 128-byte lines of vectors. Row-major slots cost 2–8-way bank
+    conflicts (3-bit keys: lanes 8 rows apart share banks), which made the L1 data pipe the bottleneck (H100, B = 8:
+    74 % busy at turbo3, 85 % at k5v3)."""
+    dim = lambda d, b: [1 << b if i == d else 0 for i in range(3)]  # noqa: E731
+    lg = lambda x: x.bit_length() - 1  # noqa: E731
+    bases = [dim(2, b) for b in range(lg(vec))]
+    if key:
+        bases += [dim(1, 0), dim(1, 1), dim(0, 0), dim(0, 1), dim(0, 2)]
+    else:
+        bases += [dim(0, 1), dim(0, 2), dim(1, 0), dim(1, 1), dim(1, 2), dim(0, 0)]
+    bases += [dim(2, b) for b in range(lg(vec), lg(inner))] + [dim(0, b) for b in range(3, lg(n))]
+    return gl.SharedLinearLayout(bases)
 
 
 @gluon.jit
@@ -200,6 +247,20 @@ def _key_plane3(lo, hi, BLOCK_N: gl.constexpr, L: gl.constexpr):
 
 
 @gluon.jit
+def _key_plane5(w, tv, BLOCK_N: gl.constexpr):
+    """5-bit keys: the word tile ``[N, 4(t), 8]`` (5 words per lane and row) and the lane's table entry ``tv``
+    (``[N, 4, 8]`` fp16, level[lane] everywhere) -> the one ``[N, 4(t), 32]`` plane; element i is the lane's code i
+    (stored code 32t + i, :func:`kernel_order`)."""
+    o0, o1, o2, o3 = gl.inline_asm_elementwise(_ASM_CODES5, _CODES5_CONSTRAINTS, [w, tv],
+                                               dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                               is_pure=True, pack=8)
+    # tensor k holds codes 8k .. 8k + 7
+    lo = gl.reshape(gl.permute(gl.join(o0, o1), [0, 1, 3, 2]), [BLOCK_N, 4, 16])
+    hi = gl.reshape(gl.permute(gl.join(o2, o3), [0, 1, 3, 2]), [BLOCK_N, 4, 16])
+    return gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, 4, 32])
+
+
+@gluon.jit
 def _value_planes3_64(w, sel0, sel1, t0, t1, t2, t3):
     """3-bit values at d = 64: word tile ``[N, 8(gid), 2]`` -> four ``[N, 8, 2]`` planes (tensor p = codes 2p, 2p + 1
     on its word axis = column bit nt)."""
@@ -248,7 +309,7 @@ def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL
     """Token rows, minor index, in-row offsets (elements of the segment's code tensor: bytes, or int32 words at 3
     bits) and byte selectors of one key segment's ``[N, 4(t), KL]`` load tile. Lane t reads bytes
     ``[t·W/4, (t+1)·W/4)``; 3 bits: words 3t .. 3t + 2 (d_s = 128), or (3t) // 2 and the next, whose bytes 0 or 2 start
-    its groups 2t, 2t + 1 (d_s = 64)."""
+    its groups 2t, 2t + 1 (d_s = 64); 5 bits: words 5t .. 5t + 4."""
     kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
     kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
     ki = gl.arange(0, KL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
@@ -257,7 +318,7 @@ def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL
         off = (kl * 3 // 2)[None, :, None] + ki[None, None, :]
         sel0, sel1 = _pair_selectors(zero, (kl % 2)[None, :, None])
     else:
-        off = (kl * (3 if BITS == 3 else KL))[None, :, None] + ki[None, None, :]
+        off = (kl * (BITS if BITS == 3 or BITS == 5 else KL))[None, :, None] + ki[None, None, :]
         sel0 = zero
         sel1 = zero
     return kt, ki, off, sel0, sel1
@@ -291,11 +352,12 @@ def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, 
 
 @gluon.jit
 def _copy_rows(buf, base, rows, stride, off, ki, s_hi, PAD: gl.constexpr, NREAL: gl.constexpr, CUT: gl.constexpr):
-    """cp.async one block of code rows into ``buf``; ``PAD``: 3-bit d_s = 128 key tiles, whose 4th word per lane is
-    padding; ``CUT``: elements at offsets ≥ ``NREAL`` lie past the segment (masked: not read, zero-filled)."""
+    """cp.async one block of code rows into ``buf``; ``PAD`` > 0: a lane's words past the first ``PAD`` are padding
+    (3-bit d_s = 128 keys: 3 of 4, 5-bit keys: 5 of 8); ``CUT``: elements at offsets ≥ ``NREAL`` lie past the
+    segment (masked: not read, zero-filled)."""
     m = (rows < s_hi)[:, None, None]
-    if PAD:
-        m = m & (ki < 3)[None, None, :]
+    if PAD > 0:
+        m = m & (ki < PAD)[None, None, :]
     if CUT:
         m = m & (off < NREAL)
     async_copy.async_copy_global_to_shared(buf, base + (rows * stride)[:, None, None] + off, mask=m)
@@ -309,11 +371,11 @@ def _copy_stage(slot, r0, s_hi, smk0, kc0, kt0, sk0, ko0, ki0, smv0, vc0, vt0, s
     """cp.async the code rows ``r0 ..`` of every segment into ring slot ``slot``, as one commit group. ``CUT``: a key
     container wider than its segment, whose elements past ``KR`` are not read (zero-filled)."""
     _copy_rows(smk0.index(slot), kc0, r0 + kt0, sk0, ko0, ki0, s_hi, PADK0, KR0, CUT0)
-    _copy_rows(smv0.index(slot), vc0, r0 + vt0, sv0, vo0, vt0, s_hi, False, 0, False)
+    _copy_rows(smv0.index(slot), vc0, r0 + vt0, sv0, vo0, vt0, s_hi, 0, 0, False)
     if TWO_K:
         _copy_rows(smk1.index(slot), kc1, r0 + kt1, sk1, ko1, ki1, s_hi, PADK1, KR1, CUT1)
     if TWO_V:
-        _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, False, 0, False)
+        _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, 0, 0, False)
     async_copy.commit_group()
 
 
@@ -340,9 +402,15 @@ def _key_scores(ck, sel0, sel1, tab, t0, t1, t2, t3, q0, q1, q2, q3, BITS: gl.co
                 KP: gl.constexpr, KW: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
                 MMA: gl.constexpr, OPA: gl.constexpr):
     """Raw scores ``Sᵀ [N, BLOCK_M] = Σ_p plane_p q_pᵀ`` of one key segment (before its norm). 8 bits: one plane,
-    the centroids gathered from the 256-entry fp16 table ``tab`` (512 bytes: it stays in L1)."""
+    the centroids gathered from the 256-entry fp16 table ``tab`` (512 bytes: it stays in L1); 5 bits: one plane,
+    the centroids shuffled from the lanes that hold them (``tab`` is then the lane's entry, :func:`_key_plane5`)."""
     if BITS == 3:
         c0, c1, c2, c3 = _key_planes3(ck, sel0, sel1, t0, t1, t2, t3, BLOCK_N, DS)
+    elif BITS == 5:
+        c0 = _key_plane5(ck, gl.broadcast(tab, ck)[0], BLOCK_N)
+        c1 = c0
+        c2 = c0
+        c3 = c0
     elif BITS == 8:
         c0 = gl.load(tab + ck.to(gl.int32))
         c1 = c0
@@ -422,8 +490,12 @@ def _gluon_decode_kernel(
     ``KR0``/``KR1`` are masked), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
     ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
     the fp16 table."""
-    KM0: gl.constexpr = 1 if KB0 == 3 else 4  # stride units -> elements
+    KM0: gl.constexpr = 1 if KB0 == 3 or KB0 == 5 else 4  # stride units -> elements (3 and 5 bits: int32 words)
     KM1: gl.constexpr = 1 if KB1 == 3 else 4
+    KU0: gl.constexpr = 32 if KB0 == 3 or KB0 == 5 else 8  # bits per element of the code tensor
+    KU1: gl.constexpr = 32 if KB1 == 3 else 8
+    KPAD0: gl.constexpr = 3 if KB0 == 3 and KD0 == 128 else (5 if KB0 == 5 else 0)  # real words per lane and row
+    KPAD1: gl.constexpr = 3 if KB1 == 3 and KD1 == 128 else 0
     VM0: gl.constexpr = 1 if VB0 == 3 else 4
     VM1: gl.constexpr = 1 if VB1 == 3 else 4
     # Channels per segment. Keys: the *container* the kernel runs each segment as (key_containers: a 96-channel
@@ -431,7 +503,7 @@ def _gluon_decode_kernel(
     # two halves.
     VD0: gl.constexpr = D if VB1 == 0 else D // 2
     VD1: gl.constexpr = D - VD0
-    KP0: gl.constexpr = 4 if KB0 == 3 else 8 // KB0  # planes
+    KP0: gl.constexpr = 4 if KB0 == 3 else 8 // KB0  # planes (5 and 8 bits: one)
     VP0: gl.constexpr = 4 if VB0 == 3 else 8 // VB0
     KP1: gl.constexpr = 4 if KB1 == 3 else (8 // KB1 if KB1 > 0 else 2)
     VP1: gl.constexpr = 4 if VB1 == 3 else (8 // VB1 if VB1 > 0 else 2)
@@ -440,7 +512,7 @@ def _gluon_decode_kernel(
     KW1: gl.constexpr = KD1 // KP1 if KB1 > 0 else 16  # (16: shapes of the unused second segment)
     VW1: gl.constexpr = VD1 // VP1 if VB1 > 0 else 16
     # Load-tile minor widths: 2/4 bits load bytes (a lane's run per row), 3 bits int32 words.
-    KL0: gl.constexpr = (4 if KD0 == 128 else 2) if KB0 == 3 else KW0 // 4
+    KL0: gl.constexpr = (4 if KD0 == 128 else 2) if KB0 == 3 else (8 if KB0 == 5 else KW0 // 4)
     KL1: gl.constexpr = (4 if KD1 == 128 else 2) if KB1 == 3 else KW1 // 4
     VL0: gl.constexpr = 2 if VB0 == 3 else VW0 // 8
     VL1: gl.constexpr = 2 if VB1 == 3 else VW1 // 8
@@ -537,22 +609,28 @@ def _gluon_decode_kernel(
     # in flight while block i is decoded. Each lane copies and later reads back exactly its own bytes (the load
     # layouts above), so no barrier is needed between lanes. Norms are prefetched one block ahead in registers.
     SHK: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
-    smk0 = gl.allocate_shared_memory(KC0.dtype.element_ty, [STAGES, BLOCK_N, 4, KL0], SHK)
-    smv0 = gl.allocate_shared_memory(VC0.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH0 else 8, 4 if SH0 else VL0], SHK)
+    # Lane-major rings (_lane_major): vectors of 16 bytes at most, one word for 3- and 5-bit segments (their runs start
+    # at any word). Row-major stays for the shared 2-bit ring (SH: read across lanes) and for 8-bit keys (lane-major
+    # measured slower there: 875 vs 747 µs at B = 8, 128K — its L1-resident gathers share the pipe).
+    SK0: gl.constexpr = SHK if KB0 == 8 else _lane_major(True, BLOCK_N, KL0, 1 if KM0 == 1 else min(KL0, 16))
+    SK1: gl.constexpr = _lane_major(True, BLOCK_N, KL1, 1 if KM1 == 1 else min(KL1, 16))
+    SV0: gl.constexpr = SHK if SH0 else _lane_major(False, BLOCK_N, VL0, 1 if VM0 == 1 else min(VL0, 16))
+    SV1: gl.constexpr = SHK if SH1 else _lane_major(False, BLOCK_N, VL1, 1 if VM1 == 1 else min(VL1, 16))
+    smk0 = gl.allocate_shared_memory(KC0.dtype.element_ty, [STAGES, BLOCK_N, 4, KL0], SK0)
+    smv0 = gl.allocate_shared_memory(VC0.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH0 else 8, 4 if SH0 else VL0], SV0)
     smk1 = smk0  # (aliases when a side has one segment: never copied to or read)
     smv1 = smv0
     if KB1 > 0:
-        smk1 = gl.allocate_shared_memory(KC1.dtype.element_ty, [STAGES, BLOCK_N, 4, KL1], SHK)
+        smk1 = gl.allocate_shared_memory(KC1.dtype.element_ty, [STAGES, BLOCK_N, 4, KL1], SK1)
     if VB1 > 0:
         smv1 = gl.allocate_shared_memory(VC1.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH1 else 8, 4 if SH1 else VL1],
-                                         SHK)
+                                         SV1)
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
         _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0,
-                    KR0, KR1, KR0 < KD0 * KB0 // (32 if KB0 == 3 else 8), KR1 < KD1 * KB1 // (32 if KB1 == 3 else 8))
+                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1)
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
@@ -562,6 +640,11 @@ def _gluon_decode_kernel(
         vn1 = gl.load(vn_base + 1 + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
     tk0, tk1, tk2, tk3 = _load_table(LUTK0)
     tv0, tv1, tv2, tv3 = _load_table(LUTV0)
+    tabk0 = LUTK0
+    if KB0 == 5:  # each lane holds entry lane = 4·(token mod 8) + t of the 32-entry table (the key tile's lanes)
+        r5 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK0)))
+        t5 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK0)))
+        tabk0 = gl.expand_dims(gl.load(LUTK0 + (4 * (r5 % 8))[:, None] + t5[None, :]), 2)
     if KB1 > 0:
         uk0, uk1, uk2, uk3 = _load_table(LUTK1)
     if VB1 > 0:
@@ -575,8 +658,7 @@ def _gluon_decode_kernel(
         _copy_stage(slot, nxt, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    KB0 == 3 and KD0 == 128, KB1 == 3 and KD1 == 128, KB1 > 0, VB1 > 0,
-                    KR0, KR1, KR0 < KD0 * KB0 // (32 if KB0 == 3 else 8), KR1 < KD1 * KB1 // (32 if KB1 == 3 else 8))
+                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1)
         offs_n = start + rows
         nmask = offs_n < s_hi
         nxt_ok = offs_n + BLOCK_N < s_hi
@@ -608,7 +690,7 @@ def _gluon_decode_kernel(
                 cv1 = smv1.index(cur).load(LV1)
 
         # ---- scores Sᵀ [N, BLOCK_M]: per segment Σ_p plane_p q_pᵀ, times the token's norm of that segment
-        s = _key_scores(ck0, ksa0, ksb0, LUTK0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
+        s = _key_scores(ck0, ksa0, ksb0, tabk0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
                         KB0, KD0, KP0, KW0, BLOCK_N, BLOCK_M, MMA, OPA)
         if KB1 > 0:
             s1 = _key_scores(ck1, ksa1, ksb1, LUTK1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
@@ -688,6 +770,8 @@ def _segment_order(d: int, b: int, key: bool) -> list[int]:
     """Column order of one segment of ``d`` channels at ``b`` bits (channels of the segment, 0-based)."""
     if b == 3:
         return [8 * g + 2 * p + o for p in range(4) for g, o in (group3(j, key, d) for j in range(d // 4))]
+    if b in (5, 8):  # one plane of d columns: column j is stored code σ(j)
+        return [sigma(j, d, key) for j in range(d)]
     P, W = 8 // b, d * b // 8
     return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
 
@@ -737,10 +821,11 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     for name, c in (("key", k_codec), ("value", v_codec)):
         segs = [tuple(x) for x in c.segments]
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
+        wide = name == "key" and segs in ([(d, 8)], [(128, 5)])  # one gathered plane: 8 bits, or 5 at d = 128
         if not (len(segs) == 1 or (len(segs) == 2 and d == 128 and (segs[0][0], segs[1][0]) in two)) or \
-                any(b not in (2, 3, 4) for _, b in segs) and not (name == "key" and segs == [(d, 8)]):
-            return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits, or two of 64 channels — keys also "
-                    f"32 | 96 — at head_dim 128)")
+                any(b not in (2, 3, 4) for _, b in segs) and not wide:
+            return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits — keys also 8, or 5 at head_dim 128 — "
+                    f"or two of 64 channels — keys also 32 | 96 — at head_dim 128)")
     if k_codec.qjl or v_codec.qjl:
         return "QJL"
     if not lut_ok:
@@ -749,11 +834,11 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
 
 
 def _segment_codes(codes: torch.Tensor, codec) -> list[tuple[torch.Tensor, int]]:
-    """Per segment, the row buffer as the kernel reads it — uint8, or int32 words for 3 bits — and the segment's start
-    in those elements."""
+    """Per segment, the row buffer as the kernel reads it — uint8, or int32 words for 3 and 5 bits — and the segment's
+    start in those elements."""
     out, off = [], 0
     for d_s, b_s in codec.segments:
-        out.append((codes.view(torch.int32), off // 4) if b_s == 3 else (codes, off))
+        out.append((codes.view(torch.int32), off // 4) if b_s in (3, 5) else (codes, off))
         off += d_s * b_s // 8
     return out
 
@@ -770,7 +855,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
                  Hkv, G, d, splits, block_n, stages=2, lvk=None):
     """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton
     (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the ``[2, 256]`` fp16 key
-    tables, which 8-bit keys gather from)."""
+    tables: 8-bit keys gather from it, 5-bit keys hold entry L in lane L)."""
     B = qk.shape[0]
     (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec) * 2)[:2]  # one segment: the second is the first (unused)
     (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec) * 2)[:2]
@@ -778,7 +863,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     vb = [b for _, b in v_codec.segments] + [0]
     kd = [c for c, _ in key_containers(k_codec)] + [0]
     # real row widths in the elements the kernel reads (bytes, or words at 3 bits)
-    kr = [d_s * b_s // (32 if b_s == 3 else 8) for d_s, b_s in k_codec.segments] + [0]
+    kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s in k_codec.segments] + [0]
 
     def words(t):  # strides in 4-byte units (words_ok checked they divide)
         return [st if t.dtype == torch.int32 else st // 4 for st in t.stride()[:3]]
@@ -789,7 +874,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
         v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lvk[0] if kb[0] == 8 else lutk[0], lutk[1], lutv[0], lutv[1],
+        lvk[0] if kb[0] in (5, 8) else lutk[0], lutk[1], lutv[0], lutv[1],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0,
