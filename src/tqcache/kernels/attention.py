@@ -22,14 +22,13 @@ the tensor cores (``tl.dot``). Three launches per step: the query map, the split
 with one program per output row (log-sum-exp over the splits, normalise, rotate back). Prefill chunks
 (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
-Decode steps of single-segment 2/3/4-bit schemes at d 64/128 and of two-half sides at d 128 (turbo4, turbo3,
-k4v3, turbo3.5, turbo2; not 2-bit values over 64 channels), with fp16/bf16 queries, run the Gluon kernel of
-:mod:`.decode_gluon` instead (same partials, query map and merge; ``config=dict(..., gluon=False)`` forces this
-one). Measured (H100, docs/performance.md, v6/v7 — this kernel): turbo4 1.28× (B = 1) and 1.66× (B = 8) the
-speed of bf16 SDPA at 128K, turbo2 1.33–1.82×, k4v3 0.95–1.18×, turbo3 0.87–0.91×, turbo3.5 0.67–0.68×; the
-Gluon kernel takes them to 2.08–3.30× (B = 1) and 2.53–4.02× (B = 8). This kernel is still bound by instruction issue and latency
-(~6.5 thread instructions per centroid value at 4 bits, ~10 at 3 bits), not by bytes: 920–1330 GB/s of
-compressed bytes against ~2950 GB/s copy. docs/kernel-notes.md has the profile, the versions and next steps.
+Decode steps that the Gluon kernel of :mod:`.decode_gluon` covers (``decode_gluon.gluon_reason``: every named
+TurboQuant scheme at head_dim 128, fp16/bf16 queries, no QJL) run it instead (same partials, query map and merge;
+``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v9 — this kernel beside
+it): turbo3 0.87–0.91× the speed of bf16 SDPA at 64K–128K here, against 2.23–3.11× on the Gluon kernel, which
+takes every named TurboQuant scheme to 1.12–3.99× from 16K on. This kernel is bound by instruction issue and latency
+(~6.5 thread instructions per centroid value at 4 bits, ~10 at 3 bits), not by bytes. docs/kernel-notes.md has the
+profiles, the versions and next steps.
 
 Bytes read per token per KV head (d = 128): codes ``d·b/8`` + norms ``2·S`` for K and for V, e.g. 4 bits:
 64 + 2 + 64 + 2 = 132 B; 3 bits: 100 B; 3.5 bits: 120 B; K4/V3: 116 B. Everything else (queries,

@@ -8,14 +8,17 @@ layouts, and the codec lets it choose the channel order (a dot product does not 
 numbered, so a permutation folds into the query map A and the unrotation U at zero run-time cost). This
 kernel numbers the channels so that **each thread loads exactly the code bytes its ``mma.sync`` fragments
 need, contiguously, and decodes them in place**: no operand staging through shared memory, no layout
-conversion that moves data (shared memory only holds the cp.async ring of raw code bytes, each lane's own).
+conversion that moves data (shared memory only holds the cp.async ring of raw code bytes, each lane's own, stored
+lane-major so that no copy or read has a bank conflict: :func:`_lane_major`).
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
 lookups below) at head_dim 64 or 128, or two halves of 64 channels at head_dim 128 (channel-split or rotated
 fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm), or quarter-bit
 keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`), or
-8-bit keys (one plane, centroids gathered from the fp16 table); fp16/bf16 queries (fp16 operands), no QJL,
+8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at head_dim 128 (one plane; a lane's
+32 codes are words 5t .. 5t + 4 of the row, centroids shuffled from the lane that holds them: :func:`_codes5`);
+fp16/bf16 queries (fp16 operands), no QJL,
 the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the
 Triton kernel; one warp per program.
 
