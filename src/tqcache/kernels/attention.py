@@ -528,13 +528,16 @@ def _query_map_kernel(
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
     BLOCK_M: tl.constexpr, DC: tl.constexpr,
 ):
-    """``q̃ = (q @ A)·c`` for the rows ``m = i·G + g`` of one (batch·KV head, row tile), in one launch.
+    """``q̃ = (q @ A)·c`` for the rows ``m = i·G + g`` of one (batch·KV head, row tile, DC-column chunk), in one launch.
 
     Replaces the torch prologue (cast, batched matmul, scale, cast: four launches, ~10 µs of fixed cost per
-    decode step). Products in ``tf32x3`` (≈ fp32), like the fp32 matmul it replaces.
+    decode step). Products in ``tf32x3`` (≈ fp32), like the fp32 matmul it replaces. One column chunk per program:
+    at decode the kernel is a latency chain (load q and A, three products, store), so more, shorter programs
+    finish sooner than few that loop over the chunks.
     """
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
+    c0 = tl.program_id(2) * DC
     b = pid_bh // HKV
     h = pid_bh % HKV
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -547,10 +550,9 @@ def _query_map_kernel(
     a_base = A + h * stride_ah
     out = QK + b * stride_kb + h * stride_kh + offs_m[:, None] * stride_km
     offs_c = tl.arange(0, DC)
-    for c0 in tl.static_range(0, DA, DC):
-        a = tl.load(a_base + offs_d[:, None] * DA + (c0 + offs_c)[None, :])
-        r = tl.dot(q, a, input_precision="tf32x3") * c
-        tl.store(out + (c0 + offs_c)[None, :], r.to(QK.dtype.element_ty), mask=mvalid[:, None])
+    a = tl.load(a_base + offs_d[:, None] * DA + (c0 + offs_c)[None, :])
+    r = tl.dot(q, a, input_precision="tf32x3") * c
+    tl.store(out + (c0 + offs_c)[None, :], r.to(QK.dtype.element_ty), mask=mvalid[:, None])
 
 
 @triton.jit
@@ -581,28 +583,41 @@ def _attn_merge_kernel(
 
     offs_s = tl.arange(0, SPLITS_P2)
     row0 = pid_bh * SPLITS * M + m
+    ONE: tl.constexpr = SPLITS_P2 <= SCH  # one tile holds every split's accumulator
+    if ONE:  # issue every load first: none depends on another, so their latencies overlap
+        a1 = tl.load(PACC + (row0 + offs_s * M)[:, None] * D + offs_d[None, :], mask=(offs_s < SPLITS)[:, None],
+                     other=0.0)
+    if DC == D:
+        u1 = tl.load(U + offs_d[:, None] * D + offs_d[None, :])
     m_s = tl.load(PM + row0 + offs_s * M, mask=offs_s < SPLITS, other=float("-inf"))
     l_s = tl.load(PL + row0 + offs_s * M, mask=offs_s < SPLITS, other=0.0)
     m_g = tl.max(m_s, 0)
     m_safe = tl.where(m_g == float("-inf"), 0.0, m_g)
-    l_g = tl.sum(l_s * tl.math.exp2(m_s - m_safe), 0)
+    w_s = tl.math.exp2(m_s - m_safe)
+    l_g = tl.sum(l_s * w_s, 0)
 
-    acc = tl.zeros([D], tl.float32)
-    offs_c = tl.arange(0, SCH)
-    for c0 in range(0, SPLITS, SCH):
-        sp = c0 + offs_c
-        ok = sp < SPLITS
-        w = tl.math.exp2(tl.load(PM + row0 + sp * M, mask=ok, other=float("-inf")) - m_safe)
-        a = tl.load(PACC + (row0 + sp * M)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.sum(a * w[:, None], 0)
+    if ONE:
+        acc = tl.sum(a1 * w_s[:, None], 0)
+    else:
+        acc = tl.zeros([D], tl.float32)
+        offs_c = tl.arange(0, SCH)
+        for c0 in range(0, SPLITS, SCH):
+            sp = c0 + offs_c
+            ok = sp < SPLITS
+            w = tl.math.exp2(tl.load(PM + row0 + sp * M, mask=ok, other=float("-inf")) - m_safe)
+            a = tl.load(PACC + (row0 + sp * M)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            acc += tl.sum(a * w[:, None], 0)
     acc = acc / tl.maximum(l_g, 1e-30)
     lse = tl.where(l_g > 0, (m_g + tl.log2(tl.maximum(l_g, 1e-30))) * 0.6931471805599453, float("-inf"))
 
     o_row = OUT + b * stride_ob + (h * G + m % G) * stride_oh + (m // G) * stride_ol
     offs_o = tl.arange(0, DC)
-    for c0 in tl.static_range(0, D, DC):
-        u = tl.load(U + offs_d[:, None] * D + (c0 + offs_o)[None, :])
-        tl.store(o_row + c0 + offs_o, tl.sum(acc[:, None] * u, 0))
+    if DC == D:
+        tl.store(o_row + offs_o, tl.sum(acc[:, None] * u1, 0))
+    else:
+        for c0 in tl.static_range(0, D, DC):
+            u = tl.load(U + offs_d[:, None] * D + (c0 + offs_o)[None, :])
+            tl.store(o_row + c0 + offs_o, tl.sum(acc[:, None] * u, 0))
     tl.store(LSE + b * stride_lb + (h * G + m % G) * stride_lh + m // G, lse)
 
 
@@ -999,10 +1014,11 @@ def attend_packed_triton(
         q = q.contiguous()
     DA = A.shape[-1]
     qk = torch.empty(B, Hkv, M, DA, device=dev, dtype=dot_dtype)
-    _query_map_kernel[(B * Hkv, m_tiles)](
+    DCQ = 32  # query-map columns per program (DA is a multiple: d, 192 for quarter-bit key containers, + d for QJL)
+    _query_map_kernel[(B * Hkv, m_tiles, DA // DCQ)](
         q, q.stride(0), q.stride(1), q.stride(2), A, A.stride(0) if A.dim() == 3 else 0,
         qk, qk.stride(0), qk.stride(1), qk.stride(2), M, float(scale * _LOG2E),
-        HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=min(DA, 64 if d <= 128 else 32), num_warps=4,
+        HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, num_warps=4,
     )
 
     kc, kn = k_packed["codes"], k_packed["norms"]
