@@ -4,7 +4,7 @@ One panel per batch size; a line per scheme as dispatched (``triton-<scheme>``: 
 covers the scheme), and dotted the Triton kernel on the same scheme (``tl-<scheme>``) where the run has it; the
 dashed line is SDPA itself (1×). Speed-ups are CUDA-graph times, as in docs/performance.md.
 
-    python benchmarks/plot_attention.py benchmarks/results/attention_h100_v9_lanemajor.json  # -> same name .png
+    python benchmarks/plot_attention.py benchmarks/results/attention_h100_v10_fixedcost.json  # -> same name .png
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ with one program per output row (log-sum-exp over the splits, normalise, rotate 
 
 Decode steps that the Gluon kernel of :mod:`.decode_gluon` covers (``decode_gluon.gluon_reason``: every named
 TurboQuant scheme at head_dim 128, fp16/bf16 queries, no QJL) run it instead (same partials, query map and merge;
-``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v9 — this kernel beside
+``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v9/v10 — this kernel beside
 it): turbo3 0.87–0.91× the speed of bf16 SDPA at 64K–128K here, against 2.23–3.11× on the Gluon kernel, which
-takes every named TurboQuant scheme to 1.12–3.99× from 16K on. This kernel is bound by instruction issue and latency
+takes every named TurboQuant scheme to 1.18–4.04× from 16K on. This kernel is bound by instruction issue and latency
 (~6.5 thread instructions per centroid value at 4 bits, ~10 at 3 bits), not by bytes. docs/kernel-notes.md has the
 profiles, the versions and next steps.
 
@@ -572,7 +572,8 @@ def _attn_merge_kernel(
     splits at a time as ``[SCH, D]`` tiles, the unrotation ``acc @ U`` as fp32 products over ``[D, DC]`` tiles of
     ``U`` (which stays in L2). The launcher makes the tiles as large as 8 warps hold (all 256 splits and all of U
     at d = 128: two dependent loads per row), which took the merge alone from 9.7 to 5.8 µs at 198 splits (H100,
-    docs/kernel-notes.md v6). (v1–v3 merged a 16-row query tile per program, one split per iteration: ~40 µs of
+    docs/kernel-notes.md v6); with one tile, all four loads are issued before any reduction (v10: 6.5 → 5.8 µs in
+    a whole decode step). (v1–v3 merged a 16-row query tile per program, one split per iteration: ~40 µs of
     fixed cost per decode step at 66 splits and 8 programs.)
     """
     pid_bh = tl.program_id(0)
