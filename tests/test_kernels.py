@@ -454,8 +454,12 @@ def test_gluon_reason_names_what_it_does_not_cover():
         assert "value segments" in gluon_reason(qc, k4.to(DEV), TurboQuantizer(128, 5).to(DEV), 4, True)
         k5s = TurboQuantizer(64, 5).to(DEV)
         assert "key segments" in gluon_reason(qc[..., :64], k5s, k3s, 4, True)  # 5 bits at d = 64: 2.5 words a lane
-        assert "head_dim 256" in gluon_reason(torch.randn(1, 8, 1, 256, device=DEV, dtype=torch.bfloat16),
-                                              TurboQuantizer(256, 4).to(DEV), TurboQuantizer(256, 4).to(DEV), 4, True)
+        q256 = torch.randn(1, 8, 1, 256, device=DEV, dtype=torch.bfloat16)
+        k256, v256 = TurboQuantizer(256, 4).to(DEV), TurboQuantizer(256, 2).to(DEV)
+        assert gluon_reason(q256, k256, v256, 4, True) is None  # head_dim 256: 2/4-bit sides, 16-token blocks
+        assert "at head_dim 256" in gluon_reason(q256, TurboQuantizer(256, 3).to(DEV), v256, 4, True)
+        assert "head_dim 96" in gluon_reason(torch.randn(1, 8, 1, 96, device=DEV, dtype=torch.bfloat16),
+                                             TurboQuantizer(96, 4).to(DEV), TurboQuantizer(96, 4).to(DEV), 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
         assert "float32" in gluon_reason(q.to(DEV), k4.to(DEV), k4.to(DEV), 4, True)
         assert "sign-symmetric" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 4, False)
@@ -503,6 +507,12 @@ GLUON_CASES = [
     (128, 5, 2, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
     (128, 5, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
     (128, 5, 3.5, torch.float16, 1, 2, 16, 3000, 1, None),  # G = 8
+    # head_dim 256 (Gemma): 2/4-bit sides and 8-bit keys, 16-token blocks
+    (256, 4, 4, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (256, 2, 2, torch.float16, 2, 1, 4, 517, 2, "causal"),
+    (256, 4, 2, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
+    (256, 8, 4, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (256, 4, 4, torch.float16, 1, 1, 4, 3000, 1, None),  # Gemma-3-270M's 4 / 1 heads
 ]
 
 

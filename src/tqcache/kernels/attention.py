@@ -760,17 +760,24 @@ def choose_config(q: torch.Tensor, k_codec, v_codec, Hkv: int, T: int) -> dict:
     g = _gluon_module()
     if g is not None and g.gluon_reason(q, k_codec, v_codec, M, True) is None and \
             _matrices(k_codec, v_codec, q.device, torch.float16, gluon=True)[6]:
-        return gluon_config(B, Hkv, T, q.device)
+        return gluon_config(B, Hkv, T, q.device, d)
     return launch_config(B, Hkv, M, T, d, q.device, k_codec=k_codec, v_codec=v_codec)
 
 
-def gluon_config(B: int, Hkv: int, T: int, device: torch.device) -> dict:
+def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -> dict:
     """Launch configuration of the Gluon decode kernel: one warp per program, ``BLOCK_N`` 32 tokens per step,
     a 2-deep cp.async ring, splits for about ``GLUON_PER_SM`` programs per SM (each split keeps ≥ 4 blocks,
     ≤ 256 splits). H100 sweep at 128K (docs/kernel-notes.md, v5): 12 per SM — one full wave at 168 registers —
-    for B·Hkv < 32, 16 from 32 on (1600 programs would spill 16 into a second wave)."""
-    block_n = 32
-    per_sm = GLUON_PER_SM if GLUON_PER_SM else (12 if B * Hkv < 32 else 16)
+    for B·Hkv < 32, 16 from 32 on (1600 programs would spill 16 into a second wave). head_dim 256 takes 16-token
+    blocks (32 spill at 255 registers; 16 need ~221) and 6 / 27 programs per SM (H100 sweep, turbo4, 16 / 8 heads,
+    64K: 107.5 µs at B = 1 against 121.5–139.9 for 9–12, 659.9 at B = 8 against 686–887 for 6–18)."""
+    block_n = 16 if d > 128 else 32
+    if GLUON_PER_SM:
+        per_sm = GLUON_PER_SM
+    elif d > 128:
+        per_sm = 6 if B * Hkv < 32 else 27
+    else:
+        per_sm = 12 if B * Hkv < 32 else 16
     splits = max(1, min(triton.cdiv(per_sm * _num_sms(device), B * Hkv), triton.cdiv(T, 4 * block_n), 256))
     return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2)
 

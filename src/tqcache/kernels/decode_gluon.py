@@ -13,7 +13,8 @@ lane-major so that no copy or read has a bank conflict: :func:`_lane_major`).
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
-lookups below) at head_dim 64 or 128, or two halves of 64 channels at head_dim 128 (channel-split or rotated
+lookups below) at head_dim 64 or 128 — of 2 or 4 bits (keys also 8) at head_dim 256, in 16-token blocks — or two
+halves of 64 channels at head_dim 128 (channel-split or rotated
 fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm), or quarter-bit
 keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`), or
 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at head_dim 128 (one plane; a lane's
@@ -783,7 +784,7 @@ def key_containers(codec) -> list[tuple[int, int]]:
     """``(container channels, real channels)`` per key segment: a segment runs as 64 or 128 channels — the
     quarter-bit keys (k3.25v3, k2.25v2: 32 | 96 channels) run as 64 | 128 — with A's extra columns zero and the
     row's bytes past the segment masked (the query row then has 192 columns, a multiple of the query map's 64)."""
-    return [(64 if d_s <= 64 else 128, d_s) for d_s, _ in codec.segments]
+    return [(64 if d_s <= 64 else 128 if d_s <= 128 else d_s, d_s) for d_s, _ in codec.segments]
 
 
 def kernel_order(codec, key: bool) -> list[int]:
@@ -819,10 +820,14 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"query dtype {q.dtype} (fp16 operands only)"
     d = q.shape[-1]
-    if d not in (64, 128):
-        return f"head_dim {d} (64 or 128)"
+    if d not in (64, 128, 256):
+        return f"head_dim {d} (64, 128 or 256)"
     for name, c in (("key", k_codec), ("value", v_codec)):
         segs = [tuple(x) for x in c.segments]
+        if d == 256:  # 16-token blocks; the 3-bit group geometry exists for 64 and 128 channels only
+            if not (segs in ([(256, 2)], [(256, 4)]) or name == "key" and segs == [(256, 8)]):
+                return f"{name} segments {segs} at head_dim 256 (one segment of 2 or 4 bits — keys also 8)"
+            continue
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
         wide = name == "key" and segs in ([(d, 8)], [(128, 5)])  # one gathered plane: 8 bits, or 5 at d = 128
         if not (len(segs) == 1 or (len(segs) == 2 and d == 128 and (segs[0][0], segs[1][0]) in two)) or \
