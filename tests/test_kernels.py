@@ -381,6 +381,25 @@ def test_gluon_5bit_keys_read_the_lanes_own_words():
             assert (run >> (5 * i)) & 31 == int(codes[0, perm[j]])
 
 
+def test_gluon_head_dim_256_halves_order():
+    # head_dim 256 with a side the d = 256 geometry lacks (3 bits, fractional bits): both sides run as two
+    # 128-channel halves; a 256-channel segment's halves are its first and second 128 codes (same table, norm).
+    from tqcache.kernels.attention import _matrices
+    from tqcache.kernels.decode_gluon import _segment_order, kernel_order, kernel_segments, split_halves
+
+    c3, c4, c2 = TurboQuantizer(256, 3, seed=1), TurboQuantizer(256, 4, seed=2), TurboQuantizer(256, 2, seed=3)
+    assert split_halves(c3, c3) and split_halves(c4, c3) and not split_halves(c4, c2)
+    assert kernel_segments(c3, True) == [(128, 3, 0), (128, 3, 0)] and kernel_segments(c3) == [(256, 3, 0)]
+    for key in (True, False):
+        half = _segment_order(128, 3, key)
+        assert kernel_order(c3, key, True) == half + [128 + x for x in half]
+        assert sorted(kernel_order(c4, key, True)) == list(range(256))
+    A, U, *_ = _matrices(c4, c3, torch.device("cpu"), torch.float16, gluon=True)
+    eye = torch.eye(256)
+    torch.testing.assert_close(A, c4.rotate_query(eye)[:, kernel_order(c4, True, True)])
+    torch.testing.assert_close(U, c3.unrotate(eye)[kernel_order(c3, False, True)])
+
+
 def _ring_offsets(layout, shape) -> dict:
     """coordinate -> element offset of a SharedLinearLayout (its bases map offset bits to coordinates)."""
     out = {}
@@ -457,7 +476,9 @@ def test_gluon_reason_names_what_it_does_not_cover():
         q256 = torch.randn(1, 8, 1, 256, device=DEV, dtype=torch.bfloat16)
         k256, v256 = TurboQuantizer(256, 4).to(DEV), TurboQuantizer(256, 2).to(DEV)
         assert gluon_reason(q256, k256, v256, 4, True) is None  # head_dim 256: 2/4-bit sides, 16-token blocks
-        assert "at head_dim 256" in gluon_reason(q256, TurboQuantizer(256, 3).to(DEV), v256, 4, True)
+        assert gluon_reason(q256, TurboQuantizer(256, 3).to(DEV), v256, 4, True) is None  # 128-channel halves
+        assert "at head_dim 256" in gluon_reason(q256, TurboQuantizer(256, 5).to(DEV), v256, 4, True)
+        assert "halves" in gluon_reason(q256, TurboQuantizer(256, 8).to(DEV), TurboQuantizer(256, 3).to(DEV), 4, True)
         assert "head_dim 96" in gluon_reason(torch.randn(1, 8, 1, 96, device=DEV, dtype=torch.bfloat16),
                                              TurboQuantizer(96, 4).to(DEV), TurboQuantizer(96, 4).to(DEV), 4, True)
         assert "17 query rows" in gluon_reason(qc, k4.to(DEV), k4.to(DEV), 17, True)
@@ -513,6 +534,12 @@ GLUON_CASES = [
     (256, 4, 2, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
     (256, 8, 4, torch.float16, 2, 1, 4, 260, 3, "window"),
     (256, 4, 4, torch.float16, 1, 1, 4, 3000, 1, None),  # Gemma-3-270M's 4 / 1 heads
+    # head_dim 256 as two 128-channel halves (a 3-bit side, or fractional bits): the d = 128 geometry per half
+    (256, 3, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (256, 4, 3, torch.float16, 2, 1, 4, 517, 2, "causal"),
+    (256, 3.5, 3.5, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
+    (256, 3, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (256, 3.5, 3, torch.float16, 1, 1, 4, 3000, 1, "rotated"),
 ]
 
 

@@ -911,10 +911,11 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
     eye = torch.eye(d, device=device, dtype=torch.float32)
     with torch.no_grad():
         if gluon:
-            from .decode_gluon import kernel_order
+            from .decode_gluon import kernel_order, split_halves
 
-            pk = torch.tensor(kernel_order(k_codec, key=True), device=device)  # -1: a key container's extra column
-            pv = torch.tensor(kernel_order(v_codec, key=False), device=device)
+            split = split_halves(k_codec, v_codec)  # head_dim 256 run as 128-channel halves
+            pk = torch.tensor(kernel_order(k_codec, True, split), device=device)  # -1: a key container's extra column
+            pv = torch.tensor(kernel_order(v_codec, False, split), device=device)
         else:
             pk = torch.tensor(_plane_perm(k_codec, planes, key=True), device=device)
             pv = torch.tensor(_plane_perm(v_codec, planes), device=device)

@@ -780,25 +780,49 @@ def _segment_order(d: int, b: int, key: bool) -> list[int]:
     return [sigma(j, W, key) * P + p for p in range(P) for j in range(W)]
 
 
-def key_containers(codec) -> list[tuple[int, int]]:
+def _native256(codec, key: bool) -> bool:
+    """Whether a head_dim-256 side runs as one segment (2 or 4 bits; keys also 8) on the d = 256 geometry."""
+    segs = [tuple(x) for x in codec.segments]
+    return segs in ([(256, 2)], [(256, 4)]) or key and segs == [(256, 8)]
+
+
+def split_halves(k_codec, v_codec) -> bool:
+    """head_dim 256 where a side is not native (:func:`_native256`): both sides then run as two 128-channel halves
+    on the d = 128 geometry — a 256-channel segment of b bits is its first and second 128 codes (16·b bytes each,
+    the stream is byte-aligned there) sharing its norm and table, as the rotated split of fractional bits does."""
+    return k_codec.dim == 256 and not (_native256(k_codec, True) and _native256(v_codec, False))
+
+
+def kernel_segments(codec, split: bool = False) -> list[tuple[int, int, int]]:
+    """``(channels, bits, table row)`` of the segments the kernel runs: the codec's own, or with ``split`` each
+    256-channel segment as two 128-channel halves of the same table (:func:`split_halves`)."""
+    out = []
+    for s, (d_s, b_s) in enumerate(codec.segments):
+        out += [(128, b_s, s), (128, b_s, s)] if split and d_s == 256 else [(d_s, b_s, s)]
+    return out
+
+
+def key_containers(codec, split: bool = False) -> list[tuple[int, int]]:
     """``(container channels, real channels)`` per key segment: a segment runs as 64 or 128 channels — the
     quarter-bit keys (k3.25v3, k2.25v2: 32 | 96 channels) run as 64 | 128 — with A's extra columns zero and the
     row's bytes past the segment masked (the query row then has 192 columns, a multiple of the query map's 64)."""
-    return [(64 if d_s <= 64 else 128 if d_s <= 128 else d_s, d_s) for d_s, _ in codec.segments]
+    return [(64 if d_s <= 64 else 128 if d_s <= 128 else d_s, d_s) for d_s, _, _ in kernel_segments(codec, split)]
 
 
-def kernel_order(codec, key: bool) -> list[int]:
+def kernel_order(codec, key: bool, split: bool = False) -> list[int]:
     """Column order of the kernel: ``perm[column] = natural (rotated-space) channel``, segments in order, planes major.
 
     2/4 bits: column ``p·W + j`` is plane ``p`` of stored byte ``σ(j)`` (module docstring), i.e. channel
     ``σ(j)·P + p``. 3 bits: column ``p·d_s/4 + j`` is channel ``8·g + 2p + o`` with ``(g, o) = group3(j)``. A second
     segment's columns follow the first's, offset by its channel count. Key segments run in their containers
-    (:func:`key_containers`): a container's columns past the segment are ``-1`` (A holds zeros there).
-    Keys fold this into the query map A (columns), values into the unrotation U (rows).
+    (:func:`key_containers`): a container's columns past the segment are ``-1`` (A holds zeros there). ``split``:
+    the segments of :func:`kernel_segments`. Keys fold this into the query map A (columns), values into the
+    unrotation U (rows).
     """
     out, off = [], 0
-    sizes = key_containers(codec) if key else [(d_s, d_s) for d_s, _ in codec.segments]
-    for (c, d_s), (_, b_s) in zip(sizes, codec.segments):
+    segs = kernel_segments(codec, split)
+    sizes = key_containers(codec, split) if key else [(d_s, d_s) for d_s, _, _ in segs]
+    for (c, d_s), (_, b_s, _) in zip(sizes, segs):
         out += [off + x if x < d_s else -1 for x in _segment_order(c, b_s, key)]  # -1: a container's extra column
         off += d_s
     return out
@@ -824,9 +848,14 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         return f"head_dim {d} (64, 128 or 256)"
     for name, c in (("key", k_codec), ("value", v_codec)):
         segs = [tuple(x) for x in c.segments]
-        if d == 256:  # 16-token blocks; the 3-bit group geometry exists for 64 and 128 channels only
-            if not (segs in ([(256, 2)], [(256, 4)]) or name == "key" and segs == [(256, 8)]):
-                return f"{name} segments {segs} at head_dim 256 (one segment of 2 or 4 bits — keys also 8)"
+        if d == 256:  # 16-token blocks: one 2/4-bit segment (keys also 8), or 128-channel halves (split_halves)
+            halves = segs in ([(256, b)] for b in (2, 3, 4)) or \
+                [c_ for c_, _ in segs] == [128, 128] and all(b in (2, 3, 4) for _, b in segs)
+            if not (_native256(c, name == "key") or halves):
+                return (f"{name} segments {segs} at head_dim 256 (one segment of 2, 3 or 4 bits — keys also 8 — or two "
+                        f"of 128 channels)")
+            if segs == [(256, 8)] and not _native256(k_codec if name == "value" else v_codec, name == "value"):
+                return "8-bit keys at head_dim 256 with values that need 128-channel halves"
             continue
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
         wide = name == "key" and segs in ([(d, 8)], [(128, 5)])  # one gathered plane: 8 bits, or 5 at d = 128
@@ -841,11 +870,11 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     return None
 
 
-def _segment_codes(codes: torch.Tensor, codec) -> list[tuple[torch.Tensor, int]]:
-    """Per segment, the row buffer as the kernel reads it — uint8, or int32 words for 3 and 5 bits — and the segment's
-    start in those elements."""
+def _segment_codes(codes: torch.Tensor, codec, split: bool = False) -> list[tuple[torch.Tensor, int]]:
+    """Per kernel segment, the row buffer as the kernel reads it — uint8, or int32 words for 3 and 5 bits — and the
+    segment's start in those elements."""
     out, off = [], 0
-    for d_s, b_s in codec.segments:
+    for d_s, b_s, _ in kernel_segments(codec, split):
         out.append((codes.view(torch.int32), off // 4) if b_s in (3, 5) else (codes, off))
         off += d_s * b_s // 8
     return out
@@ -865,13 +894,17 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the ``[2, 256]`` fp16 key
     tables: 8-bit keys gather from it, 5-bit keys hold entry L in lane L)."""
     B = qk.shape[0]
-    (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec) * 2)[:2]  # one segment: the second is the first (unused)
-    (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec) * 2)[:2]
-    kb = [b for _, b in k_codec.segments] + [0]
-    vb = [b for _, b in v_codec.segments] + [0]
-    kd = [c for c, _ in key_containers(k_codec)] + [0]
+    split = split_halves(k_codec, v_codec)
+    (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec, split) * 2)[:2]  # one segment: the second is the first (unused)
+    (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec, split) * 2)[:2]
+    ks, vs = kernel_segments(k_codec, split), kernel_segments(v_codec, split)
+    kb = [b for _, b, _ in ks] + [0]
+    vb = [b for _, b, _ in vs] + [0]
+    kt = [t for _, _, t in ks] * 2  # table rows (two halves of one segment share one)
+    vt = [t for _, _, t in vs] * 2
+    kd = [c for c, _ in key_containers(k_codec, split)] + [0]
     # real row widths in the elements the kernel reads (bytes, or words at 3 bits)
-    kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s in k_codec.segments] + [0]
+    kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s, _ in ks] + [0]
 
     def words(t):  # strides in 4-byte units (words_ok checked they divide)
         return [st if t.dtype == torch.int32 else st // 4 for st in t.stride()[:3]]
@@ -882,7 +915,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
         v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lvk[0] if kb[0] in (5, 8) else lutk[0], lutk[1], lutv[0], lutv[1],
+        lvk[0] if kb[0] in (5, 8) else lutk[kt[0]], lutk[kt[1]], lutv[vt[0]], lutv[vt[1]],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0,
