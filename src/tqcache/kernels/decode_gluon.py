@@ -13,8 +13,8 @@ lane-major so that no copy or read has a bank conflict: :func:`_lane_major`).
 
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
-lookups below) at head_dim 64 or 128 — of 2 or 4 bits (keys also 8) at head_dim 256, in 16-token blocks — or two
-halves of 64 channels at head_dim 128 (channel-split or rotated
+lookups below) at head_dim 64 or 128 — of 2 or 4 bits (keys also 8) at head_dim 256, in 16-token blocks, where any
+other side makes both run as 128-channel halves (:func:`split_halves`) — or two halves of 64 channels at head_dim 128 (channel-split or rotated
 fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm), or quarter-bit
 keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`), or
 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at head_dim 128 (one plane; a lane's
