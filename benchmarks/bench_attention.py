@@ -113,10 +113,10 @@ def copy_bandwidth(dev) -> float:
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9  # read + write
 
 
-def codecs_for(scheme: str, dev):
+def codecs_for(scheme: str, dev, d: int = D):
     cfg = parse_scheme(scheme)
-    kc = TurboQuantizer(D, cfg.key.bits, qjl=cfg.key.qjl, seed=1).to(dev)
-    vc = TurboQuantizer(D, cfg.value.bits, qjl=cfg.value.qjl, seed=2).to(dev)
+    kc = TurboQuantizer(d, cfg.key.bits, qjl=cfg.key.qjl, seed=1).to(dev)
+    vc = TurboQuantizer(d, cfg.value.bits, qjl=cfg.value.qjl, seed=2).to(dev)
     return kc, vc
 
 

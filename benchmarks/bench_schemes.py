@@ -3,8 +3,12 @@
 ``bench_attention.py`` is the full table (eager and graph times, bandwidth, encode); this is the short sweep used
 to see which schemes the Gluon kernel takes and whether each beats SDPA: B ∈ {1, 8}, 32 query / 8 KV heads,
 head_dim 128, bf16 queries, N ∈ {16K, 128K} by default. A scheme that fails is reported, not fatal.
+``--triton`` also times the Triton kernel (forced) on each scheme; ``--head-dim 256 --heads 16/8`` is the
+Gemma-like shape of ``attention_h100_v10_d256.json``.
 
     PYTHONPATH=src python benchmarks/bench_schemes.py --out benchmarks/results/schemes_h100.json
+    PYTHONPATH=src python benchmarks/bench_schemes.py --head-dim 256 --heads 16/8 --N 16384,65536 --triton \
+        --schemes turbo4,k4v2,turbo2,k8v4,turbo3,k4v3,turbo3.5,turbo2.5
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ import bench_attention as BA  # noqa: E402
 from tqcache.config import scheme_names  # noqa: E402
 from tqcache.kernels import attention as att  # noqa: E402
 
-D, HQ, HKV = BA.D, BA.HQ, BA.HKV
+def parse_heads(text: str) -> tuple[int, int]:
+    """``"32/8"`` -> (32 query heads, 8 KV heads); a clear error for anything else."""
+    try:
+        hq, hkv = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--heads must look like 32/8 (query/KV heads), got {text!r}") from None
+    if hq < 1 or hkv < 1 or hq % hkv:
+        raise SystemExit(f"--heads {text!r}: query heads must be a positive multiple of KV heads")
+    return hq, hkv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schemes", default=",".join(s for s in scheme_names() if s.startswith(("turbo", "k"))))
     ap.add_argument("--B", default="1,8")
     ap.add_argument("--N", default="16384,131072")
+    ap.add_argument("--head-dim", type=int, default=BA.D, choices=(64, 128, 256))
+    ap.add_argument("--heads", default=f"{BA.HQ}/{BA.HKV}", help="query/KV heads, e.g. 32/8")
+    ap.add_argument("--triton", action="store_true", help="also time the Triton kernel (forced) on each scheme")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--commit", default="unknown")
     a = ap.parse_args(argv)
+    D = a.head_dim
+    HQ, HKV = parse_heads(a.heads)
     dev, scale = torch.device("cuda"), D ** -0.5
     rows = []
     for B in (int(x) for x in a.B.split(",")):
@@ -50,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             line = [f"B={B} N={N} sdpa {sd:.1f}"]
             for sch in a.schemes.split(","):
                 try:
-                    kc, vc = BA.codecs_for(sch, dev)
+                    kc, vc = BA.codecs_for(sch, dev, D)
                     nbytes = B * HKV * N * (BA.bytes_per_token(kc) + BA.bytes_per_token(vc))
                     sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16),
                              BA.random_packed(kc, B, HKV, N, dev), BA.random_packed(vc, B, HKV, N, dev))
@@ -59,8 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                     us = BA.time_graph([lambda s=s: att.attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale,
                                                                              config=cfg) for s in sets])
                     kind = "gluon" if cfg.get("gluon") else "triton"
-                    rows.append(dict(B=B, N=N, scheme=sch, kernel=kind, graph_us=us, x_sdpa=sd / us))
+                    row = dict(B=B, N=N, scheme=sch, kernel=kind, graph_us=us, x_sdpa=sd / us)
                     line.append(f"{sch}({kind[0].upper()}) {us:.1f} x{sd / us:.2f}")
+                    if a.triton:
+                        tcfg = dict(att.launch_config(B, HKV, HQ // HKV, N, D, dev, k_codec=kc, v_codec=vc),
+                                    gluon=False)
+                        ut = BA.time_graph([lambda s=s: att.attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale,
+                                                                                 config=tcfg) for s in sets])
+                        row.update(triton_graph_us=ut, triton_x_sdpa=sd / ut)
+                        line[-1] += f" (T x{sd / ut:.2f})"
+                    rows.append(row)
                     del sets
                 except Exception as e:  # report the scheme and go on
                     rows.append(dict(B=B, N=N, scheme=sch, error=f"{type(e).__name__}: {e}"))

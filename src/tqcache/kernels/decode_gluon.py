@@ -14,14 +14,14 @@ lane-major so that no copy or read has a bank conflict: :func:`_lane_major`).
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
 lookups below) at head_dim 64 or 128 — of 2 or 4 bits (keys also 8) at head_dim 256, in 16-token blocks, where any
-other side makes both run as 128-channel halves (:func:`split_halves`) — or two halves of 64 channels at head_dim 128 (channel-split or rotated
-fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table and norm), or quarter-bit
-keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers, :func:`key_containers`), or
-8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at head_dim 128 (one plane; a lane's
-32 codes are words 5t .. 5t + 4 of the row, centroids shuffled from the lane that holds them: :func:`_codes5`);
-fp16/bf16 queries (fp16 operands), no QJL,
-the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the
-Triton kernel; one warp per program.
+other side makes both run as 128-channel halves (:func:`split_halves`) — or two halves of 64 channels at head_dim
+128 (channel-split or rotated fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table
+and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers,
+:func:`key_containers`), or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
+head_dim 128 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row, centroids shuffled from the lane that
+holds them: :func:`_codes5`); fp16/bf16 queries (fp16 operands), no QJL, the register tables usable
+(sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
+program.
 
 Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
 row; plane ``p`` of byte ``s`` is channel ``s·P + p`` (``P = 8/b``); every plane is a ``[tokens, W]`` tile whose
@@ -852,8 +852,8 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
             halves = segs in ([(256, b)] for b in (2, 3, 4)) or \
                 [c_ for c_, _ in segs] == [128, 128] and all(b in (2, 3, 4) for _, b in segs)
             if not (_native256(c, name == "key") or halves):
-                return (f"{name} segments {segs} at head_dim 256 (one segment of 2, 3 or 4 bits — keys also 8 — or two "
-                        f"of 128 channels)")
+                return (f"{name} segments {segs} at head_dim 256 (one segment of 2, 3 or 4 bits — keys also 8 — "
+                        f"or two of 128 channels)")
             if segs == [(256, 8)] and not _native256(k_codec if name == "value" else v_codec, name == "value"):
                 return "8-bit keys at head_dim 256 with values that need 128-channel halves"
             continue
