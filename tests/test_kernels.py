@@ -522,7 +522,7 @@ GLUON_CASES = [
     # 8-bit keys: centroids gathered from the 256-entry fp16 table
     (128, 8, 4, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (64, 8, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
-    # 5-bit keys (d = 128): fp16 pairs gathered from the 1024-entry pair table
+    # 5-bit keys (d = 128): centroids shuffled (shfl.sync.idx) from the lane holding that table entry
     (128, 5, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (128, 5, 4, torch.float16, 2, 2, 8, 517, 2, "causal"),
     (128, 5, 2, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),

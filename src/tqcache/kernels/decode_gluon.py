@@ -846,16 +846,14 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     d = q.shape[-1]
     if d not in (64, 128, 256):
         return f"head_dim {d} (64, 128 or 256)"
+    split = split_halves(k_codec, v_codec)
     for name, c in (("key", k_codec), ("value", v_codec)):
         segs = [tuple(x) for x in c.segments]
-        if d == 256:  # 16-token blocks: one 2/4-bit segment (keys also 8), or 128-channel halves (split_halves)
-            halves = segs in ([(256, b)] for b in (2, 3, 4)) or \
-                [c_ for c_, _ in segs] == [128, 128] and all(b in (2, 3, 4) for _, b in segs)
-            if not (_native256(c, name == "key") or halves):
-                return (f"{name} segments {segs} at head_dim 256 (one segment of 2, 3 or 4 bits — keys also 8 — "
-                        f"or two of 128 channels)")
-            if segs == [(256, 8)] and not _native256(k_codec if name == "value" else v_codec, name == "value"):
-                return "8-bit keys at head_dim 256 with values that need 128-channel halves"
+        if d == 256:  # 16-token blocks: both sides whole (_native256), or both as 128-channel halves (split_halves)
+            halves = [(c_, b) for c_, b, _ in kernel_segments(c, True)]
+            if not (all(c_ == 128 and b in (2, 3, 4) for c_, b in halves) if split else _native256(c, name == "key")):
+                return (f"{name} segments {segs} at head_dim 256 (2/4-bit sides and 8-bit keys run whole; otherwise "
+                        f"both sides run as 128-channel halves of 2, 3 or 4 bits)")
             continue
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
         wide = name == "key" and segs in ([(d, 8)], [(128, 5)])  # one gathered plane: 8 bits, or 5 at d = 128
@@ -900,8 +898,8 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     ks, vs = kernel_segments(k_codec, split), kernel_segments(v_codec, split)
     kb = [b for _, b, _ in ks] + [0]
     vb = [b for _, b, _ in vs] + [0]
-    kt = [t for _, _, t in ks] * 2  # table rows (two halves of one segment share one)
-    vt = [t for _, _, t in vs] * 2
+    kt = [t for _, _, t in ks] * 2  # table row per kernel segment (halves of one segment share it; a lone segment's
+    vt = [t for _, _, t in vs] * 2  # row is repeated only to fill the unused second slot)
     kd = [c for c, _ in key_containers(k_codec, split)] + [0]
     # real row widths in the elements the kernel reads (bytes, or words at 3 bits)
     kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s, _ in ks] + [0]
