@@ -709,7 +709,7 @@ ENC_CASES = [
 
 
 # exact=None: the device's default (bit-exact arithmetic in the interpreter, the fast path on a GPU);
-# exact=False on the CPU runs the GPU's arithmetic (tagged select chain, norms from the rotated row, fp16
+# exact=False on the CPU runs the GPU's arithmetic (summed level steps, norms from the rotated row, fp16
 # packing operands) in the interpreter, judged by the same tie rules as the GPU.
 ENC_EXACT = [None] if DEV == "cuda" else [None, False]
 
@@ -759,6 +759,47 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
         nd = (got["qjl_signs"] != ref["qjl_signs"]).sum().item()
         assert nd <= max(2, 0.002 * got["qjl_signs"].numel() * 8) + 8 * int(tie_rows.sum()), f"{nd} QJL sign bytes differ"
     print(f"encode {d}/{bits}/{dt}: {ties} boundary ties of {x.numel()} coordinates")
+
+
+@pytest.mark.parametrize("bits", [3, 4, 2])
+def test_encode_word_and_byte_stores_agree(bits):
+    """Codes leave as whole 32-bit words when rows are 4-byte aligned; a caller's misaligned view (rows 1 byte
+    into a wider buffer) takes byte stores. Both must write the same codes, and nothing outside the view."""
+    c = TurboQuantizer(128, bits, seed=9).to(DEV)
+    g = _gen(400 + bits)
+    x = torch.randn(1, 2, 19, 128, generator=g).to(DEV, torch.bfloat16)
+    w = c.field_widths()["codes"][0]
+    aligned = {n: torch.zeros(1, 2, 20, wd, dtype=t, device=DEV) for n, (wd, t) in c.field_widths().items()}
+    wide = torch.randint(0, 256, (1, 2, 20, w + 3), generator=g, dtype=torch.uint8).to(DEV)
+    before = wide.clone()
+    shifted = dict(aligned, codes=wide[..., 1 : w + 1])
+    assert shifted["codes"].data_ptr() % 4 == 1
+    encode_into(c, x, aligned, 1)
+    encode_into(c, x, shifted, 1)
+    assert torch.equal(shifted["codes"][:, :, 1:20], aligned["codes"][:, :, 1:20])
+    assert torch.equal(shifted["codes"][:, :, 1:20], c.quantize(x)["codes"])
+    outside = torch.ones_like(wide, dtype=torch.bool)
+    outside[:, :, 1:20, 1 : w + 1] = False
+    assert torch.equal(wide[outside], before[outside]), "byte stores wrote outside the view"
+
+
+def test_bf16_working_space():
+    """Channel-scaled codecs of ≤ 5 bits cut their segments from x·(1/s) rounded to bf16 (the encode kernel's
+    one exact tensor-core piece); 8-bit ones keep fp32. Inner products stay those of x: ⟨q·s, x/s⟩."""
+    g = _gen(21)
+    x = torch.randn(2, 40, 64, generator=g) * (0.5 + 3 * torch.rand(64, generator=g))
+    for bits, rounded in ((4, True), (5, True), (3.5, True), (8, False)):
+        c = TurboQuantizer(64, bits, channel_scale=True, seed=1)
+        c.calibrate(x)
+        assert c.bf16_working is rounded
+        xw = c._to_working(x)
+        exact = (x * (1.0 / c.channel_scale))[..., c.perm]
+        if rounded:
+            assert torch.equal(xw, exact.to(torch.bfloat16).float())
+            assert not torch.equal(xw, exact)
+        else:
+            assert torch.equal(xw, exact)
+    assert not TurboQuantizer(64, 4).bf16_working
 
 
 @pytest.mark.parametrize("exact", ENC_EXACT)

@@ -1,7 +1,8 @@
 """TurboQuant encode/append in Triton: rotate + quantize + pack, written straight into the cache's buffers.
 
 Twin and spec: :meth:`tqcache.codec.TurboQuantizer.quantize`. Per token row ``x [d]`` and segment ``s``
-(``x_w = (x / channel_scale)[perm]``, segment ``s`` = working channels ``[o_s, o_s + d_s)``)::
+(``x_w = (x · (1/channel_scale))[perm]``, rounded to bf16 when the codec's ``bf16_working``; segment ``s`` =
+working channels ``[o_s, o_s + d_s)``)::
 
     n_s   = ‖x_{w,s}‖
     y_s   = (x_{w,s} @ rot_sᵀ) / n_s
@@ -13,17 +14,19 @@ The permutation and the channel scale (one vector, or one per KV head) are folde
 multiplies by, so it reads ``x`` in its original channel order once. Bytes per token (d = 128, bf16 in, 4 bits
 out): 256 read + 66 written.
 
-How (v5). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1 rotation
-blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles. Per tile: one tensor-core
-product for the rotation, the norm from the rotated row, the level index from comparisons against the
-codebook's positive bounds baked in as compile-time constants (the Lloyd–Max codebooks are symmetric, so
-|y| and its sign suffice: 7 compares + 7 selects per value at 4 bits, no gathers), and packing as a second
-tensor-core product (``_pack_dot``: a byte is ``Σ idx_c · 2^(b·c)``, exact in fp16 × fp16 → fp32). Codebooks
-that are not symmetric take a binary search over the bounds in memory.
+How (v11). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1 rotation
+blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile: one
+tensor-core product for the rotation, the norm from the rotated row, the level index from comparisons against
+the codebook's positive bounds baked in as compile-time constants (the Lloyd–Max codebooks are symmetric, so
+|y| and its sign suffice: 7 ``set`` ops per value at 4 bits whose 0/1 results the FMA pipe sums into the level
+and its square, no gathers), and packing as two more tensor-core products per 32-bit word (``_half_dot``: the
+word's low and high 16 bits are ``Σ idx_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32), stored whole so a
+warp writes whole sectors. Codebooks that are not symmetric take a binary search over the bounds in memory.
 
 Exactness. Codes must equal the torch codec's (``torch.equal``) up to ties. With a Hadamard rotation every
-matrix entry is ``±1/√d_s``, so the kernel multiplies by the exact ±1 matrix on the bf16 tensor cores (the
-input split into 1–3 bf16 pieces so every product is exact) and scales by ``1/√d_s`` afterwards; Haar
+matrix entry is ``±1/√d_s``, so the kernel multiplies by the exact ±1 matrix on the bf16 tensor cores — one
+product when ``x_w`` is bf16 (bf16 input without a channel scale, or the codec's bf16 working space), else the
+input split into 2–3 bf16 pieces so every product is exact — and scales by ``1/√d_s`` afterwards; Haar
 rotations use ``tf32x3``. The summation order, a multiply by 1/n instead of a division and the norm taken from
 the rotated row move a value by a few fp32 ulps, so a coordinate within that distance of a decision boundary
 may land on its other side (one level off), and a stored norm may differ by one fp16 ulp; tests bound both.
@@ -44,51 +47,72 @@ __all__ = ["encode_into", "encode_unsupported_reason"]
 
 @triton.jit
 def _pack_dot(code, BITS: tl.constexpr, DS: tl.constexpr, PER: tl.constexpr, FIRST: tl.constexpr,
-              CNT: tl.constexpr, MAGIC: tl.constexpr, NW: tl.constexpr):
-    """``Σ_{i<CNT} idx[u·PER + FIRST + i] · 2^(BITS·i)`` for each packing unit u: ``[T, NW]`` int32.
+              CNT: tl.constexpr, NW: tl.constexpr):
+    """``Σ_{i<CNT} code[u·PER + FIRST + i] · 2^(BITS·i)`` for each packing unit u: ``[T, NW]`` int32.
 
     A product ``code @ W`` on the tensor cores, ``W[c, u] = 2^(BITS·i)`` for the unit's codes: every operand is
-    a whole number exact in fp16 and every sum stays below 2^24, so the fp32 accumulator is exact. ``code`` is
-    ``idx`` (fp32, the interpreter) or, with MAGIC, ``1024 + idx`` in fp16 — built from integer bits with one
-    logic op instead of a conversion — whose constant part is subtracted here. NW ≥ 16 (tl.dot's minimum N):
-    columns past DS/PER are zero.
+    a whole number exact in fp16 and every sum stays below 2^24, so the fp32 accumulator is exact. NW ≥ 16
+    (tl.dot's minimum N): columns past DS/PER are zero.
     """
     c = tl.arange(0, DS)[:, None]
     u = tl.arange(0, NW)[None, :]
     i = c % PER - FIRST
     w = tl.where((c // PER == u) & (i >= 0) & (i < CNT), tl.exp2((i * BITS).to(tl.float32)), 0.0)
-    s = tl.dot(code, w.to(code.dtype), out_dtype=tl.float32)
-    if MAGIC:
-        s -= 1024.0 * (((1 << (BITS * CNT)) - 1) // ((1 << BITS) - 1))
-    return s.to(tl.int32)
+    return tl.dot(code, w.to(code.dtype), out_dtype=tl.float32).to(tl.int32)
 
 
 @triton.jit
-def _pack_store(ptr_row, tmask, idx, BITS: tl.constexpr, DS: tl.constexpr, MAGIC: tl.constexpr):
-    """Store codes ``idx [T, DS]`` (int32 < 2^BITS, natural channel order) as LSB-first bit streams at
-    ``ptr_row [T]``: bytes of 8/BITS codes for 1, 2, 4 bits; 3 bytes per 8 codes for 3 bits (two 12-bit halves
-    from two packing dots); 8 bits as they are. Packing on the tensor cores replaces the per-element shifts and
-    the register shuffles that natural-order packing costs."""
+def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF: tl.constexpr):
+    """Bits ``[32·j + 16·HALF, +16)`` of the row's LSB-first code stream, for each 32-bit word j: ``[T, NW]`` int32.
+
+    Code c occupies stream bits ``[b·c, b·c + b)``; the product ``code @ W`` with ``W[c, j] = 2^(b·c − lo)`` (lo =
+    the half's first bit) over every code that overlaps the half sums them in place. At 3 bits a code may
+    start up to 2 bits below lo (weight 1/4 or 1/2: exact in fp16, and the sum is exact in fp32 with 2
+    fractional bits, which the conversion drops) or run past the half's top (masked); 1, 2 and 4 bits never
+    straddle. Weights stay ≤ 2^15, within fp16.
+    """
+    c = tl.arange(0, DS)[:, None]
+    j = tl.arange(0, NW)[None, :]
+    e = c * BITS - (32 * j + 16 * HALF)  # exponent of code c in this half
+    w = tl.where((e < 16) & (e + BITS > 0), tl.exp2(e.to(tl.float32)), 0.0)
+    s = tl.dot(code, w.to(code.dtype), out_dtype=tl.float32).to(tl.int32)
+    if 16 % BITS != 0:
+        s = s & 0xFFFF
+    return s
+
+
+@triton.jit
+def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORDS: tl.constexpr):
+    """Store codes ``code [T, DS]`` (whole numbers < 2^BITS in fp16 or fp32, natural channel order) as
+    LSB-first bit streams at ``ptr_row [T]`` (8 bits: one byte per code).
+
+    WORDS (rows 4-byte aligned, DS·BITS a multiple of 32): whole 32-bit words, each from two tensor-core packing
+    products (its low and high 16 bits, :func:`_half_dot`), so a warp's store covers whole 32-byte sectors.
+    Otherwise bytes (3 bits: 3 bytes per 8 codes from two 12-bit packing products). Byte stores cost a sector
+    per lane: 3-bit values wrote 12.6 M sectors for 0.3 M of output (H100, 32K tokens × 8 heads)."""
     if BITS == 8:
-        tl.store(ptr_row[:, None] + tl.arange(0, DS)[None, :], idx.to(tl.uint8), mask=tmask[:, None])
+        tl.store(ptr_row[:, None] + tl.arange(0, DS)[None, :], code.to(tl.uint8), mask=tmask[:, None])
+    elif WORDS:
+        NWD: tl.constexpr = DS * BITS // 32
+        NW: tl.constexpr = NWD if NWD >= 16 else 16
+        j = tl.arange(0, NW)[None, :]
+        word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
+        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
+        tl.store(ptr[:, None] + j, word, mask=tmask[:, None] & (j < NWD))
     else:
-        if MAGIC:  # 1024 + idx as fp16 bits: 0x6400 is 1024, whose ulp is 1
-            code = (idx | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        else:
-            code = idx.to(tl.float32)
         PER: tl.constexpr = 8 if BITS == 3 else 8 // BITS
         NU: tl.constexpr = DS // PER
         NW: tl.constexpr = NU if NU >= 16 else 16
         u = tl.arange(0, NW)[None, :]
         umask = tmask[:, None] & (u < NU)
         if BITS == 3:
-            word = _pack_dot(code, 3, DS, 8, 0, 4, MAGIC, NW) | (_pack_dot(code, 3, DS, 8, 4, 4, MAGIC, NW) << 12)
+            word = _pack_dot(code, 3, DS, 8, 0, 4, NW) | (_pack_dot(code, 3, DS, 8, 4, 4, NW) << 12)
             p = ptr_row[:, None] + u * 3
             tl.store(p, (word & 255).to(tl.uint8), mask=umask)
             tl.store(p + 1, ((word >> 8) & 255).to(tl.uint8), mask=umask)
             tl.store(p + 2, (word >> 16).to(tl.uint8), mask=umask)
         else:
-            byte = _pack_dot(code, BITS, DS, PER, 0, PER, MAGIC, NW)
+            byte = _pack_dot(code, BITS, DS, PER, 0, PER, NW)
             tl.store(ptr_row[:, None] + u, byte.to(tl.uint8), mask=umask)
 
 
@@ -118,23 +142,24 @@ def _rot_dot(x, r, PIECES: tl.constexpr):
 
 
 @triton.jit
-def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, LT: tl.constexpr,
-                EXACT: tl.constexpr, WANT_MAG: tl.constexpr):
+def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: tl.constexpr,
+                WANT_MAG: tl.constexpr):
     """Level index and squared level of each normalised coordinate, for a codebook symmetric about 0.
 
     With L = 2^b levels the middle bound is 0, ``bounds[L/2 + j] = −bounds[L/2 − 2 − j]`` and
     ``levels[L/2 + m] = −levels[L/2 − 1 − m]``, so ``idx = #{k : bounds[k] < y}`` needs only the L/2 − 1
     positive bounds ``PB``: with ``m = #{pb < |y|}``, idx = L/2 + m for y > 0 and L/2 − 1 − m for y ≤ 0 (±0 take
-    the lower level, as in torch). ``PB``, the positive levels ``LS``, their fp32 squares ``LQ`` and ``LT`` (the
-    squares with L/2 + m in their 4 lowest mantissa bits) are compile-time constants: comparisons against
-    immediates, no gathers, no registers.
+    the lower level, as in torch). ``PB``, the positive levels ``LS`` and their fp32 squares ``LQ`` are
+    compile-time constants: comparisons against immediates, no gathers, no registers.
 
     EXACT (the CPU interpreter): bit-identical to torch — |y| is nudged up one ulp for y < 0 (torch counts
-    "≤" there; no float lies in between) and m and levels² run as two select chains. GPU: one chain selects
-    the tagged square, so each bound costs one compare and one select (with two chains the compiler re-evaluates
-    the compares rather than hold 7 predicates per element); the tag perturbs levels² by < 2^-19 relative, far
-    below the fp16 norm it feeds, and an exact tie on a negative bound is one of the boundary ties the module
-    docstring allows. Returns ``(idx int32, levels[idx]², |levels[idx]|)`` (the last only when WANT_MAG).
+    "≤" there; no float lies in between) and m and levels² come from select chains. GPU: each bound is one
+    ``set`` (1.0 if |y| > pb, an ALU op) whose result the FMA pipe adds to m and, times the step
+    ``LQ[j+1] − LQ[j]``, to levels² — one ALU op per bound instead of a compare and a select (the ALU pipe bound
+    the select chains: 4-bit values 74 → 66 µs, H100). The sum of steps differs from levels² by a few fp32
+    ulps, far below the fp16 norm it feeds; an exact tie on a negative bound is one of the boundary ties the
+    module docstring allows. Returns ``(idx, levels[idx]², |levels[idx]|)`` (idx int32 with EXACT, else a
+    whole-number fp32; the last only when WANT_MAG).
     """
     HALF: tl.constexpr = len(LS)
     pos = y > 0
@@ -151,12 +176,13 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, LT: tl.
             msq = tl.where(p, LQ[j + 1], msq)
         idx = tl.where(pos, HALF + m, (HALF - 1) - m)
     else:
-        msq = tl.zeros(y.shape, tl.float32) + LT[0]
+        m = tl.zeros(y.shape, tl.float32)
+        msq = tl.zeros(y.shape, tl.float32) + LQ[0]
         for j in tl.static_range(HALF - 1):
-            msq = tl.where(a > PB[j], LT[j + 1], msq)
-        tag = msq.to(tl.int32, bitcast=True) & 15  # L/2 + m
-        m = tag - HALF
-        idx = tag ^ tl.where(pos, 0, 2 * HALF - 1)  # L/2 + m, or its mirror L/2 − 1 − m
+            s = tl.where(a > PB[j], 1.0, 0.0)
+            m += s
+            msq = tl.fma(s, LQ[j + 1] - LQ[j], msq)
+        idx = tl.where(pos, HALF + m, (HALF - 1) - m)
     mag = msq
     if WANT_MAG:
         mag = tl.zeros(y.shape, tl.float32) + LS[0]
@@ -179,10 +205,10 @@ def _levels_search(y, LV, BD, BITS: tl.constexpr):
 
 @triton.jit
 def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
-                   PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, LT: tl.constexpr, E, oc_row, tmask,
+                   PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, E, oc_row, tmask,
                    D: tl.constexpr, DS: tl.constexpr, BITS: tl.constexpr, NCOL: tl.constexpr,
                    PIECES: tl.constexpr, NORM_CORR: tl.constexpr, QJL: tl.constexpr, DC: tl.constexpr,
-                   HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr):
+                   HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr = False):
     """Quantize + pack one segment of the tile ``xin [T, D]`` (input dtype, channel-scaled).
 
     HOIST: ``r`` is the segment's rotation block ``[D, DS]``, loaded once per program, and the segment is one
@@ -210,11 +236,12 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
             yn = y * inv[:, None]
         if SYM:
-            idx, csq_e, mag = _levels_sym(yn, PB, LS, LQ, LT, EXACT, QJL)
+            idx, csq_e, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL)
         else:
             idx, csq_e, mag = _levels_search(yn, LV, BD, BITS)
         csq += tl.sum(csq_e, 1)
-        _pack_store(oc_row + c0 * BITS // 8, tmask, idx, BITS, DC, not EXACT)
+        # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter.
+        _pack_store(oc_row + c0 * BITS // 8, tmask, idx.to(tl.float32 if EXACT else tl.float16), BITS, DC, WORDS)
         if QJL:
             c = tl.where(yn > 0, mag, -mag) if SYM else mag
             e = tl.load(E + (col0 + c0 + tl.arange(0, DC))[:, None] * D + tl.arange(0, D)[None, :])
@@ -231,7 +258,7 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
 def _encode_kernel(
     X, stride_xb, stride_xh, stride_xn,  # [B, Hkv, N, D] fp16/bf16/fp32 new tokens
     R, RS,  # [D, D0+D1] fp32 rotation (rows in original channel order; ±1 when PIECES ≥ 1), [2] post-scales
-    SEG, CS, stride_csh,  # [D] int32 segment of each original channel; [Hkv or 1, D] fp32 channel scale
+    SEG, CS, stride_csh,  # [D] int32 segment of each original channel; [Hkv or 1, D] fp32 1 / channel scale
     LV, BD,  # [2, 256] fp32 levels, bounds (row = segment)
     E, SK,  # QJL: [D0+D1, D] fp32 unrotation to original order, [D, D] fp32 sketchᵀ with permuted rows
     OC, stride_ocb, stride_och, stride_oct,  # codes   [B, Hkv, cap, wC] uint8
@@ -241,12 +268,12 @@ def _encode_kernel(
     N, start, n_tiles, n_items,
     HKV: tl.constexpr, D: tl.constexpr,
     D0: tl.constexpr, B0: tl.constexpr, D1: tl.constexpr, B1: tl.constexpr,
-    QJL: tl.constexpr, NORM_CORR: tl.constexpr, HAS_CS: tl.constexpr, PIECES: tl.constexpr,
+    QJL: tl.constexpr, NORM_CORR: tl.constexpr, HAS_CS: tl.constexpr, CS_BF16: tl.constexpr, PIECES: tl.constexpr,
     HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_T: tl.constexpr, DC: tl.constexpr,
-    # SYM: per segment, positive bounds, levels, levels² (fp32) and tagged levels² (see _levels_sym)
-    PB0: tl.constexpr = (), LS0: tl.constexpr = (), LQ0: tl.constexpr = (), LT0: tl.constexpr = (),
-    PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (), LT1: tl.constexpr = (),
+    BLOCK_T: tl.constexpr, DC: tl.constexpr, WORDS: tl.constexpr, WORDS_QJL: tl.constexpr,
+    # SYM: per segment, positive bounds, levels and levels² (fp32; see _levels_sym)
+    PB0: tl.constexpr = (), LS0: tl.constexpr = (), LQ0: tl.constexpr = (),
+    PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (),
 ):
     """Persistent grid: program p encodes tiles p, p + P, ... of the ``n_items = B·Hkv·n_tiles`` token tiles,
     so the rotation blocks (HOIST) are read from L2 once per program, not once per tile."""
@@ -271,26 +298,29 @@ def _encode_kernel(
 
         x = tl.load(X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_d[None, :],
                     mask=tmask[:, None], other=0.0)
-        if HAS_CS:  # one shared scale vector (stride_csh = 0) or one per KV head
-            cs = tl.load(CS + h * stride_csh + offs_d)
-            if EXACT:
-                x = x.to(tl.float32) / cs[None, :]
-            else:
-                x = x.to(tl.float32) * (1.0 / cs)[None, :]
+        if HAS_CS:  # the reciprocal channel scale: one shared vector (stride_csh = 0) or one per KV head
+            x = x.to(tl.float32) * tl.load(CS + h * stride_csh + offs_d)[None, :]
+            if CS_BF16:  # the codec's bf16 working space (TurboQuantizer.bf16_working): one exact piece
+                if PIECES == 0:  # fp32 products (and the interpreter, whose bf16 casts truncate): RNE by hand
+                    bits = x.to(tl.int32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                    x = bits.to(tl.float32, bitcast=True)
+                else:
+                    x = x.to(tl.bfloat16)
 
         slot = start + offs_t
         oc_row = OC + b * stride_ocb + h * stride_och + slot * stride_oct
         on_row = ON + b * stride_onb + h * stride_onh + slot * stride_ont
 
         DC0: tl.constexpr = DC if DC < D0 else D0
-        sc0, xr0 = _quant_segment(x, seg == 0, r0, R, 0, rs0, LV, BD, PB0, LS0, LQ0, LT0, E, oc_row, tmask,
-                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT)
+        sc0, xr0 = _quant_segment(x, seg == 0, r0, R, 0, rs0, LV, BD, PB0, LS0, LQ0, E, oc_row, tmask,
+                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT, WORDS)
         tl.store(on_row, sc0, mask=tmask)
         if D1 > 0:
             DC1: tl.constexpr = DC if DC < D1 else D1
-            sc1, xr1 = _quant_segment(x, seg == 1, r1, R, D0, rs1, LV + 256, BD + 256, PB1, LS1, LQ1, LT1, E,
+            sc1, xr1 = _quant_segment(x, seg == 1, r1, R, D0, rs1, LV + 256, BD + 256, PB1, LS1, LQ1, E,
                                       oc_row + D0 * B0 // 8, tmask, D, D1, B1, NCOL, PIECES, NORM_CORR, QJL, DC1,
-                                      HOIST, SYM, EXACT)
+                                      HOIST, SYM, EXACT, WORDS)
             tl.store(on_row + 1, sc1, mask=tmask)
 
         if QJL:
@@ -304,7 +334,8 @@ def _encode_kernel(
             for j0 in tl.static_range(0, D, QC):
                 sk = tl.load(SK + offs_d[:, None] * D + (j0 + tl.arange(0, QC))[None, :])
                 proj = tl.dot(r, sk, input_precision="tf32x3")
-                _pack_store(os_row + j0 // 8, tmask, (proj > 0).to(tl.int32), 1, QC, not EXACT)
+                _pack_store(os_row + j0 // 8, tmask, (proj > 0).to(tl.float32 if EXACT else tl.float16), 1, QC,
+                            WORDS_QJL)
             gam = tl.minimum(tl.sqrt(tl.sum(r * r, 1)), 65504.0).to(tl.float16)
             tl.store(OG + b * stride_ogb + h * stride_ogh + slot * stride_ogt, gam, mask=tmask)
 
@@ -373,8 +404,6 @@ def _enc_matrices(codec, device):
             sym_consts[f"LS{s}"] = tuple(pos_lv.tolist())
             sq = pos_lv * pos_lv
             sym_consts[f"LQ{s}"] = tuple(sq.tolist())
-            tagged = (sq.view(torch.int32) & ~15) | (half + torch.arange(half, dtype=torch.int32))
-            sym_consts[f"LT{s}"] = tuple(tagged.view(torch.float32).tolist())
         mag = rot.abs()
         if torch.all(mag == mag[0, 0]):
             rs[s] = mag[0, 0]
@@ -389,7 +418,7 @@ def _enc_matrices(codec, device):
     sk = torch.zeros(d, d, device=device)
     if codec.qjl:
         sk[perm] = codec.sketch.to(device).T
-    out = (R.contiguous(), rs, seg, codec.channel_scale.to(device).float().reshape(-1, d).contiguous(), lv, bd,
+    out = (R.contiguous(), rs, seg, (1.0 / codec.channel_scale.to(device).float()).reshape(-1, d).contiguous(), lv, bd,
            E.contiguous(), sk.contiguous(), signs_only, sym_consts if sym else None)
     if len(_ENC_CACHE) > 64:
         _ENC_CACHE.clear()
@@ -455,6 +484,8 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     if not signs_only or on_cpu:
         # Haar rotations, and the CPU interpreter (its tl.dot mishandles bf16 operands): plain fp32 products.
         pieces = 0
+    elif codec.bf16_working:
+        pieces = 1  # x / s rounded to bf16 in the kernel, as the codec does
     elif codec.use_channel_scale or x.dtype == torch.float32:
         pieces = 3
     else:
@@ -467,12 +498,16 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # (A hoisted block is one chunk: DC = 128 covers every segment of d ≤ 128.)
     # QJL streams too: its [d, 64] sketch and unrotation tiles need the shared memory.
     hoist = d <= 128 and d * (D0 + D1) * R.element_size() <= 65536 and not codec.qjl
-    # Tokens per tile (H100 sweep, benchmarks/results/encode_h100.json): 64 fills one warpgroup's MMA; 3-bit
-    # bf16 values measured faster at 32 (116 vs 150 µs per 32K tokens × 8 heads); d = 256 keeps tiles small.
-    three_bit = all(b_s == 3 for _, b_s in codec.segments)
-    bt = block_t or (16 if d > 128 else 32 if three_bit and pieces == 1 else 64)
+    # Tokens per tile (H100 sweeps, benchmarks/results/encode_h100*.json): 64 fills one warpgroup's MMA (3 bits
+    # too, since codes leave as whole words: 111 -> 47 µs for turbo3 values); d = 256 keeps tiles small.
+    bt = block_t or (16 if d > 128 else 64)
     n_tiles = triton.cdiv(N, bt)
     n_items = B * H * n_tiles
+    # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
+    # allocates); a misaligned view of the caller's gets byte stores.
+    dc = 128 if hoist else 64
+    words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and _aligned4(oc, (D0 * B0) // 8)
+    words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and _aligned4(os_)
     args = (
         x, x.stride(0), x.stride(1), x.stride(2),
         R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, E, sk,
@@ -485,13 +520,14 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     meta = dict(
         HKV=H, D=d, D0=D0, B0=B0, D1=D1, B1=B1,
         QJL=bool(codec.qjl), NORM_CORR=bool(codec.norm_correction), HAS_CS=bool(codec.use_channel_scale),
+        CS_BF16=codec.bf16_working,
         PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), EXACT=exact, BLOCK_T=bt,
-        # Two or three stages prefetch the next tiles' x (three for 64-token tiles: turbo4 values 84.6 -> 74.6 µs,
-        # turbo2 47.3 -> 45.2 on the H100; 3-bit 32-token tiles gain nothing from a third); streamed operands and
-        # the gathers of the general-codebook path stay single-buffered (the latter also trips Triton 3.6's
-        # pipeliner on the packing dot).
-        DC=128 if hoist else 64, num_warps=num_warps,
-        num_stages=num_stages or ((3 if bt >= 64 else 2) if hoist and sym_consts is not None else 1),
+        # Two or three stages prefetch the next tiles' x: three for 64-token tiles of one piece (turbo4 values
+        # 92 -> 66 µs, turbo3 72 -> 47, H100), two for three pieces (their registers: turbo3 keys 116 -> 105 µs);
+        # streamed operands and the gathers of the general-codebook path stay single-buffered (the latter also
+        # trips Triton 3.6's pipeliner on the packing dot).
+        DC=dc, WORDS=words, WORDS_QJL=words_qjl, num_warps=num_warps,
+        num_stages=num_stages or ((3 if bt >= 64 and pieces <= 1 else 2) if hoist and sym_consts is not None else 1),
     )
     if x.device.type == "cuda":
         # Persistent grid: exactly as many programs as fit on the GPU at once (a partial second wave would leave
@@ -502,6 +538,11 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     else:
         programs = min(n_items, programs_per_sm or 4)  # the interpreter: a few programs, each looping
     _encode_kernel[(programs,)](*args, **meta)
+
+
+def _aligned4(t: torch.Tensor, *offsets: int) -> bool:
+    """Every row of the uint8 buffer ``t`` (and each byte offset into it) starts on a 4-byte boundary."""
+    return t.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in t.stride()[:-1]) and all(o % 4 == 0 for o in offsets)
 
 
 _RESIDENT: dict = {}
