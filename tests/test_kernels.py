@@ -705,6 +705,9 @@ ENC_CASES = [
     # per-KV-head channel scales (the presets' keys), one and two segments
     (128, 4, False, torch.bfloat16, "hadamard", "halves", "heads", 70),
     (128, 3.5, False, torch.float16, "hadamard", "outliers", "heads", 37),
+    # 5-bit keys (k5v3), and 5 bits at d = 64
+    (128, 5, False, torch.bfloat16, "hadamard", "halves", "heads", 37),
+    (64, 5, False, torch.float32, "hadamard", "halves", False, 20),
 ]
 
 
@@ -761,7 +764,7 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
     print(f"encode {d}/{bits}/{dt}: {ties} boundary ties of {x.numel()} coordinates")
 
 
-@pytest.mark.parametrize("bits", [3, 4, 2])
+@pytest.mark.parametrize("bits", [3, 4, 2, 5])
 def test_encode_word_and_byte_stores_agree(bits):
     """Codes leave as whole 32-bit words when rows are 4-byte aligned; a caller's misaligned view (rows 1 byte
     into a wider buffer) takes byte stores. Both must write the same codes, and nothing outside the view."""

@@ -88,29 +88,29 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
 
     WORDS (rows 4-byte aligned, DS·BITS a multiple of 32): whole 32-bit words, each from two tensor-core packing
     products (its low and high 16 bits, :func:`_half_dot`), so a warp's store covers whole 32-byte sectors.
-    Otherwise bytes (3 bits: 3 bytes per 8 codes from two 12-bit packing products). Byte stores cost a sector
+    Otherwise bytes (3 and 5 bits: 3 or 5 bytes per 8 codes from two packing products of 4 codes). Byte stores cost a sector
     per lane: 3-bit values wrote 12.6 M sectors for 0.3 M of output (H100, 32K tokens × 8 heads)."""
     if BITS == 8:
         tl.store(ptr_row[:, None] + tl.arange(0, DS)[None, :], code.to(tl.uint8), mask=tmask[:, None])
     elif WORDS:
         NWD: tl.constexpr = DS * BITS // 32
-        NW: tl.constexpr = NWD if NWD >= 16 else 16
+        NW: tl.constexpr = 16 if NWD <= 16 else (32 if NWD <= 32 else 64)  # a power of two ≥ 16
         j = tl.arange(0, NW)[None, :]
         word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
         ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
         tl.store(ptr[:, None] + j, word, mask=tmask[:, None] & (j < NWD))
     else:
-        PER: tl.constexpr = 8 if BITS == 3 else 8 // BITS
+        PER: tl.constexpr = 8 if BITS == 3 or BITS == 5 else 8 // BITS
         NU: tl.constexpr = DS // PER
         NW: tl.constexpr = NU if NU >= 16 else 16
         u = tl.arange(0, NW)[None, :]
         umask = tmask[:, None] & (u < NU)
-        if BITS == 3:
-            word = _pack_dot(code, 3, DS, 8, 0, 4, NW) | (_pack_dot(code, 3, DS, 8, 4, 4, NW) << 12)
-            p = ptr_row[:, None] + u * 3
-            tl.store(p, (word & 255).to(tl.uint8), mask=umask)
-            tl.store(p + 1, ((word >> 8) & 255).to(tl.uint8), mask=umask)
-            tl.store(p + 2, (word >> 16).to(tl.uint8), mask=umask)
+        if BITS == 3 or BITS == 5:  # 8 codes = BITS bytes, from two products of 4 codes (≤ 20 bits each)
+            lo = _pack_dot(code, BITS, DS, 8, 0, 4, NW).to(tl.int64)
+            word = lo | (_pack_dot(code, BITS, DS, 8, 4, 4, NW).to(tl.int64) << (4 * BITS))
+            p = ptr_row[:, None] + u * BITS
+            for k in tl.static_range(BITS):
+                tl.store(p + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=umask)
         else:
             byte = _pack_dot(code, BITS, DS, PER, 0, PER, NW)
             tl.store(ptr_row[:, None] + u, byte.to(tl.uint8), mask=umask)
@@ -351,8 +351,8 @@ def encode_unsupported_reason(codec, x: torch.Tensor | None = None) -> str | Non
     if getattr(codec, "shared_norm", False):
         return "split='rotated' (one norm over a full-width rotation): the encode kernel rotates per segment"
     for d_s, b_s in codec.segments:
-        if b_s not in (1, 2, 3, 4, 8):
-            return f"segment of {b_s} bits (kernel packs 1, 2, 3, 4, 8)"
+        if b_s not in (1, 2, 3, 4, 5, 8):
+            return f"segment of {b_s} bits (kernel packs 1, 2, 3, 4, 5, 8)"
         if d_s < 16 or d_s & (d_s - 1):
             return f"segment of {d_s} channels (needs a power of two >= 16)"
     if x is not None and codec.channel_scale.dim() != 1 and codec.channel_scale.shape[0] != x.shape[1]:
@@ -396,7 +396,7 @@ def _enc_matrices(codec, device):
         bd[s, : (1 << b_s) - 1] = bounds
         # Lloyd–Max codebooks of the symmetric coordinate density are exactly symmetric (codebook.py enforces
         # it); the register comparison path relies on that, anything else takes the binary search.
-        sym &= b_s <= 4 and bool(torch.equal(levels, -levels.flip(0)) and torch.equal(bounds, -bounds.flip(0)))
+        sym &= b_s <= 5 and bool(torch.equal(levels, -levels.flip(0)) and torch.equal(bounds, -bounds.flip(0)))
         if sym:  # compile-time constants of the kernel (fp32 values as Python floats; squares in fp32)
             half = 1 << (b_s - 1)
             pos_lv = levels.float().cpu()[half:]
