@@ -389,6 +389,10 @@ def test_gluon_head_dim_256_halves_order():
 
     c3, c4, c2 = TurboQuantizer(256, 3, seed=1), TurboQuantizer(256, 4, seed=2), TurboQuantizer(256, 2, seed=3)
     assert split_halves(c3, c3) and split_halves(c4, c3) and not split_halves(c4, c2)
+    c5 = TurboQuantizer(256, 5, seed=4)
+    assert split_halves(c5, c2) and kernel_segments(c5, True) == [(128, 5, 0), (128, 5, 0)]
+    half5 = _segment_order(128, 5, True)
+    assert kernel_order(c5, True, True) == half5 + [128 + x for x in half5]
     assert kernel_segments(c3, True) == [(128, 3, 0), (128, 3, 0)] and kernel_segments(c3) == [(256, 3, 0)]
     for key in (True, False):
         half = _segment_order(128, 3, key)
@@ -477,7 +481,8 @@ def test_gluon_reason_names_what_it_does_not_cover():
         k256, v256 = TurboQuantizer(256, 4).to(DEV), TurboQuantizer(256, 2).to(DEV)
         assert gluon_reason(q256, k256, v256, 4, True) is None  # head_dim 256: 2/4-bit sides, 16-token blocks
         assert gluon_reason(q256, TurboQuantizer(256, 3).to(DEV), v256, 4, True) is None  # 128-channel halves
-        assert "at head_dim 256" in gluon_reason(q256, TurboQuantizer(256, 5).to(DEV), v256, 4, True)
+        assert gluon_reason(q256, TurboQuantizer(256, 5).to(DEV), v256, 4, True) is None  # 5-bit keys: halves
+        assert "at head_dim 256" in gluon_reason(q256, k256, TurboQuantizer(256, 5).to(DEV), 4, True)  # 5-bit values
         assert "halves" in gluon_reason(q256, TurboQuantizer(256, 8).to(DEV), TurboQuantizer(256, 3).to(DEV), 4, True)
         assert "head_dim 96" in gluon_reason(torch.randn(1, 8, 1, 96, device=DEV, dtype=torch.bfloat16),
                                              TurboQuantizer(96, 4).to(DEV), TurboQuantizer(96, 4).to(DEV), 4, True)
@@ -540,6 +545,10 @@ GLUON_CASES = [
     (256, 3.5, 3.5, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
     (256, 3, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
     (256, 3.5, 3, torch.float16, 1, 1, 4, 3000, 1, "rotated"),
+    # 5-bit keys at head_dim 256 (k5v3 on Gemma): two 128-channel halves of 20 words, one shuffled table
+    (256, 5, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (256, 5, 4, torch.float16, 1, 1, 4, 517, 2, "causal"),
+    (256, 5, 2, torch.bfloat16, 3, 2, 8, 200, 1, "ragged"),
 ]
 
 

@@ -14,12 +14,13 @@ lane-major so that no copy or read has a bank conflict: :func:`_lane_major`).
 Scope (everything else takes the Triton kernel): decode and speculative verification (``M = G·Lq ≤ 16``),
 one codec segment per side of 2, 3 or 4 bits (the plane layouts of ``_ASM_LUT2``/``_ASM_LUT4``, and the 3-bit
 lookups below) at head_dim 64 or 128 — of 2 or 4 bits (keys also 8) at head_dim 256, in 16-token blocks, where any
-other side makes both run as 128-channel halves (:func:`split_halves`) — or two halves of 64 channels at head_dim
+other side (3 bits; keys also 5) makes both run as 128-channel halves (:func:`split_halves`) — or two halves of 64
+channels at head_dim
 128 (channel-split or rotated fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table
 and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers,
 :func:`key_containers`), or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
-head_dim 128 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row, centroids shuffled from the lane that
-holds them: :func:`_codes5`); fp16/bf16 queries (fp16 operands), no QJL, the register tables usable
+head_dim 128 and in each 128-channel half at 256 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row,
+centroids shuffled from the lane that holds them: :func:`_codes5`); fp16/bf16 queries (fp16 operands), no QJL, the register tables usable
 (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
 program.
 
@@ -495,11 +496,11 @@ def _gluon_decode_kernel(
     ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
     the fp16 table."""
     KM0: gl.constexpr = 1 if KB0 == 3 or KB0 == 5 else 4  # stride units -> elements (3 and 5 bits: int32 words)
-    KM1: gl.constexpr = 1 if KB1 == 3 else 4
+    KM1: gl.constexpr = 1 if KB1 == 3 or KB1 == 5 else 4
     KU0: gl.constexpr = 32 if KB0 == 3 or KB0 == 5 else 8  # bits per element of the code tensor
-    KU1: gl.constexpr = 32 if KB1 == 3 else 8
+    KU1: gl.constexpr = 32 if KB1 == 3 or KB1 == 5 else 8
     KPAD0: gl.constexpr = 3 if KB0 == 3 and KD0 == 128 else (5 if KB0 == 5 else 0)  # real words per lane and row
-    KPAD1: gl.constexpr = 3 if KB1 == 3 and KD1 == 128 else 0
+    KPAD1: gl.constexpr = 3 if KB1 == 3 and KD1 == 128 else (5 if KB1 == 5 else 0)
     VM0: gl.constexpr = 1 if VB0 == 3 else 4
     VM1: gl.constexpr = 1 if VB1 == 3 else 4
     # Channels per segment. Keys: the *container* the kernel runs each segment as (key_containers: a 96-channel
@@ -517,7 +518,7 @@ def _gluon_decode_kernel(
     VW1: gl.constexpr = VD1 // VP1 if VB1 > 0 else 16
     # Load-tile minor widths: 2/4 bits load bytes (a lane's run per row), 3 bits int32 words.
     KL0: gl.constexpr = (4 if KD0 == 128 else 2) if KB0 == 3 else (8 if KB0 == 5 else KW0 // 4)
-    KL1: gl.constexpr = (4 if KD1 == 128 else 2) if KB1 == 3 else KW1 // 4
+    KL1: gl.constexpr = (4 if KD1 == 128 else 2) if KB1 == 3 else (8 if KB1 == 5 else KW1 // 4)
     VL0: gl.constexpr = 2 if VB0 == 3 else VW0 // 8
     VL1: gl.constexpr = 2 if VB1 == 3 else VW1 // 8
     # 2-bit values over 64 channels: 2 bytes per lane and row, below cp.async's 4. Lanes then copy 4 bytes each
@@ -649,6 +650,11 @@ def _gluon_decode_kernel(
         r5 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK0)))
         t5 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK0)))
         tabk0 = gl.expand_dims(gl.load(LUTK0 + (4 * (r5 % 8))[:, None] + t5[None, :]), 2)
+    tabk1 = LUTK1
+    if KB1 == 5:  # head_dim 256 as halves: the second half's lanes hold the same table (its row is segment 0's)
+        r5b = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK1)))
+        t5b = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK1)))
+        tabk1 = gl.expand_dims(gl.load(LUTK1 + (4 * (r5b % 8))[:, None] + t5b[None, :]), 2)
     if KB1 > 0:
         uk0, uk1, uk2, uk3 = _load_table(LUTK1)
     if VB1 > 0:
@@ -697,7 +703,7 @@ def _gluon_decode_kernel(
         s = _key_scores(ck0, ksa0, ksb0, tabk0, tk0, tk1, tk2, tk3, q0, q1, q2, q3,
                         KB0, KD0, KP0, KW0, BLOCK_N, BLOCK_M, MMA, OPA)
         if KB1 > 0:
-            s1 = _key_scores(ck1, ksa1, ksb1, LUTK1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
+            s1 = _key_scores(ck1, ksa1, ksb1, tabk1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
                              KB1, KD1, KP1, KW1, BLOCK_N, BLOCK_M, MMA, OPA)
             if KS == 2:
                 s = s * knf[:, None] + s1 * kn1f[:, None]
@@ -851,9 +857,10 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         segs = [tuple(x) for x in c.segments]
         if d == 256:  # 16-token blocks: both sides whole (_native256), or both as 128-channel halves (split_halves)
             halves = [(c_, b) for c_, b, _ in kernel_segments(c, True)]
-            if not (all(c_ == 128 and b in (2, 3, 4) for c_, b in halves) if split else _native256(c, name == "key")):
+            ok_bits = (2, 3, 4, 5) if name == "key" else (2, 3, 4)
+            if not (all(c_ == 128 and b in ok_bits for c_, b in halves) if split else _native256(c, name == "key")):
                 return (f"{name} segments {segs} at head_dim 256 (2/4-bit sides and 8-bit keys run whole; otherwise "
-                        f"both sides run as 128-channel halves of 2, 3 or 4 bits)")
+                        f"both sides run as 128-channel halves of 2, 3 or 4 bits — keys also 5)")
             continue
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
         wide = name == "key" and segs in ([(d, 8)], [(128, 5)])  # one gathered plane: 8 bits, or 5 at d = 128
@@ -913,7 +920,8 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
         v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        lvk[0] if kb[0] in (5, 8) else lutk[kt[0]], lutk[kt[1]], lutv[vt[0]], lutv[vt[1]],
+        lvk[kt[0]] if kb[0] in (5, 8) else lutk[kt[0]], lvk[kt[1]] if kb[1] == 5 else lutk[kt[1]], lutv[vt[0]],
+        lutv[vt[1]],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0,
