@@ -22,7 +22,7 @@ def main():
     ids = torch.randint(0, 1000, (2, 4096), device="cuda")
     feed = torch.randint(0, 1000, (2, 16), device="cuda")
     rows = []
-    for scheme in ("turbo4", "k4v3", "turbo3.5"):
+    for scheme in ("turbo4", "k4v3", "turbo3.5", "k5v3"):
         for cs in (False, True):
             c = parse_scheme(scheme)
             import dataclasses
