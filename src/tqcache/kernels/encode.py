@@ -499,8 +499,10 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # QJL streams too: its [d, 64] sketch and unrotation tiles need the shared memory.
     hoist = d <= 128 and d * (D0 + D1) * R.element_size() <= 65536 and not codec.qjl
     # Tokens per tile (H100 sweeps, benchmarks/results/encode_h100*.json): 64 fills one warpgroup's MMA (3 bits
-    # too, since codes leave as whole words: 111 -> 47 µs for turbo3 values); d = 256 keeps tiles small.
-    bt = block_t or (16 if d > 128 else 64)
+    # too, since codes leave as whole words: 111 -> 47 µs for turbo3 values). d = 256 too: its rotation streams
+    # from L2 in [256, 64] chunks once per tile, so 16-token tiles read 16× their input from L2 (turbo4 values,
+    # 32K tokens × 8 heads: 1147 µs at 16, 237 at 64).
+    bt = block_t or 64
     n_tiles = triton.cdiv(N, bt)
     n_items = B * H * n_tiles
     # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
