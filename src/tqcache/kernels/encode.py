@@ -66,10 +66,10 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
     """Bits ``[32·j + 16·HALF, +16)`` of the row's LSB-first code stream, for each 32-bit word j: ``[T, NW]`` int32.
 
     Code c occupies stream bits ``[b·c, b·c + b)``; the product ``code @ W`` with ``W[c, j] = 2^(b·c − lo)`` (lo =
-    the half's first bit) over every code that overlaps the half sums them in place. At 3 bits a code may
-    start up to 2 bits below lo (weight 1/4 or 1/2: exact in fp16, and the sum is exact in fp32 with 2
-    fractional bits, which the conversion drops) or run past the half's top (masked); 1, 2 and 4 bits never
-    straddle. Weights stay ≤ 2^15, within fp16.
+    the half's first bit) over every code that overlaps the half sums them in place. At 3 and 5 bits a code may
+    start up to b − 1 bits below lo (weights 2^-1 .. 2^-(b−1): exact in fp16, and the sum, below 2^20, is exact
+    in fp32 with those fractional bits, which the conversion drops) or run past the half's top (masked); 1, 2
+    and 4 bits never straddle. Weights stay ≤ 2^15, within fp16.
     """
     c = tl.arange(0, DS)[:, None]
     j = tl.arange(0, NW)[None, :]
@@ -88,8 +88,8 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
 
     WORDS (rows 4-byte aligned, DS·BITS a multiple of 32): whole 32-bit words, each from two tensor-core packing
     products (its low and high 16 bits, :func:`_half_dot`), so a warp's store covers whole 32-byte sectors.
-    Otherwise bytes (3 and 5 bits: 3 or 5 bytes per 8 codes from two packing products of 4 codes). Byte stores cost a sector
-    per lane: 3-bit values wrote 12.6 M sectors for 0.3 M of output (H100, 32K tokens × 8 heads)."""
+    Otherwise bytes (3 and 5 bits: 3 or 5 bytes per 8 codes from two packing products of 4 codes). Byte stores
+    cost a sector per lane: 3-bit values wrote 12.6 M sectors for 0.3 M of output (H100, 32K tokens × 8 heads)."""
     if BITS == 8:
         tl.store(ptr_row[:, None] + tl.arange(0, DS)[None, :], code.to(tl.uint8), mask=tmask[:, None])
     elif WORDS:
@@ -508,7 +508,8 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
     # allocates); a misaligned view of the caller's gets byte stores.
     dc = 128 if hoist else 64
-    words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and _aligned4(oc, (D0 * B0) // 8)
+    words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
+        _aligned4(oc, (D0 * B0) // 8)
     words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and _aligned4(os_)
     args = (
         x, x.stride(0), x.stride(1), x.stride(2),
