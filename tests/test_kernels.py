@@ -717,6 +717,7 @@ ENC_CASES = [
     # 5-bit keys (k5v3), and 5 bits at d = 64
     (128, 5, False, torch.bfloat16, "hadamard", "halves", "heads", 37),
     (64, 5, False, torch.float32, "hadamard", "halves", False, 20),
+    (256, 5, False, torch.bfloat16, "hadamard", "halves", "heads", 9),  # streamed rotation, 64-channel chunks
 ]
 
 
