@@ -209,6 +209,15 @@ def _load_table(lut_ptr):
 
 
 @gluon.jit
+def _lane_entry5(lut_ptr, BLOCK_N: gl.constexpr, LK: gl.constexpr):
+    """5-bit keys: each lane's entry of the 32-entry fp16 table, entry lane = 4·(token mod 8) + t of the key load
+    tile ``LK`` — ``[N, 4, 1]``, broadcast against the word tile by :func:`_key_scores`."""
+    r = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
+    t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
+    return gl.expand_dims(gl.load(lut_ptr + (4 * (r % 8))[:, None] + t[None, :]), 2)
+
+
+@gluon.jit
 def _decode_planes(bt, t0, t1, t2, t3, BITS: gl.constexpr):
     """Centroid planes of the byte tile ``bt`` (any shape and layout; 4 consecutive register bytes per lookup)
     from the register table ``t0..t3``: 4 bits -> 2 planes (low, high nibble), 2 bits -> 4 planes (bit pairs);
@@ -646,15 +655,11 @@ def _gluon_decode_kernel(
     tk0, tk1, tk2, tk3 = _load_table(LUTK0)
     tv0, tv1, tv2, tv3 = _load_table(LUTV0)
     tabk0 = LUTK0
-    if KB0 == 5:  # each lane holds entry lane = 4·(token mod 8) + t of the 32-entry table (the key tile's lanes)
-        r5 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK0)))
-        t5 = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK0)))
-        tabk0 = gl.expand_dims(gl.load(LUTK0 + (4 * (r5 % 8))[:, None] + t5[None, :]), 2)
+    if KB0 == 5:
+        tabk0 = _lane_entry5(LUTK0, BLOCK_N, LK0)
     tabk1 = LUTK1
     if KB1 == 5:  # head_dim 256 as halves: the second half's lanes hold the same table (its row is segment 0's)
-        r5b = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK1)))
-        t5b = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK1)))
-        tabk1 = gl.expand_dims(gl.load(LUTK1 + (4 * (r5b % 8))[:, None] + t5b[None, :]), 2)
+        tabk1 = _lane_entry5(LUTK1, BLOCK_N, LK1)
     if KB1 > 0:
         uk0, uk1, uk2, uk3 = _load_table(LUTK1)
     if VB1 > 0:
