@@ -69,6 +69,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 from triton.runtime.jit import constexpr_function
 
 from .attention import _ASM_LUT2, _ASM_LUT4, _LUT2_CONSTRAINTS, _LUT4_CONSTRAINTS
+from .encode import aligned4
 
 __all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns", "group3", "words_ok"]
 
@@ -894,8 +895,7 @@ def words_ok(codes: torch.Tensor, codec) -> bool:
     """Whether the kernel can read ``codes`` (``[B, Hkv, T, W]`` uint8): it addresses rows in 4-byte units (3-bit
     segments are int32 words), so the start, the row strides and every segment's width must be 4-byte aligned —
     always so for cache buffers; a byte-offset view is not."""
-    return codes.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in codes.stride()[:-1]) and all(
-        d_s * b_s % 32 == 0 for d_s, b_s in codec.segments)
+    return aligned4(codes, *(d_s * b_s // 8 for d_s, b_s in codec.segments))
 
 
 def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, k_codec, v_codec, T, M, window,

@@ -509,8 +509,8 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # allocates); a misaligned view of the caller's gets byte stores.
     dc = 128 if hoist else 64
     words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
-        _aligned4(oc, (D0 * B0) // 8)
-    words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and _aligned4(os_)
+        aligned4(oc, (D0 * B0) // 8)
+    words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and aligned4(os_)
     args = (
         x, x.stride(0), x.stride(1), x.stride(2),
         R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, E, sk,
@@ -543,8 +543,9 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     _encode_kernel[(programs,)](*args, **meta)
 
 
-def _aligned4(t: torch.Tensor, *offsets: int) -> bool:
-    """Every row of the uint8 buffer ``t`` (and each byte offset into it) starts on a 4-byte boundary."""
+def aligned4(t: torch.Tensor, *offsets: int) -> bool:
+    """Every row of the uint8 buffer ``t`` (and each byte offset into it) starts on a 4-byte boundary — the
+    condition for reading or writing its rows as 32-bit words (here, and in the Gluon decode kernel)."""
     return t.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in t.stride()[:-1]) and all(o % 4 == 0 for o in offsets)
 
 
