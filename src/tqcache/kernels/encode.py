@@ -83,8 +83,8 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
 @triton.jit
 def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORDS: tl.constexpr):
-    """Store codes ``code [T, DS]`` (whole numbers < 2^BITS in fp16 or fp32, natural channel order) as
-    LSB-first bit streams at ``ptr_row [T]`` (8 bits: one byte per code).
+    """Store codes ``code [T, DS]`` (whole numbers < 2^BITS in fp16 or fp32, natural channel order; 8 bits: any
+    dtype, one byte per code) as LSB-first bit streams at ``ptr_row [T]``.
 
     WORDS (rows 4-byte aligned, DS·BITS a multiple of 32): whole 32-bit words, each from two tensor-core packing
     products (its low and high 16 bits, :func:`_half_dot`), so a warp's store covers whole 32-byte sectors.
@@ -240,8 +240,10 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         else:
             idx, csq_e, mag = _levels_search(yn, LV, BD, BITS)
         csq += tl.sum(csq_e, 1)
-        # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter.
-        _pack_store(oc_row + c0 * BITS // 8, tmask, idx.to(tl.float32 if EXACT else tl.float16), BITS, DC, WORDS)
+        # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter;
+        # 8-bit codes are stored as they are.
+        code = idx if BITS == 8 else idx.to(tl.float32 if EXACT else tl.float16)
+        _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
         if QJL:
             c = tl.where(yn > 0, mag, -mag) if SYM else mag
             e = tl.load(E + (col0 + c0 + tl.arange(0, DC))[:, None] * D + tl.arange(0, D)[None, :])
