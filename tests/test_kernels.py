@@ -527,6 +527,13 @@ GLUON_CASES = [
     # 8-bit keys: centroids gathered from the 256-entry fp16 table
     (128, 8, 4, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (64, 8, 3, torch.float16, 2, 1, 4, 260, 3, "window"),
+    # QJL keys (d = 128, kbits counts the sign bit): the sign sketch as one more ±1 key plane
+    (128, 4, 4, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
+    (128, 3, 3, torch.float16, 2, 2, 8, 517, 2, "qjl-causal"),
+    (128, 3.5, 4, torch.bfloat16, 3, 2, 8, 200, 1, "qjl-ragged"),
+    (128, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
+    (128, 6, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
+    (128, 9, 4, torch.float16, 2, 2, 8, 300, 1, "qjl"),
     # 5-bit keys (d = 128): centroids shuffled (shfl.sync.idx) from the lane holding that table entry
     (128, 5, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (128, 5, 4, torch.float16, 2, 2, 8, 517, 2, "causal"),
@@ -557,7 +564,10 @@ GLUON_CASES = [
 def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra):
     from tqcache.kernels import attention as att
 
-    kc, vc, kp, vp = _make(d, kb, vb, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T)) % 1000,
+    qjl = extra is not None and extra.startswith("qjl")
+    if qjl:
+        extra = extra[4:] or None
+    kc, vc, kp, vp = _make(d, kb, vb, kqjl=qjl, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T)) % 1000,
                            split="rotated" if extra == "rotated" else "halves")
     q = (torch.randn(B, Hq, Lq, d, generator=_gen(17)) * 2).to(DEV, dt)
     kw = {}

@@ -24,7 +24,7 @@ with one program per output row (log-sum-exp over the splits, normalise, rotate 
 
 Decode steps that the Gluon kernel of :mod:`.decode_gluon` covers (``decode_gluon.gluon_reason``: every named
 TurboQuant scheme at head_dim 128, and at 256 all but quarter-bit keys; one-segment 2/3/4-bit sides and
-8-bit keys at 64; fp16/bf16 queries, no QJL) run it instead (same partials, query map and merge;
+8-bit keys at 64; fp16/bf16 queries; QJL keys at head_dim 128) run it instead (same partials, query map and merge;
 ``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v9/v10 — this kernel beside
 it): turbo3 0.87–0.91× the speed of bf16 SDPA at 64K–128K here, against 2.23–3.11× on the Gluon kernel, which
 takes every named TurboQuant scheme to 1.18–4.04× from 16K on. This kernel is bound by instruction issue and latency
@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ._codec_key import codec_key
 from ._compat import patch_interpreter
+from .encode import aligned4
 
 __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
 
@@ -917,6 +918,7 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
     with torch.no_grad():
         if gluon:
             from .decode_gluon import kernel_order, split_halves
+            from .decode_gluon import qjl_order as kernel_qjl_order
 
             split = split_halves(k_codec, v_codec)  # head_dim 256 run as 128-channel halves
             pk = torch.tensor(kernel_order(k_codec, True, split), device=device)  # -1: a key container's extra column
@@ -926,8 +928,9 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
             pv = torch.tensor(_plane_perm(v_codec, planes), device=device)
         # [d, d'] for a shared key scale, [Hkv, d, d'] for per-head scales (matmul broadcasts over heads).
         a = k_codec.rotate_query(eye)[..., pk.clamp(min=0)] * (pk >= 0)  # extra columns: exact zeros
-        if k_codec.qjl:
-            a = torch.cat([a, k_codec.sketch_query(eye)], dim=-1)
+        if k_codec.qjl:  # the sketched query columns after the key columns (Gluon: in its sign plane's order)
+            sk = k_codec.sketch_query(eye)
+            a = torch.cat([a, sk[..., kernel_qjl_order(d)] if gluon else sk], dim=-1)
         u = v_codec.unrotate(eye)[pv].contiguous()
 
         def table(c):
@@ -1011,7 +1014,8 @@ def attend_packed_triton(
         if _gluon_module() is not None and _gluon_module().gluon_reason(q, k_codec, v_codec, M, True) is None:
             A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, gluon=True)
             use_gluon = lut_ok and _gluon_module().words_ok(k_packed["codes"], k_codec) and \
-                _gluon_module().words_ok(v_packed["codes"], v_codec)
+                _gluon_module().words_ok(v_packed["codes"], v_codec) and \
+                (not k_codec.qjl or aligned4(k_packed["qjl_signs"]))
         if not use_gluon:
             cfg = launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
     if not use_gluon:
@@ -1055,7 +1059,8 @@ def attend_packed_triton(
     if use_gluon:
         ck = _gluon_module().launch_gluon(
             qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, k_codec=k_codec, v_codec=v_codec, T=T,
-            M=M, window=window, Hkv=Hkv, G=G, d=d, splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2), lvk=lvk)
+            M=M, window=window, Hkv=Hkv, G=G, d=d, splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2), lvk=lvk,
+            qjl=(ks, kg) if k_codec.qjl else None)
         _record_compile(ck, cfg, f"gluon K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
     else:
         ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](

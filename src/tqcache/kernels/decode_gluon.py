@@ -20,8 +20,9 @@ channels at head_dim
 and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers,
 :func:`key_containers`), or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
 head_dim 128 and in each 128-channel half at 256 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row,
-centroids shuffled from the lane that holds them: :func:`_codes5`); fp16/bf16 queries (fp16 operands), no QJL, the register tables usable
-(sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
+centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 128 (the sign sketch as one
+more ±1 key plane, lane t's 32 signs one word of the row: :func:`_sign_plane`, :func:`qjl_order`); fp16/bf16 queries
+(fp16 operands); the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
 program.
 
 Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
@@ -71,7 +72,8 @@ from triton.runtime.jit import constexpr_function
 from .attention import _ASM_LUT2, _ASM_LUT4, _LUT2_CONSTRAINTS, _LUT4_CONSTRAINTS
 from .encode import aligned4
 
-__all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns", "group3", "words_ok"]
+__all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns", "group3", "qjl_order",
+           "words_ok"]
 
 
 # ------------------------------------------------------------------------------------ 3-bit lookups (d = 128)
@@ -275,6 +277,25 @@ def _key_plane5(w, tv, BLOCK_N: gl.constexpr):
     return gl.reshape(gl.permute(gl.join(lo, hi), [0, 1, 3, 2]), [BLOCK_N, 4, 32])
 
 
+# (~w << s) & 0x80008000 | 0x3C003C00 as one lop3 (lut 0xAE = ~a & b | c): two 32-bit constants need a register
+# operand, which ptxas only finds when the PTX says so (written as and + or it emits two LOP3s).
+_ASM_SIGNS = gl.constexpr("{\n.reg .b32 t, m, c;\nmov.b32 m, 0x80008000;\nmov.b32 c, 0x3C003C00;\n"
+                          "shl.b32 t, $2, $3;\nlop3.b32 t, t, m, c, 0xAE;\nmov.b32 {$0, $1}, t;\n}")
+
+
+@gluon.jit
+def _sign_plane(w, BLOCK_N: gl.constexpr, LS16: gl.constexpr):
+    """QJL keys: the sign word tile ``[N, 4(t), 1]`` (word t of the row: sketch rows 32t .. 32t + 31, bit = 1 when
+    positive) -> the one ``[N, 4(t), 32]`` fp16 plane of ±1; element 2j + e is sketch row 32t + j + 16e
+    (:func:`qjl_order`). Register j holds bits j and j + 16 of the word, so one shift puts both at the fp16 sign bits
+    (15 and 31) and one ``lop3`` masks them and ors in 1.0 in both halves: 2 instructions per pair, no table."""
+    j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS16)))[None, None, :]
+    wb, sh = gl.broadcast(gl.convert_layout(w, LS16), 15 - j)
+    lo, hi = gl.inline_asm_elementwise(_ASM_SIGNS, "=h,=h,r,r", [wb, sh], dtype=(gl.float16, gl.float16),
+                                       is_pure=True, pack=1)
+    return gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, 32])
+
+
 @gluon.jit
 def _value_planes3_64(w, sel0, sel1, t0, t1, t2, t3):
     """3-bit values at d = 64: word tile ``[N, 8(gid), 2]`` -> four ``[N, 8, 2]`` planes (tensor p = codes 2p, 2p + 1
@@ -380,17 +401,20 @@ def _copy_rows(buf, base, rows, stride, off, ki, s_hi, PAD: gl.constexpr, NREAL:
 
 @gluon.jit
 def _copy_stage(slot, r0, s_hi, smk0, kc0, kt0, sk0, ko0, ki0, smv0, vc0, vt0, sv0, vo0,
-                smk1, kc1, kt1, sk1, ko1, ki1, smv1, vc1, vt1, sv1, vo1,
+                smk1, kc1, kt1, sk1, ko1, ki1, smv1, vc1, vt1, sv1, vo1, smq, kq, ktq, sq, qo, kiq,
                 PADK0: gl.constexpr, PADK1: gl.constexpr, TWO_K: gl.constexpr, TWO_V: gl.constexpr,
-                KR0: gl.constexpr, KR1: gl.constexpr, CUT0: gl.constexpr, CUT1: gl.constexpr):
-    """cp.async the code rows ``r0 ..`` of every segment into ring slot ``slot``, as one commit group. ``CUT``: a key
-    container wider than its segment, whose elements past ``KR`` are not read (zero-filled)."""
+                KR0: gl.constexpr, KR1: gl.constexpr, CUT0: gl.constexpr, CUT1: gl.constexpr, QJL: gl.constexpr):
+    """cp.async the code rows ``r0 ..`` of every segment (and the QJL sign words) into ring slot ``slot``, as one
+    commit group. ``CUT``: a key container wider than its segment, whose elements past ``KR`` are not read
+    (zero-filled)."""
     _copy_rows(smk0.index(slot), kc0, r0 + kt0, sk0, ko0, ki0, s_hi, PADK0, KR0, CUT0)
     _copy_rows(smv0.index(slot), vc0, r0 + vt0, sv0, vo0, vt0, s_hi, 0, 0, False)
     if TWO_K:
         _copy_rows(smk1.index(slot), kc1, r0 + kt1, sk1, ko1, ki1, s_hi, PADK1, KR1, CUT1)
     if TWO_V:
         _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, 0, 0, False)
+    if QJL:
+        _copy_rows(smq.index(slot), kq, r0 + ktq, sq, qo, kiq, s_hi, 0, 0, False)
     async_copy.commit_group()
 
 
@@ -486,16 +510,19 @@ def _gluon_decode_kernel(
     VC0, stride_v0b, stride_v0h, stride_v0t,  # value codes, as the keys
     VC1, stride_v1b, stride_v1h, stride_v1t,
     VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, VS] fp16 value norms
+    KQ, stride_kqb, stride_kqh, stride_kqt,  # [B, Hkv, T, D/32] int32 QJL sign words (QJL; strides in words)
+    KG, stride_kgb, stride_kgh, stride_kgt,  # [B, Hkv, T, 1] fp16 QJL residual norms γ (QJL)
     LUTK0, LUTK1, LUTV0, LUTV1,  # int32 [4] register tables per segment (8-bit keys: LUTK0 = the fp16 [256] table)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
     PACC, PM, PL,  # partials [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2 (the merge kernel's input)
-    T, M, window,
+    T, M, window, qjl_c,  # qjl_c: √(π/2)/d, the sketch's inner-product scale
     HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
     KO0: gl.constexpr, KO1: gl.constexpr, VO0: gl.constexpr, VO1: gl.constexpr,  # segment starts (elements)
     KB0: gl.constexpr, KB1: gl.constexpr, VB0: gl.constexpr, VB1: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
     KD0: gl.constexpr, KD1: gl.constexpr, KR0: gl.constexpr, KR1: gl.constexpr,  # key containers, real row widths
-    HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr, HAS_WINDOW: gl.constexpr,
-    SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+    QJL: gl.constexpr, HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr,
+    HAS_WINDOW: gl.constexpr, SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
     ``Oᵀ += Vᵀ Pᵀ`` — half the padded work of ``Q̃ Kᵀ`` with 16 query rows, and half the accumulator registers.
@@ -504,7 +531,8 @@ def _gluon_decode_kernel(
     each; keys also 32 | 96 channels, run in ``KD0 | KD1`` = 64 | 128-channel containers whose elements past
     ``KR0``/``KR1`` are masked), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
     ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
-    the fp16 table."""
+    the fp16 table. ``QJL`` (head_dim 128): the sign sketch is one more key plane of ±1 (:func:`_sign_plane`) against
+    the sketched query columns that follow the key containers in Q, its scores times ``γ·qjl_c``."""
     KM0: gl.constexpr = 1 if KB0 == 3 or KB0 == 5 else 4  # stride units -> elements (3 and 5 bits: int32 words)
     KM1: gl.constexpr = 1 if KB1 == 3 or KB1 == 5 else 4
     KU0: gl.constexpr = 32 if KB0 == 3 or KB0 == 5 else 8  # bits per element of the code tensor
@@ -551,6 +579,8 @@ def _gluon_decode_kernel(
     LW0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LW1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LQ: gl.constexpr = gl.BlockedLayout([4, 1], [4, 8], [1, 1], [0, 1])
+    LKQ: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # QJL sign words [N, 4, 1]
+    LKQ16: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # ... the 16 pairs of one
 
     pid_bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -585,6 +615,12 @@ def _gluon_decode_kernel(
     q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
     if KB1 > 0:
         q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
+    if QJL:  # the sketched query: one [D, BLOCK_M] plane after the key containers, parked in shared memory (its
+        # 16 registers as a B operand would make ptxas re-materialize the lookup tables from uniform registers)
+        qc = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
+        sqs = gl.allocate_shared_memory(gl.float16, [D, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
+                                        gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1, mask=q_ok,
+                                                other=0.0))
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
     l_i = gl.zeros([BLOCK_M], gl.float32, QRY)
@@ -618,6 +654,11 @@ def _gluon_decode_kernel(
         vc1 = VC1 + VO1 + b * (stride_v1b * VM1) + h * (stride_v1h * VM1)
     kn_base = KN + b * stride_knb + h * stride_knh
     vn_base = VN + b * stride_vnb + h * stride_vnh
+    ktq, kiq, q_off, kq = kt, ki0, k_off0, kc0  # (aliases without QJL: never copied)
+    if QJL:  # lane t copies word t of each row
+        ktq, kiq, q_off, _u0, _u1 = _key_offsets(BLOCK_N, 1, D, 1, LKQ)
+        kq = KQ + b * stride_kqb + h * stride_kqh
+        kg_base = KG + b * stride_kgb + h * stride_kgh
     rows = gl.arange(0, BLOCK_N, layout=TOK)
 
     # Code bytes stream through a STAGES-deep ring in shared memory per segment (cp.async): block i + STAGES - 1 is
@@ -640,12 +681,16 @@ def _gluon_decode_kernel(
     if VB1 > 0:
         smv1 = gl.allocate_shared_memory(VC1.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH1 else 8, 4 if SH1 else VL1],
                                          SV1)
+    smq = smk0
+    if QJL:
+        smq = gl.allocate_shared_memory(KQ.dtype.element_ty, [STAGES, BLOCK_N, 4, 1], _lane_major(True, BLOCK_N, 1, 1))
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
         _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1)
+                    smq, kq, ktq, stride_kqt, q_off, kiq,
+                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1, QJL)
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
@@ -653,6 +698,8 @@ def _gluon_decode_kernel(
         kn1 = gl.load(kn_base + 1 + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     if VS == 2:
         vn1 = gl.load(vn_base + 1 + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
+    if QJL:
+        kg = gl.load(kg_base + offs_n * stride_kgt, mask=offs_n < s_hi, other=0.0)
     tk0, tk1, tk2, tk3 = _load_table(LUTK0)
     tv0, tv1, tv2, tv3 = _load_table(LUTV0)
     tabk0 = LUTK0
@@ -674,7 +721,8 @@ def _gluon_decode_kernel(
         _copy_stage(slot, nxt, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1)
+                    smq, kq, ktq, stride_kqt, q_off, kiq,
+                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1, QJL)
         offs_n = start + rows
         nmask = offs_n < s_hi
         nxt_ok = offs_n + BLOCK_N < s_hi
@@ -688,6 +736,9 @@ def _gluon_decode_kernel(
         if VS == 2:
             vn1f = vn1.to(gl.float32)
             vn1 = gl.load(vn_base + 1 + (offs_n + BLOCK_N) * stride_vnt, mask=nxt_ok, other=0.0)
+        if QJL:
+            kgf = kg.to(gl.float32) * qjl_c
+            kg = gl.load(kg_base + (offs_n + BLOCK_N) * stride_kgt, mask=nxt_ok, other=0.0)
         async_copy.wait_group(STAGES - 1)
         if SH0 or SH1:  # the other lanes' copies of this slot have landed too
             gl.thread_barrier()
@@ -717,6 +768,10 @@ def _gluon_decode_kernel(
                 s = (s + s1) * knf[:, None]
         else:
             s = s * knf[:, None]
+        if QJL:  # + γ·√(π/2)/d · ⟨S q̃, sign⟩
+            cq = _sign_plane(smq.index(cur).load(LKQ), BLOCK_N, LKQ16)
+            sq = mma_v2(_k_operand(cq, BLOCK_N, D, OPA), sqs.load(OPB), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA))
+            s = s + sq * kgf[:, None]
         ok = nmask[:, None] & mvalid[None, :]
         if CAUSAL:
             pos = qp + qi
@@ -840,6 +895,18 @@ def kernel_order(codec, key: bool, split: bool = False) -> list[int]:
     return out
 
 
+def qjl_order(d: int = 128) -> list[int]:
+    """QJL keys: ``perm[column] = sketch row`` of the sign plane (:func:`_sign_plane`). Lane t holds column
+    ``16·kc + 8·h + 2·t + e`` from bit ``j + 16·e`` (``j = 2·kc + h``) of word t of the stored row, i.e. sketch row
+    ``32·t + j + 16·e`` (the codec packs sign i at bit i % 8 of byte i // 8). A folds this into the sketched query
+    columns."""
+    out = []
+    for c in range(d):
+        t, e, h, kc = (c >> 1) & 3, c & 1, (c >> 3) & 1, c >> 4
+        out.append(32 * t + 2 * kc + h + 16 * e)
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
@@ -874,8 +941,10 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
                 any(b not in (2, 3, 4) for _, b in segs) and not wide:
             return (f"{name} segments {segs} (one segment of 2, 3 or 4 bits — keys also 8, or 5 at head_dim 128 — "
                     f"or two of 64 channels — keys also 32 | 96 — at head_dim 128)")
-    if k_codec.qjl or v_codec.qjl:
-        return "QJL"
+    if v_codec.qjl:
+        return "QJL on values"
+    if k_codec.qjl and d != 128:
+        return f"QJL keys at head_dim {d} (the sign plane runs at head_dim 128)"
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
@@ -899,10 +968,11 @@ def words_ok(codes: torch.Tensor, codec) -> bool:
 
 
 def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, k_codec, v_codec, T, M, window,
-                 Hkv, G, d, splits, block_n, stages=2, lvk=None):
+                 Hkv, G, d, splits, block_n, stages=2, lvk=None, qjl=None):
     """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton
     (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the ``[2, 256]`` fp16 key
-    tables: 8-bit keys gather from it, 5-bit keys hold entry L in lane L)."""
+    tables: 8-bit keys gather from it, 5-bit keys hold entry L in lane L; ``qjl``: QJL keys' ``(signs uint8
+    [B, Hkv, T, d/8], norms fp16 [B, Hkv, T, 1])``, :func:`words_ok` rows)."""
     B = qk.shape[0]
     split = split_halves(k_codec, v_codec)
     (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec, split) * 2)[:2]  # one segment: the second is the first (unused)
@@ -919,18 +989,21 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     def words(t):  # strides in 4-byte units (words_ok checked they divide)
         return [st if t.dtype == torch.int32 else st // 4 for st in t.stride()[:3]]
 
+    ksg, kgm = (qjl[0].view(torch.int32), qjl[1]) if qjl is not None else (k0, kn)  # (unused without QJL)
     return _gluon_decode_kernel[(B * Hkv, splits)](
         qk, qk.stride(0), qk.stride(1), qk.stride(2),
         k0, *words(k0), k1, *words(k1),
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
         v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
+        ksg, *words(ksg), kgm, kgm.stride(0), kgm.stride(1), kgm.stride(2),
         lvk[kt[0]] if kb[0] in (5, 8) else lutk[kt[0]], lvk[kt[1]] if kb[1] == 5 else lutk[kt[1]], lutv[vt[0]],
         lutv[vt[1]],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
-        T, M, int(window) if window is not None else 0,
+        T, M, int(window) if window is not None else 0, k_codec.qjl_scale if qjl is not None else 0.0,
         HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
-        HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None, HAS_WINDOW=window is not None,
-        SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, num_warps=1,
+        QJL=qjl is not None, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
+        HAS_WINDOW=window is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages,
+        num_warps=1,
     )
