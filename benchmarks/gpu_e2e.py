@@ -13,7 +13,12 @@ import tqcache
 from tqcache import TurboQuantCache, parse_scheme
 
 
-def main():
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--schemes", default="turbo4,k4v3,turbo3.5,k5v3,turbo4-qjl")
+    a = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1000, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=65536)
@@ -22,7 +27,7 @@ def main():
     ids = torch.randint(0, 1000, (2, 4096), device="cuda")
     feed = torch.randint(0, 1000, (2, 16), device="cuda")
     rows = []
-    for scheme in ("turbo4", "k4v3", "turbo3.5", "k5v3"):
+    for scheme in a.schemes.split(","):
         for cs in (False, True):
             c = parse_scheme(scheme)
             import dataclasses

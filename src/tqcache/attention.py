@@ -51,10 +51,13 @@ def dense_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         if mask is not None:
             s = s.masked_fill(~mask[:, :, None, i0:i1], -math.inf)
         lse = torch.logsumexp(s, dim=-1)
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        # A row with no visible key has lse = -inf; without a mask every row sees all T ≥ 1 keys.
+        lse_safe = lse if mask is None and T else torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
         p = torch.exp(s - lse_safe[..., None]).reshape(B, Hkv, G * (i1 - i0), T)
         outs.append((p @ vf).reshape(B, Hq, i1 - i0, d))
         lses.append(lse.reshape(B, Hq, i1 - i0))
+    if len(outs) == 1:
+        return outs[0], lses[0]
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
@@ -72,17 +75,21 @@ def _visible(pos: torch.Tensor, step, mask: torch.Tensor | None, B: int, Lq: int
     return m[None, None]
 
 
-def attend_compressed(query: torch.Tensor, step, mask_c: torch.Tensor, scale: float):
-    """Attention of ``query`` over the compressed slots of ``step``: fused kernel when possible, else torch."""
+def attend_compressed(query: torch.Tensor, step, mask_c: torch.Tensor | None, scale: float):
+    """Attention of ``query`` over the compressed slots of ``step``: fused kernel when possible, else torch.
+    ``mask_c`` None: every slot is visible to every query."""
     layer = step.layer
     kp, vp = layer.packed("k", step.n_slots), layer.packed("v", step.n_slots)
     kernel = _kernel_for(query, layer)
     if kernel is not None and step.slot_pos is None:
         # Full layer: every compressed token is older than every query, so the only masking is left
-        # padding, i.e. a per-sequence first visible slot (the mask's first True column).
-        m = mask_c.expand(query.shape[0], 1, query.shape[2], step.n_slots)[:, 0, -1]
-        kv_start = torch.where(m.any(-1), m.int().argmax(-1), torch.full_like(m[:, 0], step.n_slots, dtype=torch.int))
-        out = kernel(query, layer.k_codec, kp, layer.v_codec, vp, scale=scale, kv_start=kv_start.to(torch.int32))
+        # padding, i.e. a per-sequence first visible slot (the mask's first True column; None: all visible).
+        kv_start = None
+        if mask_c is not None:
+            m = mask_c.expand(query.shape[0], 1, query.shape[2], step.n_slots)[:, 0, -1]
+            kv_start = torch.where(m.any(-1), m.int().argmax(-1),
+                                   torch.full_like(m[:, 0], step.n_slots, dtype=torch.int)).to(torch.int32)
+        out = kernel(query, layer.k_codec, kp, layer.v_codec, vp, scale=scale, kv_start=kv_start)
         if out is not None:
             layer.paths["kernel"] = layer.paths.get("kernel", 0) + 1
             return out
@@ -128,15 +135,26 @@ def tqcache_attention(
     if mask is not None and mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2  # additive mask: 0 = visible, large negative = masked
     dev = query.device
+    # One new token, no padding mask, no sliding window: it sees every sink, every compressed slot of a full
+    # layer and the whole fp window (all older than it, or itself), so no masks are built — a dozen fewer torch
+    # ops per layer on the decode step, which is host-bound in eager mode (docs/performance.md, "Decode steps").
+    see_all = mask is None and Lq == 1 and step.sliding_window is None
+
+    def visible(pos_fn):
+        return None if see_all else _visible(pos_fn(), step, mask, B, Lq)
+
     parts = []
     if step.sink_k is not None and step.sink_k.shape[-2]:
-        pos = torch.arange(step.sink_k.shape[-2], device=dev)
-        parts.append(dense_partial(query, step.sink_k, step.sink_v, _visible(pos, step, mask, B, Lq), scale))
+        vis = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev))
+        parts.append(dense_partial(query, step.sink_k, step.sink_v, vis, scale))
     if step.n_slots:
-        pos = step.slot_pos if step.slot_pos is not None else step.c_lo + torch.arange(step.n_slots, device=dev)
-        parts.append(attend_compressed(query, step, _visible(pos, step, mask, B, Lq), scale))
-    pos = step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev)
-    parts.append(dense_partial(query, step.fp_k, step.fp_v, _visible(pos, step, mask, B, Lq), scale))
+        if step.slot_pos is not None:  # a ring of slots (sliding layers): some may be empty or out of reach
+            vis = _visible(step.slot_pos, step, mask, B, Lq)
+        else:
+            vis = visible(lambda: step.c_lo + torch.arange(step.n_slots, device=dev))
+        parts.append(attend_compressed(query, step, vis, scale))
+    vis = visible(lambda: step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev))
+    parts.append(dense_partial(query, step.fp_k, step.fp_v, vis, scale))
     out, _ = merge_partials(parts)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 

@@ -18,6 +18,7 @@ in Triton's interpreter. Everything else runs the torch reference, and ``info()`
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import threading
@@ -55,9 +56,16 @@ def available(device) -> bool:
     device = torch.device(device)
     if device.type == "cpu":
         return _interpreting()
-    if device.type != "cuda" or not torch.cuda.is_available() or _interpreting():
+    if device.type != "cuda" or _interpreting():
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
+    return _cuda_major(device.index) >= 8
+
+
+@functools.lru_cache(maxsize=16)
+def _cuda_major(index) -> int:
+    """Compute capability major of CUDA device ``index`` (None: the current one at first use), 0 without CUDA
+    (cached: this runs on every decode step)."""
+    return torch.cuda.get_device_capability(index)[0] if torch.cuda.is_available() else 0
 
 
 def _why_unavailable(device) -> str:
