@@ -27,6 +27,8 @@ SCRIPT = textwrap.dedent(
     dev, dtype = torch.device({device!r}), getattr(torch, {dtype!r})
     model = llama(head_dim={head_dim}, heads=8, kv_heads=2, layers=2).to(dev, dtype)
     ids, mask = (t.to(dev) for t in padded_batch(T=40))
+    if not {padded}:  # no padding mask: the plain decode steps take the window kernel (kernels.attend_window)
+        mask = None
     feed = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(7)).to(dev)
 
     def run(impl, dense, scheme):
@@ -39,7 +41,8 @@ SCRIPT = textwrap.dedent(
         with torch.no_grad():
             out.append(model(ids, attention_mask=m, past_key_values=cache).logits[:, -1])
             for t in range(5):  # teacher-forced: both runs see the same tokens
-                m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+                if m is not None:
+                    m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
                 out.append(model(feed[:, t : t + 1], attention_mask=m, past_key_values=cache).logits[:, -1])
         return torch.stack(out), cache
 
@@ -51,6 +54,9 @@ SCRIPT = textwrap.dedent(
                        "paths": ca.layers[0].paths}}
     from tqcache.kernels.attention import COMPILED
     res["compiled"] = sorted(COMPILED)
+    info = tqcache.kernels.info()
+    res["window"] = [v["passed"] for k, v in info["probes"].items() if k.startswith("window")]
+    res["window_fallbacks"] = [k for k in info["fallbacks"] if k.startswith("window")]
     print(json.dumps(res))
     """
 )
@@ -71,10 +77,23 @@ def _src_env(tests: str, **extra) -> dict:
 def test_cache_attention_through_interpreted_kernels_matches_decoded_cache():
     tests = str(Path(__file__).parent)
     res = _run(tests, _src_env(tests, TRITON_INTERPRET="1"), device="cpu", dtype="float32", head_dim=64,
-               schemes=("turbo4", "k4v3"))
+               schemes=("turbo4", "k4v3"), padded=True)
     res.pop("compiled")
+    assert res.pop("window") == [] and res.pop("window_fallbacks") == []  # padding mask: the torch dense parts
     for scheme, r in res.items():
         assert r["paths"].get("kernel", 0) == 5, (scheme, r)  # every decode step read the compressed part via the kernel
+        assert r["max_diff"] < 1e-4, (scheme, r)
+
+
+def test_plain_decode_steps_through_the_window_kernel_match_decoded_cache():
+    # No padding mask: each one-token step's sinks, fp window and merge run in one launch (kernels.attend_window).
+    tests = str(Path(__file__).parent)
+    res = _run(tests, _src_env(tests, TRITON_INTERPRET="1"), device="cpu", dtype="float32", head_dim=64,
+               schemes=("turbo4", "turbo3"), padded=False)
+    res.pop("compiled")
+    assert res.pop("window") == [True] and res.pop("window_fallbacks") == []  # probed once, taken, no fallback
+    for scheme, r in res.items():
+        assert r["paths"].get("kernel", 0) == 5, (scheme, r)
         assert r["max_diff"] < 1e-4, (scheme, r)
 
 
@@ -84,9 +103,14 @@ def test_cache_attention_through_gluon_kernel_matches_decoded_cache():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (the Gluon kernel has no interpreter)")
     tests = str(Path(__file__).parent)
-    res = _run(tests, _src_env(tests), device="cuda", dtype="bfloat16", head_dim=128,
-               schemes=("turbo4", "turbo3", "k4v3", "turbo2"))
+    for padded in (True, False):
+        _check_gluon(_run(tests, _src_env(tests), device="cuda", dtype="bfloat16", head_dim=128,
+                          schemes=("turbo4", "turbo3", "k4v3", "turbo2"), padded=padded), padded)
+
+
+def _check_gluon(res: dict, padded: bool) -> None:
     compiled = res.pop("compiled")
+    assert res.pop("window") == ([] if padded else [True]) and res.pop("window_fallbacks") == []
     for bits in ("K(4)V(4)", "K(3)V(3)", "K(4)V(3)", "K(2)V(2)"):
         assert any(k.startswith("gluon" + bits) for k in compiled), (bits, compiled)  # decode steps ran Gluon
     for scheme, r in res.items():

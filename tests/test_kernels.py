@@ -871,3 +871,53 @@ def test_encode_rejects_bad_fields():
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------------------------------------- window kernel
+@pytest.mark.parametrize("d,G,n_sink,n_win,compressed,dt", [
+    (128, 4, 4, 130, True, torch.float32),
+    (64, 1, 0, 1, False, torch.float32),
+    (256, 8, 2, 33, True, torch.bfloat16),
+    (128, 4, 0, 70, True, torch.float16),
+    (64, 3, 4, 17, True, torch.bfloat16),  # G not a power of two
+])
+def test_window_kernel_matches_its_torch_twin(d, G, n_sink, n_win, compressed, dt):
+    # One-token decode: sinks + fp window attention merged with the compressed partial, as the layer output.
+    from tqcache.kernels.window import attend_window_triton
+
+    g = _gen(hash((d, G, n_win)) % 1000)
+    B, Hkv = 2, 2
+    q = torch.randn(B, Hkv * G, 1, d, generator=g).to(DEV, dt)
+
+    def kv(n):  # windows are views into a longer buffer (strided rows), as the cache keeps them
+        buf = torch.randn(B, Hkv, n + 9, d, generator=g).to(DEV, dt)
+        return buf[:, :, 3 : 3 + n]
+
+    parts = ([(kv(n_sink), kv(n_sink))] if n_sink else []) + [(kv(n_win), kv(n_win))]
+    oc = lc = None
+    if compressed:
+        oc = torch.randn(B, Hkv * G, 1, d, generator=g).to(DEV)
+        lc = (torch.randn(B, Hkv * G, 1, generator=g) * 4).to(DEV)
+        lc[1, :G] = -math.inf  # a sequence whose compressed part attended nothing
+    got = attend_window_triton(q, parts, oc, lc, d**-0.5)
+    assert got.shape == (B, 1, Hkv * G, d) and got.dtype == dt
+    ref = K.window_reference(q, parts, oc, lc, d**-0.5)
+    exact = K.window_reference(q.float(), [(k.float(), v.float()) for k, v in parts], oc, lc, d**-0.5)
+    if dt == torch.float32:
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5)
+    else:  # rounding the output to q's dtype: no worse than the torch twin's own rounding, plus one ulp
+        err, err_ref = (got.float() - exact).abs().max(), (ref.float() - exact).abs().max()
+        assert err <= 2 * err_ref + 2 * torch.finfo(dt).eps * exact.abs().max(), (float(err), float(err_ref))
+    # The compressed partial must matter: without it the output is far off.
+    if compressed:
+        alone = attend_window_triton(q, parts, None, None, d**-0.5)
+        assert (alone.float() - exact).abs().max() > 1e-2
+
+
+def test_window_kernel_refuses_prefill_chunks():
+    from tqcache.kernels.window import attend_window_triton
+
+    q = torch.randn(1, 4, 3, 64, device=DEV)
+    k = torch.randn(1, 2, 5, 64, device=DEV)
+    with pytest.raises(ValueError, match="3 query tokens"):
+        attend_window_triton(q, [(k, k)], None, None, 0.125)

@@ -97,18 +97,23 @@ def attend_compressed(query: torch.Tensor, step, mask_c: torch.Tensor | None, sc
     return attend_packed(query, layer.k_codec, kp, layer.v_codec, vp, scale=scale, mask=mask_c)
 
 
-def _kernel_for(query: torch.Tensor, layer):
-    """The fused kernel's entry point if Triton can run on this device (a GPU, or the CPU under
-    ``TRITON_INTERPRET=1``), else None. The kernels probe each configuration themselves and fall back
-    to the torch twin when a configuration is not covered or its self-test failed."""
+def _kernels_for(query: torch.Tensor):
+    """The kernels module if Triton can run on this device (a GPU, or the CPU under ``TRITON_INTERPRET=1``),
+    else None. The kernels probe each configuration themselves and fall back to the torch twin when a
+    configuration is not covered or its self-test failed."""
     try:
         from . import kernels
     except ImportError:
         return None
-    attend = getattr(kernels, "attend", None)
-    if attend is None or not kernels.available(query.device):
+    if getattr(kernels, "attend", None) is None or not kernels.available(query.device):
         return None
-    return attend
+    return kernels
+
+
+def _kernel_for(query: torch.Tensor, layer):
+    """The fused attention kernel's entry point (``kernels.attend``) where :func:`_kernels_for` allows, else None."""
+    kernels = _kernels_for(query)
+    return kernels.attend if kernels is not None else None
 
 
 def tqcache_attention(
@@ -143,8 +148,21 @@ def tqcache_attention(
     def visible(pos_fn):
         return None if see_all else _visible(pos_fn(), step, mask, B, Lq)
 
+    sinks = step.sink_k is not None and step.sink_k.shape[-2] > 0
+    if see_all and (step.slot_pos is None or not step.n_slots):
+        # The plain decode step: the dense parts and the merge in one launch (kernels.attend_window), when the
+        # kernels run here; otherwise the same composition in torch below.
+        kernels = _kernels_for(query)
+        if kernels is not None:
+            c_out = attend_compressed(query, step, None, scale) if step.n_slots else (None, None)
+            dense = ([(step.sink_k, step.sink_v)] if sinks else []) + [(step.fp_k, step.fp_v)]
+            out = kernels.attend_window(query, dense, c_out[0], c_out[1], scale)
+            if out is None:  # not covered here: the same composition in torch
+                out = kernels.window_reference(query, dense, c_out[0], c_out[1], scale)
+            return out, None
+
     parts = []
-    if step.sink_k is not None and step.sink_k.shape[-2]:
+    if sinks:
         vis = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev))
         parts.append(dense_partial(query, step.sink_k, step.sink_v, vis, scale))
     if step.n_slots:

@@ -6,6 +6,9 @@ Public surface::
     attend(q, k_codec, k_packed, v_codec, v_packed, **kw) -> (out, lse)
                                                attend_packed's contract; kernel when it passed its probe
     encode(codec, x, fields, start)            write codec.quantize(x) into preallocated fields at `start`
+    attend_window(q, parts, out_c, lse_c, scale) -> out | None
+                                               one-token decode: sinks + fp window + the compressed partial,
+                                               merged, as the layer output [B, 1, Hq, d] (None: use torch)
     info() -> dict                             GPU, Triton version, probe results, launch configurations
 
 Dispatch rules: CUDA tensors use the kernels when Triton imports, the GPU is sm_80+, the configuration is
@@ -30,13 +33,14 @@ try:  # Triton is optional: without it every call takes the torch path.
 
     from . import attention as _attn
     from . import encode as _enc
+    from . import window as _win
 
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the environment
-    _attn = _enc = None
+    _attn = _enc = _win = None
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-__all__ = ["available", "attend", "encode", "info"]
+__all__ = ["available", "attend", "attend_window", "encode", "info"]
 
 _LOCK = threading.Lock()
 _PROBES: dict[tuple, dict] = {}
@@ -181,6 +185,56 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     if len(_CONFIGS) < 256:
         _CONFIGS[shape_key] = cfg
     return _attn.attend_packed_triton(q, k_codec, k_packed, v_codec, v_packed, config=cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- window
+def window_reference(q, parts, out_c, lse_c, scale):
+    """The torch twin of :func:`attend_window`: ``attention.dense_partial`` per dense part, merged with the
+    compressed partial by ``merge_partials``; ``[B, 1, Hq, d]`` in q's dtype."""
+    from ..attention import dense_partial
+    from ..codec.attention import merge_partials
+
+    res = [dense_partial(q, k, v, None, scale) for k, v in parts]
+    if out_c is not None:
+        res.insert(len(res) - 1, (out_c, lse_c))
+    out, _ = merge_partials(res)
+    return out.to(q.dtype).transpose(1, 2).contiguous()
+
+
+def _probe_window(q, n_parts: int, has_c: bool) -> tuple[bool, str]:
+    gen = torch.Generator().manual_seed(99)
+    B, Hkv, G, d = 2, 2, 4, q.shape[-1]
+    dev, dt = q.device, q.dtype
+    qq = torch.randn(B, Hkv * G, 1, d, generator=gen).to(dev, dt)
+    parts = [(torch.randn(B, Hkv, n, d, generator=gen).to(dev, dt), torch.randn(B, Hkv, n, d, generator=gen).to(dev, dt))
+             for n in ((4, 45) if n_parts == 2 else (45,))]
+    oc = lc = None
+    if has_c:
+        oc = torch.randn(B, Hkv * G, 1, d, generator=gen).to(dev)
+        lc = (torch.randn(B, Hkv * G, 1, generator=gen) * 3).to(dev)
+    got = _win.attend_window_triton(qq, parts, oc, lc, d**-0.5)
+    ref = window_reference(qq, parts, oc, lc, d**-0.5)
+    e = _rel(got.float(), ref.float())
+    tol = 1e-5 if dt == torch.float32 else 1e-2
+    return bool(torch.isfinite(got).all()) and e <= tol, f"rel err {e:.2e} (tol {tol:g})"
+
+
+def attend_window(q, parts, out_c, lse_c, scale):
+    """One-token decode step's dense parts and merge in one launch (:mod:`.window`): the output ``[B, 1, Hq, d]``
+    in q's dtype, or None when the kernel cannot take the call here (the caller then runs the torch twin,
+    :func:`window_reference`; the reason is recorded in ``info()["fallbacks"]``)."""
+    reason = None if available(q.device) else _why_unavailable(q.device)
+    if reason is None:
+        reason = _win.window_unsupported_reason(q, parts)
+    if reason is None:
+        key = ("window", str(q.device), q.dtype, q.shape[-1], len(parts), out_c is not None)
+        rec = _probe(key, lambda: _probe_window(q, len(parts), out_c is not None))
+        if not rec["passed"]:
+            reason = f"self-test failed: {rec['reason']}"
+    if reason is not None:
+        _fallback(f"window: {reason}")
+        return None
+    return _win.attend_window_triton(q, parts, out_c, lse_c, scale)
 
 
 # ---------------------------------------------------------------------------------------------- encode
