@@ -844,3 +844,21 @@ def test_query_aware_channel_scale_per_head_lowers_score_error():
     assert err["scaled"] < 0.7 * err["plain"], err
     with pytest.raises(ValueError, match="2 heads"):
         TurboQuantizer(d, 3, channel_scale=True, heads=2).calibrate(torch.randn(3, 5, d))
+
+
+def test_is_calibrated_follows_the_flag_and_reads_it_once_per_state(monkeypatch):
+    # Every decode step asks whether a codec is calibrated; on a GPU each bool() of the flag is a device sync.
+    c = TurboQuantizer(64, 4, channel_scale=True, seed=1)
+    fresh = TurboQuantizer(64, 4, channel_scale=True, seed=1).state_dict()
+    reads = []
+    orig = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(1) or orig(t))
+    assert not c.is_calibrated() and not c.is_calibrated()
+    assert len(reads) == 1
+    c.calibrate(torch.randn(2, 50, 64))
+    n = len(reads)
+    assert c.is_calibrated() and c.is_calibrated() and len(reads) == n + 1
+    c.load_state_dict(fresh)  # an in-place copy of an uncalibrated state
+    assert not c.is_calibrated()
+    c.calibrated.fill_(True)
+    assert c.is_calibrated()

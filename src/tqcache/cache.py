@@ -346,7 +346,7 @@ class TurboQuantLayer(CacheLayerMixin):
         )
 
     def _needs_calibration(self) -> bool:
-        return any(getattr(c, "needs_calibration", False) and not bool(c.calibrated) for c in (self.k_codec, self.v_codec))
+        return any(getattr(c, "needs_calibration", False) and not c.is_calibrated() for c in (self.k_codec, self.v_codec))
 
     def observe_queries(self, query: torch.Tensor, scaling: float | None = None) -> None:
         """Record query statistics while calibration is pending (called by the attention function;

@@ -181,6 +181,23 @@ class TurboQuantizer(torch.nn.Module):
         self.register_buffer("channel_scale", torch.ones(scale_shape))
         self.register_buffer("calibrated", torch.tensor(not self.needs_calibration))
 
+    def is_calibrated(self) -> bool:
+        """``bool(self.calibrated)``, read from the device once per state of the buffer: every decode step asks,
+        and on a GPU each read is a device sync that stops the host from running ahead of the kernels. The
+        answer is cached against the buffer's identity and version, so ``calibrate``, ``load_state_dict`` (an
+        in-place copy) or ``.to()`` (a new buffer) are seen. An inference-mode buffer has no version counter:
+        then only a True answer is kept (once calibrated, a codec stays so unless its state is replaced)."""
+        t = self.calibrated
+        try:
+            key = (id(t), t.data_ptr(), t._version)
+        except RuntimeError:  # inference tensors do not track versions
+            key = (id(t), t.data_ptr(), "inference")
+        if self.__dict__.get("_calibrated_key") != key:
+            value = bool(t)
+            self.__dict__["_calibrated_value"] = value
+            self.__dict__["_calibrated_key"] = key if value or key[2] != "inference" else None
+        return self.__dict__["_calibrated_value"]
+
     # ------------------------------------------------------------------ layout
     @property
     def needs_calibration(self) -> bool:
@@ -238,7 +255,7 @@ class TurboQuantizer(torch.nn.Module):
         Does nothing when :attr:`needs_calibration` is False. Calibrating twice keeps the first choice, so a
         cache's stored codes never change meaning.
         """
-        if bool(self.calibrated):
+        if self.is_calibrated():
             return
         check_input(x, self.dim)
         xf = x.detach().float()
@@ -310,7 +327,7 @@ class TurboQuantizer(torch.nn.Module):
         ``check=False`` skips these scans (device syncs) for hot paths whose inputs are known sane.
         """
         check_input(x, self.dim, check_finite=check)
-        if self.needs_calibration and not bool(self.calibrated):
+        if self.needs_calibration and not self.is_calibrated():
             self.calibrate(x)
         xw = self._to_working(x)
         # Per rotation block (one per segment, or one for split="rotated"): its norm and its rotated,

@@ -242,7 +242,7 @@ def _probe_encode(codec, x) -> tuple[bool, str]:
     c = copy.deepcopy(codec)
     gen = torch.Generator().manual_seed(4321)
     xs = torch.randn(1, x.shape[1], 37, codec.dim, generator=gen).to(x.device, x.dtype)  # per-head scales: same heads
-    if c.needs_calibration and not bool(c.calibrated):
+    if c.needs_calibration and not c.is_calibrated():
         c.calibrate(xs)
     ref = c.quantize(xs)
     fields = {n: torch.zeros(1, x.shape[1], 40, w, dtype=dt, device=x.device) for n, (w, dt) in c.field_widths().items()}

@@ -474,9 +474,9 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
             raise ValueError(f"field {name!r} is on {t.device}, x on {x.device}")
     if N == 0:
         return
-    # (bool() syncs the device; a CUDA-graph capture of a calibrated codec skips the check.)
+    # (A first read of the flag syncs the device; a CUDA-graph capture of a calibrated codec skips the check.)
     capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if codec.needs_calibration and not capturing and not bool(codec.calibrated):
+    if codec.needs_calibration and not capturing and not codec.is_calibrated():
         codec.calibrate(x)
     on_cpu = x.device.type == "cpu"
     if on_cpu:
