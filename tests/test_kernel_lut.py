@@ -232,25 +232,28 @@ def test_gluon_codes5_put_each_channel_where_kernel_order_says():
                     assert got[sigma(j, 128, True) - 32 * t] == lv[int(codes[perm[j]])]
 
 
-def test_gluon_qjl_signs_put_each_sketch_row_where_qjl_order_says():
-    # QJL keys: lane t's word t of the sign row (sketch rows 32t .. 32t + 31, bit = 1 when positive) becomes 16 fp16
-    # pairs of ±1, pair j from bits j and j + 16 by one shift and one lop3. Element i of the lane feeds fragment
-    # column fragment_columns(t)[i], whose query column is sketch row qjl_order[column]: its sign must match.
+@pytest.mark.parametrize("d", [128, 256])
+def test_gluon_qjl_signs_put_each_sketch_row_where_qjl_order_says(d):
+    # QJL keys: lane t reads words P·t .. P·t + P - 1 of the sign row (P = d/128 planes; bit = 1 when positive);
+    # plane p's word becomes 16 fp16 pairs of ±1, pair j from bits j and j + 16 by one shift and one lop3. Element
+    # i of the lane feeds fragment column fragment_columns(t)[i] of plane p, whose query column is sketch row
+    # qjl_order[128·p + column]: its sign must match.
     from tqcache.kernels.decode_gluon import _ASM_SIGNS, fragment_columns, qjl_order
 
     body, last = _ASM_SIGNS.value.rsplit("mov.b32", 1)
     assert last.split(";")[0].split() == ["{$0,", "$1},", "t"]  # the last statement splits t into the two halves
     asm = type(_ASM_SIGNS)(body + "}")
-    perm = qjl_order(128)
-    assert sorted(perm) == list(range(128))
+    perm, P = qjl_order(d), d // 128
+    assert sorted(perm) == list(range(d))
     gen = torch.Generator().manual_seed(5)
-    for _ in range(4):
-        pos = torch.rand(128, generator=gen) > 0.5
+    for _ in range(3):
+        pos = torch.rand(d, generator=gen) > 0.5
         w = [x & _M for x in pack_bits(pos.long()[None], 1).view(torch.int32)[0].tolist()]
         for t in range(4):
-            got = []
-            for j in range(16):
-                v = _run(asm, {"$2": w[t], "$3": 15 - j})["t"]
-                got += [v & 0xFFFF, v >> 16]
-            cols = fragment_columns(t, 128, key=True)
-            assert got == [0x3C00 if pos[perm[c]] else 0xBC00 for c in cols], t
+            for p in range(P):
+                got = []
+                for j in range(16):
+                    v = _run(asm, {"$2": w[P * t + p], "$3": 15 - j})["t"]
+                    got += [v & 0xFFFF, v >> 16]
+                cols = fragment_columns(t, 128, key=True)
+                assert got == [0x3C00 if pos[perm[128 * p + c]] else 0xBC00 for c in cols], (t, p)

@@ -534,6 +534,11 @@ GLUON_CASES = [
     (128, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
     (128, 6, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
     (128, 9, 4, torch.float16, 2, 2, 8, 300, 1, "qjl"),
+    # ... at head_dim 256 (both sides as 128-channel halves): two sign planes
+    (256, 4, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
+    (256, 3, 3, torch.float16, 2, 2, 8, 517, 2, "qjl-causal"),
+    (256, 6, 4, torch.bfloat16, 3, 2, 8, 200, 1, "qjl-ragged"),
+    (256, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
     # 5-bit keys (d = 128): centroids shuffled (shfl.sync.idx) from the lane holding that table entry
     (128, 5, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (128, 5, 4, torch.float16, 2, 2, 8, 517, 2, "causal"),

@@ -20,8 +20,9 @@ channels at head_dim
 and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers,
 :func:`key_containers`), or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
 head_dim 128 and in each 128-channel half at 256 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row,
-centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 128 (the sign sketch as one
-more ±1 key plane, lane t's 32 signs one word of the row: :func:`_sign_plane`, :func:`qjl_order`); fp16/bf16 queries
+centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 128, and at 256 as halves (the sign
+sketch as one more ±1 key plane per 128 channels, a lane's 32 signs of a plane one word of the row:
+:func:`_sign_plane`, :func:`qjl_order`); fp16/bf16 queries
 (fp16 operands); the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
 program.
 
@@ -285,8 +286,8 @@ _ASM_SIGNS = gl.constexpr("{\n.reg .b32 t, m, c;\nmov.b32 m, 0x80008000;\nmov.b3
 
 @gluon.jit
 def _sign_plane(w, BLOCK_N: gl.constexpr, LS16: gl.constexpr):
-    """QJL keys: the sign word tile ``[N, 4(t), 1]`` (word t of the row: sketch rows 32t .. 32t + 31, bit = 1 when
-    positive) -> the one ``[N, 4(t), 32]`` fp16 plane of ±1; element 2j + e is sketch row 32t + j + 16e
+    """QJL keys: the sign word tile ``[N, 4(t), 1]`` (one word of lane t's row: 32 sketch rows, bit = 1 when
+    positive) -> one ``[N, 4(t), 32]`` fp16 plane of ±1; element 2j + e is bit j + 16e of the word
     (:func:`qjl_order`). Register j holds bits j and j + 16 of the word, so one shift puts both at the fp16 sign bits
     (15 and 31) and one ``lop3`` masks them and ors in 1.0 in both halves: 2 instructions per pair, no table."""
     j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS16)))[None, None, :]
@@ -510,7 +511,7 @@ def _gluon_decode_kernel(
     VC0, stride_v0b, stride_v0h, stride_v0t,  # value codes, as the keys
     VC1, stride_v1b, stride_v1h, stride_v1t,
     VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, VS] fp16 value norms
-    KQ, stride_kqb, stride_kqh, stride_kqt,  # [B, Hkv, T, D/32] int32 QJL sign words (QJL; strides in words)
+    KQ, stride_kqb, stride_kqh, stride_kqt,  # [B, Hkv, T, D/32] int32 QJL sign words (QJL > 0; strides in words)
     KG, stride_kgb, stride_kgh, stride_kgt,  # [B, Hkv, T, 1] fp16 QJL residual norms γ (QJL)
     LUTK0, LUTK1, LUTV0, LUTV1,  # int32 [4] register tables per segment (8-bit keys: LUTK0 = the fp16 [256] table)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
@@ -531,8 +532,9 @@ def _gluon_decode_kernel(
     each; keys also 32 | 96 channels, run in ``KD0 | KD1`` = 64 | 128-channel containers whose elements past
     ``KR0``/``KR1`` are masked), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
     ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
-    the fp16 table. ``QJL`` (head_dim 128): the sign sketch is one more key plane of ±1 (:func:`_sign_plane`) against
-    the sketched query columns that follow the key containers in Q, its scores times ``γ·qjl_c``."""
+    the fp16 table. ``QJL`` > 0: the sign sketch as that many more key planes of ±1 and 128 columns each (head_dim
+    128: one, 256: two; :func:`_sign_plane`) against the sketched query columns that follow the key containers in Q,
+    their scores times ``γ·qjl_c``."""
     KM0: gl.constexpr = 1 if KB0 == 3 or KB0 == 5 else 4  # stride units -> elements (3 and 5 bits: int32 words)
     KM1: gl.constexpr = 1 if KB1 == 3 or KB1 == 5 else 4
     KU0: gl.constexpr = 32 if KB0 == 3 or KB0 == 5 else 8  # bits per element of the code tensor
@@ -579,7 +581,8 @@ def _gluon_decode_kernel(
     LW0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LW1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LQ: gl.constexpr = gl.BlockedLayout([4, 1], [4, 8], [1, 1], [0, 1])
-    LKQ: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # QJL sign words [N, 4, 1]
+    QH: gl.constexpr = QJL if QJL > 0 else 1  # sign planes (words per lane and row)
+    LKQ: gl.constexpr = gl.BlockedLayout([1, 1, QH], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # QJL sign words [N, 4, QH]
     LKQ16: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # ... the 16 pairs of one
 
     pid_bh = gl.program_id(0)
@@ -615,10 +618,11 @@ def _gluon_decode_kernel(
     q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
     if KB1 > 0:
         q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
-    if QJL:  # the sketched query: one [D, BLOCK_M] plane after the key containers, parked in shared memory (its
-        # 16 registers as a B operand would make ptxas re-materialize the lookup tables from uniform registers)
-        qc = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
-        sqs = gl.allocate_shared_memory(gl.float16, [D, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
+    if QJL > 0:  # the sketched query: [128·QJL, BLOCK_M] after the key containers, parked in shared memory (its
+        # 16 registers per plane as a B operand would make ptxas re-materialize the lookup tables from uniform
+        # registers)
+        qc = gl.arange(0, 128 * QJL, layout=gl.SliceLayout(1, LQ))
+        sqs = gl.allocate_shared_memory(gl.float16, [128 * QJL, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
                                         gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1, mask=q_ok,
                                                 other=0.0))
 
@@ -655,8 +659,8 @@ def _gluon_decode_kernel(
     kn_base = KN + b * stride_knb + h * stride_knh
     vn_base = VN + b * stride_vnb + h * stride_vnh
     ktq, kiq, q_off, kq = kt, ki0, k_off0, kc0  # (aliases without QJL: never copied)
-    if QJL:  # lane t copies word t of each row
-        ktq, kiq, q_off, _u0, _u1 = _key_offsets(BLOCK_N, 1, D, 1, LKQ)
+    if QJL > 0:  # lane t copies words QH·t .. QH·t + QH - 1 of each row
+        ktq, kiq, q_off, _u0, _u1 = _key_offsets(BLOCK_N, 1, D, QH, LKQ)
         kq = KQ + b * stride_kqb + h * stride_kqh
         kg_base = KG + b * stride_kgb + h * stride_kgh
     rows = gl.arange(0, BLOCK_N, layout=TOK)
@@ -682,15 +686,17 @@ def _gluon_decode_kernel(
         smv1 = gl.allocate_shared_memory(VC1.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH1 else 8, 4 if SH1 else VL1],
                                          SV1)
     smq = smk0
-    if QJL:
-        smq = gl.allocate_shared_memory(KQ.dtype.element_ty, [STAGES, BLOCK_N, 4, 1], _lane_major(True, BLOCK_N, 1, 1))
+    if QJL > 0:
+        smq = gl.allocate_shared_memory(KQ.dtype.element_ty, [STAGES, BLOCK_N, 4, QH],
+                                        _lane_major(True, BLOCK_N, QH, 1))
     n_iter = gl.cdiv(gl.maximum(s_hi - s_lo, 0), BLOCK_N)
     for i in gl.static_range(STAGES - 1):
         _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
                     smq, kq, ktq, stride_kqt, q_off, kiq,
-                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1, QJL)
+                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1,
+                    QJL > 0)
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
@@ -698,7 +704,7 @@ def _gluon_decode_kernel(
         kn1 = gl.load(kn_base + 1 + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     if VS == 2:
         vn1 = gl.load(vn_base + 1 + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
-    if QJL:
+    if QJL > 0:
         kg = gl.load(kg_base + offs_n * stride_kgt, mask=offs_n < s_hi, other=0.0)
     tk0, tk1, tk2, tk3 = _load_table(LUTK0)
     tv0, tv1, tv2, tv3 = _load_table(LUTV0)
@@ -722,7 +728,8 @@ def _gluon_decode_kernel(
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
                     smq, kq, ktq, stride_kqt, q_off, kiq,
-                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1, QJL)
+                    KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1,
+                    QJL > 0)
         offs_n = start + rows
         nmask = offs_n < s_hi
         nxt_ok = offs_n + BLOCK_N < s_hi
@@ -736,7 +743,7 @@ def _gluon_decode_kernel(
         if VS == 2:
             vn1f = vn1.to(gl.float32)
             vn1 = gl.load(vn_base + 1 + (offs_n + BLOCK_N) * stride_vnt, mask=nxt_ok, other=0.0)
-        if QJL:
+        if QJL > 0:
             kgf = kg.to(gl.float32) * qjl_c
             kg = gl.load(kg_base + (offs_n + BLOCK_N) * stride_kgt, mask=nxt_ok, other=0.0)
         async_copy.wait_group(STAGES - 1)
@@ -768,9 +775,17 @@ def _gluon_decode_kernel(
                 s = (s + s1) * knf[:, None]
         else:
             s = s * knf[:, None]
-        if QJL:  # + γ·√(π/2)/d · ⟨S q̃, sign⟩
-            cq = _sign_plane(smq.index(cur).load(LKQ), BLOCK_N, LKQ16)
-            sq = mma_v2(_k_operand(cq, BLOCK_N, D, OPA), sqs.load(OPB), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA))
+        if QJL > 0:  # + γ·√(π/2)/d · ⟨S q̃, sign⟩, one 128-column plane per word of the lane
+            cw = smq.index(cur).load(LKQ)
+            sq = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
+            if QJL == 1:
+                sq = mma_v2(_k_operand(_sign_plane(cw, BLOCK_N, LKQ16), BLOCK_N, 128, OPA), sqs.load(OPB), sq)
+            else:
+                w0, w1 = gl.split(cw)
+                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w0, 2), BLOCK_N, LKQ16), BLOCK_N, 128, OPA),
+                            sqs.slice(0, 128).load(OPB), sq)
+                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w1, 2), BLOCK_N, LKQ16), BLOCK_N, 128, OPA),
+                            sqs.slice(128, 128).load(OPB), sq)
             s = s + sq * kgf[:, None]
         ok = nmask[:, None] & mvalid[None, :]
         if CAUSAL:
@@ -896,14 +911,16 @@ def kernel_order(codec, key: bool, split: bool = False) -> list[int]:
 
 
 def qjl_order(d: int = 128) -> list[int]:
-    """QJL keys: ``perm[column] = sketch row`` of the sign plane (:func:`_sign_plane`). Lane t holds column
-    ``16·kc + 8·h + 2·t + e`` from bit ``j + 16·e`` (``j = 2·kc + h``) of word t of the stored row, i.e. sketch row
-    ``32·t + j + 16·e`` (the codec packs sign i at bit i % 8 of byte i // 8). A folds this into the sketched query
-    columns."""
+    """QJL keys: ``perm[column] = sketch row`` of the sign planes (:func:`_sign_plane`; ``P = d/128`` planes of 128
+    columns). Lane t reads words ``P·t .. P·t + P - 1`` of the stored row; plane p takes word ``P·t + p``, whose bit
+    ``j + 16·e`` (``j = 2·kc + h``) feeds column ``16·kc + 8·h + 2·t + e`` — sketch row ``32·(P·t + p) + j + 16·e``
+    (the codec packs sign i at bit i % 8 of byte i // 8). A folds this into the sketched query columns."""
+    P = d // 128
     out = []
     for c in range(d):
+        p, c = divmod(c, 128)
         t, e, h, kc = (c >> 1) & 3, c & 1, (c >> 3) & 1, c >> 4
-        out.append(32 * t + 2 * kc + h + 16 * e)
+        out.append(32 * (P * t + p) + 2 * kc + h + 16 * e)
     return out
 
 
@@ -943,8 +960,9 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
                     f"or two of 64 channels — keys also 32 | 96 — at head_dim 128)")
     if v_codec.qjl:
         return "QJL on values"
-    if k_codec.qjl and d != 128:
-        return f"QJL keys at head_dim {d} (the sign plane runs at head_dim 128)"
+    if k_codec.qjl and not (d == 128 or d == 256 and split):
+        return (f"QJL keys at head_dim {d} (sign planes run at head_dim 128, and at 256 where both sides run as "
+                f"128-channel halves)")
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
@@ -1003,7 +1021,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0, k_codec.qjl_scale if qjl is not None else 0.0,
         HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
-        QJL=qjl is not None, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
+        QJL=d // 128 if qjl is not None else 0, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
         HAS_WINDOW=window is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages,
         num_warps=1,
     )
