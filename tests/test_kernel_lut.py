@@ -232,18 +232,19 @@ def test_gluon_codes5_put_each_channel_where_kernel_order_says():
                     assert got[sigma(j, 128, True) - 32 * t] == lv[int(codes[perm[j]])]
 
 
-@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_gluon_qjl_signs_put_each_sketch_row_where_qjl_order_says(d):
     # QJL keys: lane t reads words P·t .. P·t + P - 1 of the sign row (P = d/128 planes; bit = 1 when positive);
     # plane p's word becomes 16 fp16 pairs of ±1, pair j from bits j and j + 16 by one shift and one lop3. Element
     # i of the lane feeds fragment column fragment_columns(t)[i] of plane p, whose query column is sketch row
-    # qjl_order[128·p + column]: its sign must match.
+    # qjl_order[128·p + column]: its sign must match. d = 64: one plane of 64 columns; lane t takes half t % 2 of
+    # word t // 2 with its high byte moved to bits 16..23 (the kernel's shift and masks), then 8 pairs.
     from tqcache.kernels.decode_gluon import _ASM_SIGNS, fragment_columns, qjl_order
 
     body, last = _ASM_SIGNS.value.rsplit("mov.b32", 1)
     assert last.split(";")[0].split() == ["{$0,", "$1},", "t"]  # the last statement splits t into the two halves
     asm = type(_ASM_SIGNS)(body + "}")
-    perm, P = qjl_order(d), d // 128
+    perm, P, W = qjl_order(d), max(1, d // 128), min(d, 128)
     assert sorted(perm) == list(range(d))
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
@@ -251,9 +252,14 @@ def test_gluon_qjl_signs_put_each_sketch_row_where_qjl_order_says(d):
         w = [x & _M for x in pack_bits(pos.long()[None], 1).view(torch.int32)[0].tolist()]
         for t in range(4):
             for p in range(P):
+                if d == 64:
+                    x = w[t // 2] >> 16 * (t % 2)
+                    x = (x & 0xFF) | (x & 0xFF00) << 8
+                else:
+                    x = w[P * t + p]
                 got = []
-                for j in range(16):
-                    v = _run(asm, {"$2": w[P * t + p], "$3": 15 - j})["t"]
+                for j in range(W // 8):
+                    v = _run(asm, {"$2": x, "$3": 15 - j})["t"]
                     got += [v & 0xFFFF, v >> 16]
-                cols = fragment_columns(t, 128, key=True)
+                cols = fragment_columns(t, W, key=True)
                 assert got == [0x3C00 if pos[perm[128 * p + c]] else 0xBC00 for c in cols], (t, p)

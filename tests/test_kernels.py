@@ -534,6 +534,10 @@ GLUON_CASES = [
     (128, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
     (128, 6, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
     (128, 9, 4, torch.float16, 2, 2, 8, 300, 1, "qjl"),
+    # ... at head_dim 64: one sign plane of 64 columns
+    (64, 4, 4, torch.float16, 2, 2, 8, 700, 1, "qjl"),
+    (64, 3, 3, torch.bfloat16, 2, 1, 4, 260, 3, "qjl-window"),
+    (64, 5, 4, torch.float16, 3, 2, 6, 200, 1, "qjl-ragged"),  # G = 3 (SmolLM2's 9 / 3 heads)
     # ... at head_dim 256 (both sides as 128-channel halves): two sign planes
     (256, 4, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
     (256, 3, 3, torch.float16, 2, 2, 8, 517, 2, "qjl-causal"),

@@ -20,8 +20,8 @@ channels at head_dim
 and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers,
 :func:`key_containers`), or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
 head_dim 128 and in each 128-channel half at 256 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row,
-centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 128, and at 256 as halves (the sign
-sketch as one more ±1 key plane per 128 channels, a lane's 32 signs of a plane one word of the row:
+centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 64, 128, and 256 as halves (the sign
+sketch as one more ±1 key plane per 128 channels — at 64, one of 64 — a lane's signs of a plane one word of the row:
 :func:`_sign_plane`, :func:`qjl_order`); fp16/bf16 queries
 (fp16 operands); the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
 program.
@@ -285,16 +285,17 @@ _ASM_SIGNS = gl.constexpr("{\n.reg .b32 t, m, c;\nmov.b32 m, 0x80008000;\nmov.b3
 
 
 @gluon.jit
-def _sign_plane(w, BLOCK_N: gl.constexpr, LS16: gl.constexpr):
-    """QJL keys: the sign word tile ``[N, 4(t), 1]`` (one word of lane t's row: 32 sketch rows, bit = 1 when
-    positive) -> one ``[N, 4(t), 32]`` fp16 plane of ±1; element 2j + e is bit j + 16e of the word
-    (:func:`qjl_order`). Register j holds bits j and j + 16 of the word, so one shift puts both at the fp16 sign bits
-    (15 and 31) and one ``lop3`` masks them and ors in 1.0 in both halves: 2 instructions per pair, no table."""
-    j = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, LS16)))[None, None, :]
-    wb, sh = gl.broadcast(gl.convert_layout(w, LS16), 15 - j)
+def _sign_plane(w, BLOCK_N: gl.constexpr, NP: gl.constexpr, LSP: gl.constexpr):
+    """QJL keys: the sign word tile ``[N, 4(t), 1]`` (one word of lane t's row, bit = 1 when positive) -> one
+    ``[N, 4(t), 2·NP]`` fp16 plane of ±1 (NP = 16 pairs: a 128-column plane; 8: head_dim 64); element 2j + e is
+    bit j + 16e of the word (:func:`qjl_order`). Register j holds bits j and j + 16 of the word, so one shift puts
+    both at the fp16 sign bits (15 and 31) and one ``lop3`` masks them and ors in 1.0 in both halves: 2 instructions
+    per pair, no table. ``LSP``: the ``[N, 4, NP]`` layout of the pairs."""
+    j = gl.arange(0, NP, layout=gl.SliceLayout(0, gl.SliceLayout(1, LSP)))[None, None, :]
+    wb, sh = gl.broadcast(gl.convert_layout(w, LSP), 15 - j)
     lo, hi = gl.inline_asm_elementwise(_ASM_SIGNS, "=h,=h,r,r", [wb, sh], dtype=(gl.float16, gl.float16),
                                        is_pure=True, pack=1)
-    return gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, 32])
+    return gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, 2 * NP])
 
 
 @gluon.jit
@@ -581,9 +582,12 @@ def _gluon_decode_kernel(
     LW0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LW1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [0, 2, 1])
     LQ: gl.constexpr = gl.BlockedLayout([4, 1], [4, 8], [1, 1], [0, 1])
-    QH: gl.constexpr = QJL if QJL > 0 else 1  # sign planes (words per lane and row)
+    # QJL sign planes: QJL of QC columns each (head_dim 64: one plane of 64, from the two words of the row that
+    # every lane copies; 128: one; 256: two, words 2t, 2t + 1 of lane t); QH words per lane and row.
+    QH: gl.constexpr = 2 if QJL == 2 or D == 64 else 1
+    QC: gl.constexpr = 64 if D == 64 else 128
     LKQ: gl.constexpr = gl.BlockedLayout([1, 1, QH], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # QJL sign words [N, 4, QH]
-    LKQ16: gl.constexpr = gl.BlockedLayout([1, 1, 16], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # ... the 16 pairs of one
+    LKQP: gl.constexpr = gl.BlockedLayout([1, 1, QC // 8], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # ... a plane's pairs
 
     pid_bh = gl.program_id(0)
     split = gl.program_id(1)
@@ -621,8 +625,8 @@ def _gluon_decode_kernel(
     if QJL > 0:  # the sketched query: [128·QJL, BLOCK_M] after the key containers, parked in shared memory (its
         # 16 registers per plane as a B operand would make ptxas re-materialize the lookup tables from uniform
         # registers)
-        qc = gl.arange(0, 128 * QJL, layout=gl.SliceLayout(1, LQ))
-        sqs = gl.allocate_shared_memory(gl.float16, [128 * QJL, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
+        qc = gl.arange(0, QC * QJL, layout=gl.SliceLayout(1, LQ))
+        sqs = gl.allocate_shared_memory(gl.float16, [QC * QJL, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
                                         gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1, mask=q_ok,
                                                 other=0.0))
 
@@ -659,8 +663,10 @@ def _gluon_decode_kernel(
     kn_base = KN + b * stride_knb + h * stride_knh
     vn_base = VN + b * stride_vnb + h * stride_vnh
     ktq, kiq, q_off, kq = kt, ki0, k_off0, kc0  # (aliases without QJL: never copied)
-    if QJL > 0:  # lane t copies words QH·t .. QH·t + QH - 1 of each row
+    if QJL > 0:  # lane t copies words QH·t .. QH·t + QH - 1 of each row (head_dim 64: every lane words 0, 1)
         ktq, kiq, q_off, _u0, _u1 = _key_offsets(BLOCK_N, 1, D, QH, LKQ)
+        if D == 64:
+            q_off = q_off % 2
         kq = KQ + b * stride_kqb + h * stride_kqh
         kg_base = KG + b * stride_kgb + h * stride_kgh
     rows = gl.arange(0, BLOCK_N, layout=TOK)
@@ -778,13 +784,20 @@ def _gluon_decode_kernel(
         if QJL > 0:  # + γ·√(π/2)/d · ⟨S q̃, sign⟩, one 128-column plane per word of the lane
             cw = smq.index(cur).load(LKQ)
             sq = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-            if QJL == 1:
-                sq = mma_v2(_k_operand(_sign_plane(cw, BLOCK_N, LKQ16), BLOCK_N, 128, OPA), sqs.load(OPB), sq)
+            if QH == 1:
+                sq = mma_v2(_k_operand(_sign_plane(cw, BLOCK_N, 16, LKQP), BLOCK_N, 128, OPA), sqs.load(OPB), sq)
+            elif D == 64:  # lane t's 16 signs: half t % 2 of word t // 2, its bytes moved to 0 and 2 (pairs j, j + 16)
+                w0, w1 = gl.split(cw)
+                tq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKQ)))[None, :]
+                wt = gl.where(tq < 2, w0, w1) >> (16 * (tq % 2))
+                wt = (wt & 0xFF) | ((wt & 0xFF00) << 8)
+                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(wt, 2), BLOCK_N, 8, LKQP), BLOCK_N, 64, OPA),
+                            sqs.load(OPB), sq)
             else:
                 w0, w1 = gl.split(cw)
-                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w0, 2), BLOCK_N, LKQ16), BLOCK_N, 128, OPA),
+                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w0, 2), BLOCK_N, 16, LKQP), BLOCK_N, 128, OPA),
                             sqs.slice(0, 128).load(OPB), sq)
-                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w1, 2), BLOCK_N, LKQ16), BLOCK_N, 128, OPA),
+                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w1, 2), BLOCK_N, 16, LKQP), BLOCK_N, 128, OPA),
                             sqs.slice(128, 128).load(OPB), sq)
             s = s + sq * kgf[:, None]
         ok = nmask[:, None] & mvalid[None, :]
@@ -915,6 +928,9 @@ def qjl_order(d: int = 128) -> list[int]:
     columns). Lane t reads words ``P·t .. P·t + P - 1`` of the stored row; plane p takes word ``P·t + p``, whose bit
     ``j + 16·e`` (``j = 2·kc + h``) feeds column ``16·kc + 8·h + 2·t + e`` — sketch row ``32·(P·t + p) + j + 16·e``
     (the codec packs sign i at bit i % 8 of byte i // 8). A folds this into the sketched query columns."""
+    if d == 64:  # one plane of 64: lane t's 16 signs are bits 16·(t % 2) .. + 15 of word t // 2 = sketch rows 16t ..
+        # 16t + 15, moved so that pair j takes rows 16t + j and 16t + j + 8
+        return [16 * ((c >> 1) & 3) + 2 * (c >> 4) + ((c >> 3) & 1) + 8 * (c & 1) for c in range(64)]
     P = d // 128
     out = []
     for c in range(d):
@@ -960,9 +976,8 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
                     f"or two of 64 channels — keys also 32 | 96 — at head_dim 128)")
     if v_codec.qjl:
         return "QJL on values"
-    if k_codec.qjl and not (d == 128 or d == 256 and split):
-        return (f"QJL keys at head_dim {d} (sign planes run at head_dim 128, and at 256 where both sides run as "
-                f"128-channel halves)")
+    if k_codec.qjl and d == 256 and not split:
+        return "QJL keys on the native head_dim-256 geometry (sign planes run where both sides run as 128-channel halves)"
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
@@ -1021,7 +1036,7 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0, k_codec.qjl_scale if qjl is not None else 0.0,
         HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
-        QJL=d // 128 if qjl is not None else 0, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
+        QJL=max(1, d // 128) if qjl is not None else 0, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
         HAS_WINDOW=window is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages,
         num_warps=1,
     )
