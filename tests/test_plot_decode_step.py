@@ -1,0 +1,43 @@
+"""benchmarks/plot_decode_step.py: per-layer times gathered across runs, the PNG, and a clear error on other JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).parent.parent / "benchmarks" / "plot_decode_step.py"
+_spec = importlib.util.spec_from_file_location("plot_decode_step", _PATH)
+plot_decode_step = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(plot_decode_step)
+
+
+def _run(gen):
+    rows = [dict(N=n, scheme=s, us_per_layer=1000 + gen.random() * 3000) for n in (4096, 32768) for s in ("bf16", "turbo4")]
+    return {"meta": {"gpu": "test GPU", "model": "tiny", "batch": 1}, "rows": rows}
+
+
+def test_per_layer_gathers_each_run_in_milliseconds():
+    gen = random.Random(5)
+    runs = [_run(gen), _run(gen)]
+    got = plot_decode_step.per_layer(runs)
+    assert list(got) == ["bf16", "turbo4"]
+    for s in got:
+        for n in (4096, 32768):
+            want = [r["us_per_layer"] / 1e3 for run in runs for r in run["rows"] if r["scheme"] == s and r["N"] == n]
+            assert got[s][n] == pytest.approx(want) and len(want) == 2
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    gen = random.Random(7)
+    out = tmp_path / "step.png"
+    plot_decode_step.plot([_run(gen), _run(gen)], out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_other_json_is_refused_with_the_row():
+    with pytest.raises(ValueError, match="us_per_layer"):
+        plot_decode_step.per_layer([{"rows": [{"B": 1, "N": 4096, "provider": "sdpa-bf16"}]}])
