@@ -19,47 +19,14 @@ scheme ``"none"`` is bit-identical to ``DynamicCache``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .codec.attention import attend_packed, merge_partials
+from .codec.attention import attend_packed, dense_partial, merge_partials
 
-__all__ = ["tqcache_attention", "register", "dense_partial", "attend_compressed"]
-
-_QUERY_CHUNK = 1024  # query rows per dense-part block: bounds the fp32 score matrix at long prefill
-
-
-def dense_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
-    """Attention over full-precision keys with its log-sum-exp (SDPA does not return one).
-
-    ``q [B, Hq, Lq, d]``, ``k/v [B, Hkv, T, d]``, ``mask`` boolean broadcastable to ``[B, 1, Lq, T]`` or None.
-    Returns ``(out [B, Hq, Lq, d] fp32, lse [B, Hq, Lq] fp32)``.
-    """
-    B, Hq, Lq, d = q.shape
-    Hkv, T = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    kf, vf = k.float(), v.float()
-    outs, lses = [], []
-    for i0 in range(0, Lq, _QUERY_CHUNK):
-        i1 = min(i0 + _QUERY_CHUNK, Lq)
-        qc = q[:, :, i0:i1].float().reshape(B, Hkv, G * (i1 - i0), d)
-        s = (qc @ kf.transpose(-1, -2)).reshape(B, Hkv, G, i1 - i0, T) * scale
-        if mask is not None:
-            s = s.masked_fill(~mask[:, :, None, i0:i1], -math.inf)
-        lse = torch.logsumexp(s, dim=-1)
-        # A row with no visible key has lse = -inf; without a mask every row sees all T ≥ 1 keys.
-        lse_safe = lse if mask is None and T else torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        p = torch.exp(s - lse_safe[..., None]).reshape(B, Hkv, G * (i1 - i0), T)
-        outs.append((p @ vf).reshape(B, Hq, i1 - i0, d))
-        lses.append(lse.reshape(B, Hq, i1 - i0))
-    if len(outs) == 1:
-        return outs[0], lses[0]
-    return torch.cat(outs, 2), torch.cat(lses, 2)
-
+__all__ = ["tqcache_attention", "register", "dense_partial", "attend_compressed"]  # dense_partial: codec.attention
 
 def _visible(pos: torch.Tensor, step, mask: torch.Tensor | None, B: int, Lq: int) -> torch.Tensor:
     """Boolean ``[B or 1, 1, Lq, n]``: which keys at absolute positions ``pos [n]`` (-1 = empty) each query sees."""

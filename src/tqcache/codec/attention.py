@@ -20,7 +20,7 @@ import torch
 
 from .base import Packed
 
-__all__ = ["attend_packed", "build_mask", "merge_partials", "score_kl"]
+__all__ = ["attend_packed", "build_mask", "dense_partial", "merge_partials", "score_kl"]
 
 
 def build_mask(
@@ -140,6 +140,37 @@ def attend_packed(
     out = out / l.clamp_min(1e-30)[..., None]
     lse = torch.where(l > 0, m + torch.log(l.clamp_min(1e-30)), torch.full_like(m, -math.inf))
     return out.reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
+
+
+_QUERY_CHUNK = 1024  # query rows per dense-part block: bounds the fp32 score matrix at long prefill
+
+
+def dense_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float):
+    """Attention over full-precision keys with its log-sum-exp (SDPA does not return one).
+
+    ``q [B, Hq, Lq, d]``, ``k/v [B, Hkv, T, d]``, ``mask`` boolean broadcastable to ``[B, 1, Lq, T]`` or None.
+    Returns ``(out [B, Hq, Lq, d] fp32, lse [B, Hq, Lq] fp32)``.
+    """
+    B, Hq, Lq, d = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    kf, vf = k.float(), v.float()
+    outs, lses = [], []
+    for i0 in range(0, Lq, _QUERY_CHUNK):
+        i1 = min(i0 + _QUERY_CHUNK, Lq)
+        qc = q[:, :, i0:i1].float().reshape(B, Hkv, G * (i1 - i0), d)
+        s = (qc @ kf.transpose(-1, -2)).reshape(B, Hkv, G, i1 - i0, T) * scale
+        if mask is not None:
+            s = s.masked_fill(~mask[:, :, None, i0:i1], -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        # A row with no visible key has lse = -inf; without a mask every row sees all T ≥ 1 keys.
+        lse_safe = lse if mask is None and T else torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        p = torch.exp(s - lse_safe[..., None]).reshape(B, Hkv, G * (i1 - i0), T)
+        outs.append((p @ vf).reshape(B, Hq, i1 - i0, d))
+        lses.append(lse.reshape(B, Hq, i1 - i0))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,10 +189,9 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
 
 # ---------------------------------------------------------------------------------------------- window
 def window_reference(q, parts, out_c, lse_c, scale):
-    """The torch twin of :func:`attend_window`: ``attention.dense_partial`` per dense part, merged with the
+    """The torch twin of :func:`attend_window`: ``codec.attention.dense_partial`` per dense part, merged with the
     compressed partial by ``merge_partials``; ``[B, 1, Hq, d]`` in q's dtype."""
-    from ..attention import dense_partial
-    from ..codec.attention import merge_partials
+    from ..codec.attention import dense_partial, merge_partials
 
     res = [dense_partial(q, k, v, None, scale) for k, v in parts]
     if out_c is not None:

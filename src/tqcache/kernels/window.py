@@ -7,7 +7,7 @@ log-sum-exp. In torch the two dense parts and the merge are ~50 small ops per la
 bound by the host issuing them (docs/performance.md, "Decode steps in eager mode"). This kernel does the dense
 parts and the merge in one program per (batch, KV head), for the plain decode step only: one query token, no
 padding mask, no sliding window — every key is visible, so there is no mask to read. Its torch twin is the
-composition it replaces (``attention.dense_partial`` per part + ``codec.attention.merge_partials``), against
+composition it replaces (``codec.attention.dense_partial`` per part + ``merge_partials``), against
 which ``tests/test_kernels.py`` checks it.
 
 Shapes: ``q [B, Hq, 1, d]``; each dense part ``(k, v)`` ``[B, Hkv, n, d]`` (any strides with a contiguous last
