@@ -337,6 +337,26 @@ def test_gluon_quarter_bit_keys_run_in_containers_with_zero_extra_columns(bits):
     torch.testing.assert_close(A[:, p >= 0], c.rotate_query(torch.eye(128))[:, p[p >= 0]])
 
 
+@pytest.mark.parametrize("bits", [3.25, 2.25])
+def test_gluon_quarter_bit_keys_at_256_run_as_three_segments(bits):
+    # head_dim 256 as halves: 64 | 192 key channels run as 64 | 64 + 128, the wide segment's two pieces sharing its
+    # table row (and norm); each piece starts on a 4-byte boundary of the row and orders its own channels.
+    from tqcache.kernels.attention import _matrices
+    from tqcache.kernels.decode_gluon import _segment_codes, _segment_order, kernel_order, kernel_segments, split_halves
+
+    c, v = TurboQuantizer(256, bits, split="outliers", seed=4), TurboQuantizer(256, int(bits))
+    (_, b0), (_, b1) = c.segments
+    assert split_halves(c, v) and kernel_segments(c, True) == [(64, b0, 0), (64, b1, 1), (128, b1, 1)]
+    perm = kernel_order(c, True, split=True)
+    assert perm == _segment_order(64, b0, True) + [64 + x for x in _segment_order(64, b1, True)] + \
+        [128 + x for x in _segment_order(128, b1, True)]
+    codes = torch.zeros(1, 1, 4, (64 * b0 + 192 * b1) // 8, dtype=torch.uint8)
+    starts = [off * (4 if t.dtype == torch.int32 else 1) for t, off in _segment_codes(codes, c, split=True)]
+    assert starts == [0, 8 * b0, 8 * b0 + 8 * b1] and all(x % 4 == 0 for x in starts)
+    A, *_ = _matrices(c, v, torch.device("cpu"), torch.float16, gluon=True)
+    torch.testing.assert_close(A, c.rotate_query(torch.eye(256))[:, perm])
+
+
 @pytest.mark.parametrize("d,bits", [(128, 4), (128, 2), (64, 4), (64, 2)])
 def test_gluon_kernel_order_matches_the_bit_stream(d, bits):
     # Emulates what the kernel reads: plane p of column j is bits [p·b, (p+1)·b) of stored byte σ(j). That must
@@ -534,6 +554,11 @@ GLUON_CASES = [
     (128, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
     (128, 6, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
     (128, 9, 4, torch.float16, 2, 2, 8, 300, 1, "qjl"),
+    # quarter-bit keys at head_dim 256: 64 | 64 + 128 channels (three key segments), values as halves
+    (256, 3.25, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (256, 2.25, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (256, 3.25, 3, torch.float16, 3, 2, 8, 200, 1, "ragged"),
+    (256, 2.25, 2, torch.bfloat16, 2, 2, 8, 517, 2, "causal"),
     # ... at head_dim 64: one sign plane of 64 columns
     (64, 4, 4, torch.float16, 2, 2, 8, 700, 1, "qjl"),
     (64, 3, 3, torch.bfloat16, 2, 1, 4, 260, 3, "qjl-window"),

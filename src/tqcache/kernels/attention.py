@@ -23,7 +23,7 @@ with one program per output row (log-sum-exp over the splits, normalise, rotate 
 (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
 Decode steps that the Gluon kernel of :mod:`.decode_gluon` covers (``decode_gluon.gluon_reason``: every named
-TurboQuant scheme at head_dim 128, and at 256 all but quarter-bit keys; one-segment 2/3/4-bit sides and
+TurboQuant scheme at head_dim 128 and 256; one-segment 2/3/4-bit sides and
 8-bit keys at 64; fp16/bf16 queries; QJL keys, at 256 as halves) run it instead (same partials, query map and merge;
 ``config=dict(..., gluon=False)`` forces this one). Measured (H100, docs/performance.md, v9/v10 — this kernel beside
 it): turbo3 0.87–0.91× the speed of bf16 SDPA at 64K–128K here, against 2.23–3.11× on the Gluon kernel, which

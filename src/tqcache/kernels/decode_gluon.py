@@ -18,7 +18,8 @@ other side (3 bits; keys also 5) makes both run as 128-channel halves (:func:`sp
 channels at head_dim
 128 (channel-split or rotated fractional bits: turbo3.5 = 4 | 3, 2.5 = 3 | 2 bits; each half its own codes, table
 and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 | 128-channel containers,
-:func:`key_containers`), or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
+:func:`key_containers`) — at head_dim 256 their 64 | 192 as three key segments, 64 | 64 + 128, beside values as
+halves (:func:`kernel_segments`) — or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
 head_dim 128 and in each 128-channel half at 256 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row,
 centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 64, 128, and 256 as halves (the sign
 sketch as one more ±1 key plane per 128 channels — at 64, one of 64 — a lane's signs of a plane one word of the row:
@@ -404,8 +405,10 @@ def _copy_rows(buf, base, rows, stride, off, ki, s_hi, PAD: gl.constexpr, NREAL:
 @gluon.jit
 def _copy_stage(slot, r0, s_hi, smk0, kc0, kt0, sk0, ko0, ki0, smv0, vc0, vt0, sv0, vo0,
                 smk1, kc1, kt1, sk1, ko1, ki1, smv1, vc1, vt1, sv1, vo1, smq, kq, ktq, sq, qo, kiq,
+                smk2, kc2, kt2, sk2, ko2, ki2,
                 PADK0: gl.constexpr, PADK1: gl.constexpr, TWO_K: gl.constexpr, TWO_V: gl.constexpr,
-                KR0: gl.constexpr, KR1: gl.constexpr, CUT0: gl.constexpr, CUT1: gl.constexpr, QJL: gl.constexpr):
+                KR0: gl.constexpr, KR1: gl.constexpr, CUT0: gl.constexpr, CUT1: gl.constexpr, QJL: gl.constexpr,
+                PADK2: gl.constexpr, THREE_K: gl.constexpr):
     """cp.async the code rows ``r0 ..`` of every segment (and the QJL sign words) into ring slot ``slot``, as one
     commit group. ``CUT``: a key container wider than its segment, whose elements past ``KR`` are not read
     (zero-filled)."""
@@ -415,6 +418,8 @@ def _copy_stage(slot, r0, s_hi, smk0, kc0, kt0, sk0, ko0, ki0, smv0, vc0, vt0, s
         _copy_rows(smk1.index(slot), kc1, r0 + kt1, sk1, ko1, ki1, s_hi, PADK1, KR1, CUT1)
     if TWO_V:
         _copy_rows(smv1.index(slot), vc1, r0 + vt1, sv1, vo1, vt1, s_hi, 0, 0, False)
+    if THREE_K:
+        _copy_rows(smk2.index(slot), kc2, r0 + kt2, sk2, ko2, ki2, s_hi, PADK2, 0, False)
     if QJL:
         _copy_rows(smq.index(slot), kq, r0 + ktq, sq, qo, kiq, s_hi, 0, 0, False)
     async_copy.commit_group()
@@ -508,13 +513,14 @@ def _gluon_decode_kernel(
     # kernel scales uint8 ones back up), which tells it that rows are 4-byte aligned: a 3.5-bit row is 56 bytes.
     KC0, stride_k0b, stride_k0h, stride_k0t,  # key codes of segment 0
     KC1, stride_k1b, stride_k1h, stride_k1t,  # segment 1 (= KC0 when there is one)
+    KC2, stride_k2b, stride_k2h, stride_k2t,  # segment 2 (KB2 > 0; = KC0 otherwise)
     KN, stride_knb, stride_knh, stride_knt,  # [B, Hkv, T, KS] fp16 key norms
     VC0, stride_v0b, stride_v0h, stride_v0t,  # value codes, as the keys
     VC1, stride_v1b, stride_v1h, stride_v1t,
     VN, stride_vnb, stride_vnh, stride_vnt,  # [B, Hkv, T, VS] fp16 value norms
     KQ, stride_kqb, stride_kqh, stride_kqt,  # [B, Hkv, T, D/32] int32 QJL sign words (QJL > 0; strides in words)
     KG, stride_kgb, stride_kgh, stride_kgt,  # [B, Hkv, T, 1] fp16 QJL residual norms γ (QJL)
-    LUTK0, LUTK1, LUTV0, LUTV1,  # int32 [4] register tables per segment (8-bit keys: LUTK0 = the fp16 [256] table)
+    LUTK0, LUTK1, LUTV0, LUTV1, LUTK2,  # int32 [4] register tables per segment (8-bit keys: LUTK0 = the fp16 table)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
     PACC, PM, PL,  # partials [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2 (the merge kernel's input)
     T, M, window, qjl_c,  # qjl_c: √(π/2)/d, the sketch's inner-product scale
@@ -522,6 +528,7 @@ def _gluon_decode_kernel(
     KO0: gl.constexpr, KO1: gl.constexpr, VO0: gl.constexpr, VO1: gl.constexpr,  # segment starts (elements)
     KB0: gl.constexpr, KB1: gl.constexpr, VB0: gl.constexpr, VB1: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
     KD0: gl.constexpr, KD1: gl.constexpr, KR0: gl.constexpr, KR1: gl.constexpr,  # key containers, real row widths
+    KO2: gl.constexpr, KB2: gl.constexpr, KD2: gl.constexpr,  # a third key segment (KB2 > 0), norm = segment 1's
     QJL: gl.constexpr, HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr,
     HAS_WINDOW: gl.constexpr, SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
     STAGES: gl.constexpr,
@@ -533,7 +540,8 @@ def _gluon_decode_kernel(
     each; keys also 32 | 96 channels, run in ``KD0 | KD1`` = 64 | 128-channel containers whose elements past
     ``KR0``/``KR1`` are masked), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
     ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
-    the fp16 table. ``QJL`` > 0: the sign sketch as that many more key planes of ±1 and 128 columns each (head_dim
+    the fp16 table. ``KB2`` > 0: a third key segment of 128 channels (2, 3 or 4 bits) sharing segment 1's table and
+    norm — head_dim 256 quarter-bit keys as halves, 64 | 64 + 128 channels (:func:`kernel_segments`). ``QJL`` > 0: the sign sketch as that many more key planes of ±1 and 128 columns each (head_dim
     128: one, 256: two; :func:`_sign_plane`) against the sketched query columns that follow the key containers in Q,
     their scores times ``γ·qjl_c``."""
     KM0: gl.constexpr = 1 if KB0 == 3 or KB0 == 5 else 4  # stride units -> elements (3 and 5 bits: int32 words)
@@ -542,6 +550,11 @@ def _gluon_decode_kernel(
     KU1: gl.constexpr = 32 if KB1 == 3 or KB1 == 5 else 8
     KPAD0: gl.constexpr = 3 if KB0 == 3 and KD0 == 128 else (5 if KB0 == 5 else 0)  # real words per lane and row
     KPAD1: gl.constexpr = 3 if KB1 == 3 and KD1 == 128 else (5 if KB1 == 5 else 0)
+    KM2: gl.constexpr = 1 if KB2 == 3 else 4
+    KPAD2: gl.constexpr = 3 if KB2 == 3 else 0
+    KP2: gl.constexpr = 4 if KB2 == 3 else (8 // KB2 if KB2 > 0 else 2)
+    KW2: gl.constexpr = KD2 // KP2 if KB2 > 0 else 16
+    KL2: gl.constexpr = 4 if KB2 == 3 else KW2 // 4
     VM0: gl.constexpr = 1 if VB0 == 3 else 4
     VM1: gl.constexpr = 1 if VB1 == 3 else 4
     # Channels per segment. Keys: the *container* the kernel runs each segment as (key_containers: a 96-channel
@@ -574,6 +587,7 @@ def _gluon_decode_kernel(
     # Load tiles: keys [N, 4, KL] (lane = 4·(token mod 8) + t), values [N, 8, VL] (lane = 4·gid + token bits 1–2).
     LK0: gl.constexpr = gl.BlockedLayout([1, 1, KL0], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     LK1: gl.constexpr = gl.BlockedLayout([1, 1, KL1], [8, 4, 1], [1, 1, 1], [2, 1, 0])
+    LK2: gl.constexpr = gl.BlockedLayout([1, 1, KL2], [8, 4, 1], [1, 1, 1], [2, 1, 0])
     LV0: gl.constexpr = gl.BlockedLayout([2, 1, VL0], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     LV1: gl.constexpr = gl.BlockedLayout([2, 1, VL1], [4, 8, 1], [1, 1, 1], [2, 0, 1])
     LS: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [1, 1, 1], [2, 1, 0])  # SH copies: [N, 4, 4] bytes
@@ -622,12 +636,14 @@ def _gluon_decode_kernel(
     q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
     if KB1 > 0:
         q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
+    if KB2 > 0:
+        q8, q9, q10, q11 = _load_q(qrow, qm, stride_qm, q_ok, KD0 + KD1, KP2, KW2, LQ, OPB)
     if QJL > 0:  # the sketched query: [128·QJL, BLOCK_M] after the key containers, parked in shared memory (its
         # 16 registers per plane as a B operand would make ptxas re-materialize the lookup tables from uniform
         # registers)
         qc = gl.arange(0, QC * QJL, layout=gl.SliceLayout(1, LQ))
         sqs = gl.allocate_shared_memory(gl.float16, [QC * QJL, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
-                                        gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1, mask=q_ok,
+                                        gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1 + KD2, mask=q_ok,
                                                 other=0.0))
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
@@ -654,6 +670,10 @@ def _gluon_decode_kernel(
     if KB1 > 0:
         kt1, ki1, k_off1, ksa1, ksb1 = _key_offsets(BLOCK_N, KB1, KD1, KL1, LK1)
         kc1 = KC1 + KO1 + b * (stride_k1b * KM1) + h * (stride_k1h * KM1)
+    kt2, ki2, k_off2, ksa2, ksb2, kc2 = kt, ki0, k_off0, ksa0, ksb0, kc0  # (aliases without a third segment)
+    if KB2 > 0:
+        kt2, ki2, k_off2, ksa2, ksb2 = _key_offsets(BLOCK_N, KB2, KD2, KL2, LK2)
+        kc2 = KC2 + KO2 + b * (stride_k2b * KM2) + h * (stride_k2h * KM2)
     if VB1 > 0:
         if SH1:
             vt1, _u, v_off1, vsa1, vsb1 = _key_offsets(BLOCK_N, 2, 64, 4, LS)
@@ -685,6 +705,10 @@ def _gluon_decode_kernel(
     smk0 = gl.allocate_shared_memory(KC0.dtype.element_ty, [STAGES, BLOCK_N, 4, KL0], SK0)
     smv0 = gl.allocate_shared_memory(VC0.dtype.element_ty, [STAGES, BLOCK_N, 4 if SH0 else 8, 4 if SH0 else VL0], SV0)
     smk1 = smk0  # (aliases when a side has one segment: never copied to or read)
+    smk2 = smk0
+    if KB2 > 0:
+        smk2 = gl.allocate_shared_memory(KC2.dtype.element_ty, [STAGES, BLOCK_N, 4, KL2],
+                                         _lane_major(True, BLOCK_N, KL2, 1 if KM2 == 1 else min(KL2, 16)))
     smv1 = smv0
     if KB1 > 0:
         smk1 = gl.allocate_shared_memory(KC1.dtype.element_ty, [STAGES, BLOCK_N, 4, KL1], SK1)
@@ -700,9 +724,9 @@ def _gluon_decode_kernel(
         _copy_stage(i, s_lo + i * BLOCK_N, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    smq, kq, ktq, stride_kqt, q_off, kiq,
+                    smq, kq, ktq, stride_kqt, q_off, kiq, smk2, kc2, kt2, stride_k2t * KM2, k_off2, ki2,
                     KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1,
-                    QJL > 0)
+                    QJL > 0, KPAD2, KB2 > 0)
     offs_n = s_lo + rows
     kn = gl.load(kn_base + offs_n * stride_knt, mask=offs_n < s_hi, other=0.0)
     vn = gl.load(vn_base + offs_n * stride_vnt, mask=offs_n < s_hi, other=0.0)
@@ -722,6 +746,8 @@ def _gluon_decode_kernel(
         tabk1 = _lane_entry5(LUTK1, BLOCK_N, LK1)
     if KB1 > 0:
         uk0, uk1, uk2, uk3 = _load_table(LUTK1)
+    if KB2 > 0:
+        wk0, wk1, wk2, wk3 = _load_table(LUTK2)
     if VB1 > 0:
         uv0, uv1, uv2, uv3 = _load_table(LUTV1)
     for it in range(n_iter):
@@ -733,9 +759,9 @@ def _gluon_decode_kernel(
         _copy_stage(slot, nxt, s_hi,
                     smk0, kc0, kt, stride_k0t * KM0, k_off0, ki0, smv0, vc0, vt, stride_v0t * VM0, v_off0,
                     smk1, kc1, kt1, stride_k1t * KM1, k_off1, ki1, smv1, vc1, vt1, stride_v1t * VM1, v_off1,
-                    smq, kq, ktq, stride_kqt, q_off, kiq,
+                    smq, kq, ktq, stride_kqt, q_off, kiq, smk2, kc2, kt2, stride_k2t * KM2, k_off2, ki2,
                     KPAD0, KPAD1, KB1 > 0, VB1 > 0, KR0, KR1, KR0 < KD0 * KB0 // KU0, KR1 < KD1 * KB1 // KU1,
-                    QJL > 0)
+                    QJL > 0, KPAD2, KB2 > 0)
         offs_n = start + rows
         nmask = offs_n < s_hi
         nxt_ok = offs_n + BLOCK_N < s_hi
@@ -763,6 +789,8 @@ def _gluon_decode_kernel(
             cv0 = smv0.index(cur).load(LV0)
         if KB1 > 0:
             ck1 = smk1.index(cur).load(LK1)
+        if KB2 > 0:
+            ck2 = smk2.index(cur).load(LK2)
         if VB1 > 0:
             if SH1:
                 cv1 = smv1.index(cur).reshape([BLOCK_N, 8, VL1]).load(LV1)
@@ -775,6 +803,9 @@ def _gluon_decode_kernel(
         if KB1 > 0:
             s1 = _key_scores(ck1, ksa1, ksb1, tabk1, uk0, uk1, uk2, uk3, q4, q5, q6, q7,
                              KB1, KD1, KP1, KW1, BLOCK_N, BLOCK_M, MMA, OPA)
+            if KB2 > 0:  # the third segment shares segment 1's norm
+                s1 = s1 + _key_scores(ck2, ksa2, ksb2, LUTK2, wk0, wk1, wk2, wk3, q8, q9, q10, q11,
+                                      KB2, KD2, KP2, KW2, BLOCK_N, BLOCK_M, MMA, OPA)
             if KS == 2:
                 s = s * knf[:, None] + s1 * kn1f[:, None]
             else:
@@ -890,10 +921,14 @@ def split_halves(k_codec, v_codec) -> bool:
 
 def kernel_segments(codec, split: bool = False) -> list[tuple[int, int, int]]:
     """``(channels, bits, table row)`` of the segments the kernel runs: the codec's own, or with ``split`` each
-    256-channel segment as two 128-channel halves of the same table (:func:`split_halves`)."""
+    256-channel segment as two 128-channel halves of the same table (:func:`split_halves`), and the 192-channel
+    segment of quarter-bit keys (64 | 192) as 64 + 128 — the keys then run as three segments, 64 | 64 + 128."""
     out = []
     for s, (d_s, b_s) in enumerate(codec.segments):
-        out += [(128, b_s, s), (128, b_s, s)] if split and d_s == 256 else [(d_s, b_s, s)]
+        if split and d_s in (192, 256):  # (192: quarter-bit keys' wide segment, as 64 + 128 channels)
+            out += [(d_s - 128, b_s, s), (128, b_s, s)]
+        else:
+            out.append((d_s, b_s, s))
     return out
 
 
@@ -964,9 +999,12 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         if d == 256:  # 16-token blocks: both sides whole (_native256), or both as 128-channel halves (split_halves)
             halves = [(c_, b) for c_, b, _ in kernel_segments(c, True)]
             ok_bits = (2, 3, 4, 5) if name == "key" else (2, 3, 4)
-            if not (all(c_ == 128 and b in ok_bits for c_, b in halves) if split else _native256(c, name == "key")):
+            quarter = name == "key" and [c_ for c_, _ in halves] == [64, 64, 128] and all(b in (2, 3, 4) for _, b in halves)
+            if not (all(c_ == 128 and b in ok_bits for c_, b in halves) or quarter if split
+                    else _native256(c, name == "key")):
                 return (f"{name} segments {segs} at head_dim 256 (2/4-bit sides and 8-bit keys run whole; otherwise "
-                        f"both sides run as 128-channel halves of 2, 3 or 4 bits — keys also 5)")
+                        f"both sides run as 128-channel halves of 2, 3 or 4 bits — keys also 5, or quarter-bit "
+                        f"keys as 64 | 64 + 128 channels)")
             continue
         two = [(64, 64)] + ([(32, 96)] if name == "key" else [])  # quarter-bit keys: 32 | 96 channels
         wide = name == "key" and segs in ([(d, 8)], [(128, 5)])  # one gathered plane: 8 bits, or 5 at d = 128
@@ -1008,14 +1046,16 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     [B, Hkv, T, d/8], norms fp16 [B, Hkv, T, 1])``, :func:`words_ok` rows)."""
     B = qk.shape[0]
     split = split_halves(k_codec, v_codec)
-    (k0, ko0), (k1, ko1) = (_segment_codes(kc, k_codec, split) * 2)[:2]  # one segment: the second is the first (unused)
+    kseg = _segment_codes(kc, k_codec, split)
+    (k0, ko0), (k1, ko1) = (kseg * 2)[:2]  # one segment: the second is the first (unused)
+    k2, ko2 = kseg[2] if len(kseg) > 2 else (k0, 0)  # a third (quarter-bit keys at head_dim 256)
     (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec, split) * 2)[:2]
     ks, vs = kernel_segments(k_codec, split), kernel_segments(v_codec, split)
-    kb = [b for _, b, _ in ks] + [0]
+    kb = [b for _, b, _ in ks] + [0, 0]
     vb = [b for _, b, _ in vs] + [0]
-    kt = [t for _, _, t in ks] * 2  # table row per kernel segment (halves of one segment share it; a lone segment's
+    kt = [t for _, _, t in ks] * 3  # table row per kernel segment (halves of one segment share it; a lone segment's
     vt = [t for _, _, t in vs] * 2  # row is repeated only to fill the unused second slot)
-    kd = [c for c, _ in key_containers(k_codec, split)] + [0]
+    kd = [c for c, _ in key_containers(k_codec, split)] + [0, 0]
     # real row widths in the elements the kernel reads (bytes, or words at 3 bits)
     kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s, _ in ks] + [0]
 
@@ -1025,17 +1065,17 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     ksg, kgm = (qjl[0].view(torch.int32), qjl[1]) if qjl is not None else (k0, kn)  # (unused without QJL)
     return _gluon_decode_kernel[(B * Hkv, splits)](
         qk, qk.stride(0), qk.stride(1), qk.stride(2),
-        k0, *words(k0), k1, *words(k1),
+        k0, *words(k0), k1, *words(k1), k2, *words(k2),
         kn, kn.stride(0), kn.stride(1), kn.stride(2),
         v0, *words(v0), v1, *words(v1),
         vn, vn.stride(0), vn.stride(1), vn.stride(2),
         ksg, *words(ksg), kgm, kgm.stride(0), kgm.stride(1), kgm.stride(2),
         lvk[kt[0]] if kb[0] in (5, 8) else lutk[kt[0]], lvk[kt[1]] if kb[1] == 5 else lutk[kt[1]], lutv[vt[0]],
-        lutv[vt[1]],
+        lutv[vt[1]], lutk[kt[2]],
         st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
         pacc, pm, pl,
         T, M, int(window) if window is not None else 0, k_codec.qjl_scale if qjl is not None else 0.0,
-        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
+        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KO2=ko2, KB2=kb[2], KD2=kd[2], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
         QJL=max(1, d // 128) if qjl is not None else 0, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
         HAS_WINDOW=window is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages,
         num_warps=1,
