@@ -554,11 +554,6 @@ GLUON_CASES = [
     (128, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
     (128, 6, 3, torch.bfloat16, 2, 2, 8, 1000, 1, "qjl"),
     (128, 9, 4, torch.float16, 2, 2, 8, 300, 1, "qjl"),
-    # quarter-bit keys at head_dim 256: 64 | 64 + 128 channels (three key segments), values as halves
-    (256, 3.25, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
-    (256, 2.25, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
-    (256, 3.25, 3, torch.float16, 3, 2, 8, 200, 1, "ragged"),
-    (256, 2.25, 2, torch.bfloat16, 2, 2, 8, 517, 2, "causal"),
     # ... at head_dim 64: one sign plane of 64 columns
     (64, 4, 4, torch.float16, 2, 2, 8, 700, 1, "qjl"),
     (64, 3, 3, torch.bfloat16, 2, 1, 4, 260, 3, "qjl-window"),
@@ -568,6 +563,11 @@ GLUON_CASES = [
     (256, 3, 3, torch.float16, 2, 2, 8, 517, 2, "qjl-causal"),
     (256, 6, 4, torch.bfloat16, 3, 2, 8, 200, 1, "qjl-ragged"),
     (256, 4, 2, torch.float16, 2, 1, 4, 260, 3, "qjl-window"),
+    # quarter-bit keys at head_dim 256: 64 | 64 + 128 channels (three key segments), values as halves
+    (256, 3.25, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
+    (256, 2.25, 2, torch.float16, 2, 1, 4, 260, 3, "window"),
+    (256, 3.25, 3, torch.float16, 3, 2, 8, 200, 1, "ragged"),
+    (256, 2.25, 2, torch.bfloat16, 2, 2, 8, 517, 2, "causal"),
     # 5-bit keys (d = 128): centroids shuffled (shfl.sync.idx) from the lane holding that table entry
     (128, 5, 3, torch.bfloat16, 2, 2, 8, 1000, 1, None),
     (128, 5, 4, torch.float16, 2, 2, 8, 517, 2, "causal"),

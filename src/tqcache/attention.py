@@ -116,7 +116,7 @@ def tqcache_attention(
         return None if see_all else _visible(pos_fn(), step, mask, B, Lq)
 
     sinks = step.sink_k is not None and step.sink_k.shape[-2] > 0
-    if see_all and (step.slot_pos is None or not step.n_slots):
+    if see_all:  # (a full layer: no ring of slots)
         # The plain decode step: the dense parts and the merge in one launch (kernels.attend_window), when the
         # kernels run here; otherwise the same composition in torch below.
         kernels = _kernels_for(query)

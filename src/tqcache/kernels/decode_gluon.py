@@ -21,11 +21,11 @@ and norm), or quarter-bit keys of 32 | 96 channels (k3.25v3, k2.25v2: run in 64 
 :func:`key_containers`) — at head_dim 256 their 64 | 192 as three key segments, 64 | 64 + 128, beside values as
 halves (:func:`kernel_segments`) — or 8-bit keys (one plane, centroids gathered from the fp16 table), or 5-bit keys at
 head_dim 128 and in each 128-channel half at 256 (one plane; a lane's 32 codes are words 5t .. 5t + 4 of the row,
-centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 64, 128, and 256 as halves (the sign
-sketch as one more ±1 key plane per 128 channels — at 64, one of 64 — a lane's signs of a plane one word of the row:
-:func:`_sign_plane`, :func:`qjl_order`); fp16/bf16 queries
-(fp16 operands); the register tables usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp per
-program.
+centroids shuffled from the lane that holds them: :func:`_codes5`); QJL keys at head_dim 64, 128, and 256 as
+halves (the sign sketch as one more ±1 key plane per 128 channels — at 64, one of 64 — a lane's signs of a plane one
+word of the row: :func:`_sign_plane`, :func:`qjl_order`); fp16/bf16 queries (fp16 operands); the register tables
+usable (sign-symmetric fp16 centroids at 4 bits). Same arguments, partials and merge as the Triton kernel; one warp
+per program.
 
 Fragment geometry (``mma.sync.m16n8k16``, lane = 4·gid + t). Per segment ``W = d·b/8`` code bytes per token
 row; plane ``p`` of byte ``s`` is channel ``s·P + p`` (``P = 8/b``); every plane is a ``[tokens, W]`` tile whose
@@ -300,6 +300,15 @@ def _sign_plane(w, BLOCK_N: gl.constexpr, NP: gl.constexpr, LSP: gl.constexpr):
 
 
 @gluon.jit
+def _sign_scores(w, qs, sq, BLOCK_N: gl.constexpr, NP: gl.constexpr, LSP: gl.constexpr, OPA: gl.constexpr,
+                 OPB: gl.constexpr):
+    """``sq`` plus one sign plane's scores ``[N, BLOCK_M]``: the ±1 plane of the word tile ``w``
+    (:func:`_sign_plane`: ``8·NP`` columns, ``2·NP`` per lane and row) times its sketched query columns in shared
+    memory ``qs``."""
+    return mma_v2(_k_operand(_sign_plane(w, BLOCK_N, NP, LSP), BLOCK_N, 8 * NP, OPA), qs.load(OPB), sq)
+
+
+@gluon.jit
 def _value_planes3_64(w, sel0, sel1, t0, t1, t2, t3):
     """3-bit values at d = 64: word tile ``[N, 8(gid), 2]`` -> four ``[N, 8, 2]`` planes (tensor p = codes 2p, 2p + 1
     on its word axis = column bit nt)."""
@@ -541,9 +550,10 @@ def _gluon_decode_kernel(
     ``KR0``/``KR1`` are masked), each with its own codes, table and — ``KS``/``VS`` = 2 — norm: scores are
     ``n_0·S_0 + n_1·S_1``, and segment s's values accumulate ``P·n_s``. 8-bit keys are one plane gathered from
     the fp16 table. ``KB2`` > 0: a third key segment of 128 channels (2, 3 or 4 bits) sharing segment 1's table and
-    norm — head_dim 256 quarter-bit keys as halves, 64 | 64 + 128 channels (:func:`kernel_segments`). ``QJL`` > 0: the sign sketch as that many more key planes of ±1 and 128 columns each (head_dim
-    128: one, 256: two; :func:`_sign_plane`) against the sketched query columns that follow the key containers in Q,
-    their scores times ``γ·qjl_c``."""
+    norm — head_dim 256 quarter-bit keys as halves, 64 | 64 + 128 channels (:func:`kernel_segments`). ``QJL`` > 0:
+    the sign sketch as that many more key planes of ±1 (head_dim 64: one of 64 columns; 128: one of 128; 256: two;
+    :func:`_sign_plane`) against the sketched query columns that follow the key containers in Q, their scores times
+    ``γ·qjl_c``."""
     KM0: gl.constexpr = 1 if KB0 == 3 or KB0 == 5 else 4  # stride units -> elements (3 and 5 bits: int32 words)
     KM1: gl.constexpr = 1 if KB1 == 3 or KB1 == 5 else 4
     KU0: gl.constexpr = 32 if KB0 == 3 or KB0 == 5 else 8  # bits per element of the code tensor
@@ -642,9 +652,9 @@ def _gluon_decode_kernel(
         # 16 registers per plane as a B operand would make ptxas re-materialize the lookup tables from uniform
         # registers)
         qc = gl.arange(0, QC * QJL, layout=gl.SliceLayout(1, LQ))
-        sqs = gl.allocate_shared_memory(gl.float16, [QC * QJL, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]),
-                                        gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1 + KD2, mask=q_ok,
-                                                other=0.0))
+        qs = gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1 + KD2, mask=q_ok, other=0.0)
+        sqs = gl.allocate_shared_memory(gl.float16, [QC * QJL, BLOCK_M],
+                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), qs)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
     l_i = gl.zeros([BLOCK_M], gl.float32, QRY)
@@ -816,20 +826,17 @@ def _gluon_decode_kernel(
             cw = smq.index(cur).load(LKQ)
             sq = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
             if QH == 1:
-                sq = mma_v2(_k_operand(_sign_plane(cw, BLOCK_N, 16, LKQP), BLOCK_N, 128, OPA), sqs.load(OPB), sq)
+                sq = _sign_scores(cw, sqs, sq, BLOCK_N, 16, LKQP, OPA, OPB)
             elif D == 64:  # lane t's 16 signs: half t % 2 of word t // 2, its bytes moved to 0 and 2 (pairs j, j + 16)
                 w0, w1 = gl.split(cw)
                 tq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LKQ)))[None, :]
                 wt = gl.where(tq < 2, w0, w1) >> (16 * (tq % 2))
                 wt = (wt & 0xFF) | ((wt & 0xFF00) << 8)
-                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(wt, 2), BLOCK_N, 8, LKQP), BLOCK_N, 64, OPA),
-                            sqs.load(OPB), sq)
+                sq = _sign_scores(gl.expand_dims(wt, 2), sqs, sq, BLOCK_N, 8, LKQP, OPA, OPB)
             else:
                 w0, w1 = gl.split(cw)
-                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w0, 2), BLOCK_N, 16, LKQP), BLOCK_N, 128, OPA),
-                            sqs.slice(0, 128).load(OPB), sq)
-                sq = mma_v2(_k_operand(_sign_plane(gl.expand_dims(w1, 2), BLOCK_N, 16, LKQP), BLOCK_N, 128, OPA),
-                            sqs.slice(128, 128).load(OPB), sq)
+                sq = _sign_scores(gl.expand_dims(w0, 2), sqs.slice(0, 128), sq, BLOCK_N, 16, LKQP, OPA, OPB)
+                sq = _sign_scores(gl.expand_dims(w1, 2), sqs.slice(128, 128), sq, BLOCK_N, 16, LKQP, OPA, OPB)
             s = s + sq * kgf[:, None]
         ok = nmask[:, None] & mvalid[None, :]
         if CAUSAL:
@@ -999,7 +1006,8 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
         if d == 256:  # 16-token blocks: both sides whole (_native256), or both as 128-channel halves (split_halves)
             halves = [(c_, b) for c_, b, _ in kernel_segments(c, True)]
             ok_bits = (2, 3, 4, 5) if name == "key" else (2, 3, 4)
-            quarter = name == "key" and [c_ for c_, _ in halves] == [64, 64, 128] and all(b in (2, 3, 4) for _, b in halves)
+            quarter = name == "key" and [c_ for c_, _ in halves] == [64, 64, 128] and \
+                all(b in (2, 3, 4) for _, b in halves)
             if not (all(c_ == 128 and b in ok_bits for c_, b in halves) or quarter if split
                     else _native256(c, name == "key")):
                 return (f"{name} segments {segs} at head_dim 256 (2/4-bit sides and 8-bit keys run whole; otherwise "
@@ -1015,7 +1023,8 @@ def gluon_reason(q: torch.Tensor, k_codec, v_codec, M: int, lut_ok: bool) -> str
     if v_codec.qjl:
         return "QJL on values"
     if k_codec.qjl and d == 256 and not split:
-        return "QJL keys on the native head_dim-256 geometry (sign planes run where both sides run as 128-channel halves)"
+        return ("QJL keys on the native head_dim-256 geometry (sign planes run where both sides run as 128-channel "
+                "halves)")
     if not lut_ok:
         return "centroid table not sign-symmetric in fp16 (register lookup needs it)"
     return None
