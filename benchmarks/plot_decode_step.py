@@ -1,7 +1,9 @@
 """Plot ``bench_decode_step.py`` results: milliseconds per layer of an eager decode step, per provider and context.
 
 One group of bars per context length, one bar per provider; with several result files (separate runs) a bar is
-the median and its whisker the min–max, since an eager step is host-bound and varies run to run.
+the median and its whisker the min–max, since an eager step is host-bound and varies run to run. Files of different
+commits (``meta.commit``, e.g. ``abc123-before`` / ``abc123-after`` of an A/B) keep the tqcache providers apart —
+"turbo4 (abc123-after)" — while the dense ``bf16*`` baselines pool every run.
 
     python benchmarks/plot_decode_step.py benchmarks/results/decode_step_h100_v12_window.json \\
         benchmarks/results/decode_step_h100_v12_nosync.json --out benchmarks/results/decode_step_h100_v12.png
@@ -16,13 +18,18 @@ from pathlib import Path
 
 
 def per_layer(results: list[dict]) -> dict:
-    """``{scheme: {N: [ms per layer of each run]}}``, providers in first-seen order."""
+    """``{provider: {N: [ms per layer of each run]}}``, providers in first-seen order (labelled by commit when the
+    files are of several commits; dense baselines never are)."""
+    commits = {res.get("meta", {}).get("commit") for res in results}
     out: dict = {}
     for res in results:
         for r in res["rows"]:
             if "us_per_layer" not in r:
                 raise ValueError(f"row without us_per_layer (not a bench_decode_step result?): {r}")
-            out.setdefault(r["scheme"], {}).setdefault(r["N"], []).append(r["us_per_layer"] / 1e3)
+            label = r["scheme"]
+            if len(commits) > 1 and not label.startswith("bf16"):
+                label = f"{label} ({res.get('meta', {}).get('commit')})"
+            out.setdefault(label, {}).setdefault(r["N"], []).append(r["us_per_layer"] / 1e3)
     return out
 
 

@@ -955,3 +955,94 @@ def test_window_kernel_refuses_prefill_chunks():
     k = torch.randn(1, 2, 5, 64, device=DEV)
     with pytest.raises(ValueError, match="3 query tokens"):
         attend_window_triton(q, [(k, k)], None, None, 0.125)
+
+
+# ---------------------------------------------------------------------------------------------- plans and replays
+# Each entry point keeps a plan per call signature (checks, constants, launch layout) and, on a GPU, replays the
+# compiled kernels without Triton's per-call path (kernels/_launch.py). What may change between calls that share a
+# plan — the token count, the write slot, the window length, the addresses — must still come out right, including
+# across the values Triton specializes ints on (1, multiples of 16), and a changed codec state must not reuse stale
+# constants.
+def test_attend_plan_follows_the_token_count():
+    kc, vc, kp, vp = _make(128, 4, 3, T=80, seed=21)
+    q = torch.randn(2, 8, 1, 128, generator=_gen(22)).to(DEV, torch.float16)
+    for T in (37, 48, 1, 64, 80, 17):  # one plan: views of the same buffers, T crossing 1 and multiples of 16
+        kv = {n: t[:, :, :T] for n, t in kp.fields.items()}, {n: t[:, :, :T] for n, t in vp.fields.items()}
+        _check(q, kc, type(kp)(fields=kv[0], dim=kp.dim, dtype=kp.dtype), vc,
+               type(vp)(fields=kv[1], dim=vp.dim, dtype=vp.dtype))
+
+
+def test_attend_plan_sees_a_changed_codec():
+    kc, vc, kp, vp = _make(64, 4, 4, T=40, seed=23)
+    q = torch.randn(2, 4, 1, 64, generator=_gen(24)).to(DEV)
+    first, _ = _check(q, kc, kp, vc, vp)
+    with torch.no_grad():
+        vc.levels0.mul_(0.5)  # in place: same tensors, new state (a stale plan would keep the old tables)
+    second, _ = _check(q, kc, kp, vc, vp)
+    assert not torch.allclose(first, second)
+
+
+def test_encode_plan_follows_the_slot():
+    c = TurboQuantizer(128, 4, seed=5).to(DEV)
+    x = torch.randn(1, 2, 40, 128, generator=_gen(25)).to(DEV)
+    ref = c.quantize(x)
+    fields = {n: torch.zeros(1, 2, 40, w, dtype=dt, device=DEV) for n, (w, dt) in c.field_widths().items()}
+    slots = [0, 1, 16, 17, 31, 32, 39]
+    for s in slots:  # one token per call: one plan, the slot crossing 1 and multiples of 16
+        encode_into(c, x[:, :, s : s + 1], fields, s)
+    for n, t in ref.fields.items():
+        assert (fields[n][:, :, slots] != t[:, :, slots]).float().mean() < 0.01, n
+        assert not fields[n][:, :, 2:16].any(), f"{n}: a slot nobody wrote"
+    with pytest.raises(ValueError, match="capacity"):
+        encode_into(c, x[:, :, :1], fields, 40)
+
+
+def test_encode_plan_sees_calibration():
+    c = TurboQuantizer(64, 4, seed=6, channel_scale=True).to(DEV)  # needs calibration: scales from the data
+    x = torch.randn(1, 2, 8, 64, generator=_gen(26)).to(DEV)
+    fields = {n: torch.zeros(1, 2, 8, w, dtype=dt, device=DEV) for n, (w, dt) in c.field_widths().items()}
+    encode_into(c, x, fields, 0)  # calibrates, then encodes
+    before = {n: t.clone() for n, t in fields.items()}
+    with torch.no_grad():
+        c.channel_scale[:8] *= 3.0  # in place: same tensor, new state (a stale plan would keep the old scales)
+    encode_into(c, x, fields, 0)
+    ref = c.quantize(x)
+    for n, t in ref.fields.items():
+        assert (fields[n] != t).float().mean() < 0.01, n
+    assert not torch.equal(before["codes"], fields["codes"])
+
+
+def test_window_plan_follows_the_window_length():
+    from tqcache.kernels.window import attend_window_triton
+
+    B, Hkv, G, d = 1, 2, 4, 64
+    q = torch.randn(B, Hkv * G, 1, d, generator=_gen(28)).to(DEV)
+    buf = torch.randn(B, Hkv, 40, d, generator=_gen(29)).to(DEV)
+    sinks = torch.randn(B, Hkv, 4, d, generator=_gen(30)).to(DEV)
+    for n in (15, 16, 1, 17, 32):
+        parts = [(sinks, sinks), (buf[:, :, :n], buf[:, :, :n])]
+        got = attend_window_triton(q, parts, None, None, d**-0.5)
+        torch.testing.assert_close(got, K.window_reference(q, parts, None, None, d**-0.5), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="replays need compiled kernels (CUDA)")
+def test_replays_match_tritons_own_launches():
+    from tqcache.kernels import _launch
+
+    kc, vc, kp, vp = _make(128, 3, 4, T=300, seed=31)
+    q = torch.randn(2, 8, 1, 128, generator=_gen(32)).to(DEV, torch.bfloat16)
+    x = torch.randn(2, 2, 1, 128, generator=_gen(33)).to(DEV, torch.bfloat16)
+    outs = []
+    for on in (False, True, True):  # Triton's path, then the first replay, then a second
+        prev = _launch.set_enabled(on)
+        try:
+            o, l = attend_packed_triton(q, kc, kp, vc, vp, scale=0.1)
+            f = {n: torch.zeros(2, 2, 4, w, dtype=dt, device=DEV) for n, (w, dt) in kc.field_widths().items()}
+            encode_into(kc, x, f, 2)
+            w = K.attend_window(q, [(x, x)], o, l, 0.1)
+        finally:
+            _launch.set_enabled(prev)
+        outs.append((o, l, f, w))
+    for o, l, f, w in outs[1:]:
+        assert torch.equal(o, outs[0][0]) and torch.equal(l, outs[0][1]) and torch.equal(w, outs[0][3])
+        assert all(torch.equal(f[n], outs[0][2][n]) for n in f)

@@ -30,6 +30,17 @@ def test_per_layer_gathers_each_run_in_milliseconds():
             assert got[s][n] == pytest.approx(want) and len(want) == 2
 
 
+def test_runs_of_two_commits_stay_apart_but_dense_pools():
+    gen = random.Random(6)
+    a, b = _run(gen), _run(gen)
+    a["meta"]["commit"], b["meta"]["commit"] = "x-before", "x-after"
+    got = plot_decode_step.per_layer([a, b])
+    assert list(got) == ["bf16", "turbo4 (x-before)", "turbo4 (x-after)"]
+    assert len(got["bf16"][4096]) == 2 and len(got["turbo4 (x-after)"][4096]) == 1
+    assert got["turbo4 (x-after)"][4096] == [r["us_per_layer"] / 1e3 for r in b["rows"]
+                                             if r["scheme"] == "turbo4" and r["N"] == 4096]
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     gen = random.Random(7)

@@ -44,7 +44,6 @@ __all__ = ["available", "attend", "attend_window", "encode", "info"]
 
 _LOCK = threading.Lock()
 _PROBES: dict[tuple, dict] = {}
-_CONFIGS: dict[str, dict] = {}
 _FALLBACKS: dict[str, int] = {}
 
 
@@ -154,6 +153,23 @@ def _probe(key: tuple, fn) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- attend
+_CHECKS: dict = {}  # (entry point, device, dtype, codec ids, ...) -> (codecs, None or why the kernel cannot run)
+
+
+def _checked(key: tuple, codecs: tuple, check) -> str | None:
+    """``check()``'s answer for this call signature, computed once: the dispatch checks and the probe run on every
+    decode step of every layer otherwise (the step is host-bound in eager mode). The codecs are compared by
+    identity (ids recycle)."""
+    hit = _CHECKS.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], codecs)):
+        return hit[1]
+    why = check()
+    if len(_CHECKS) > 4096:
+        _CHECKS.clear()
+    _CHECKS[key] = (codecs, why)
+    return why
+
+
 def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     """Attention over packed K/V: :func:`tqcache.codec.attention.attend_packed`'s arguments and returns.
 
@@ -161,30 +177,29 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     """
     from ..codec.attention import attend_packed
 
-    reason = None
-    if kw.get("mask") is not None:
-        reason = "explicit mask= (kernels take kv_start/kv_end/q_pos/window)"
-    if reason is None and not available(q.device):
-        reason = _why_unavailable(q.device)
-    if reason is None:
+    causal = kw.get("q_pos") is not None
+
+    def check():
+        if kw.get("mask") is not None:
+            return "explicit mask= (kernels take kv_start/kv_end/q_pos/window)"
+        if not available(q.device):
+            return _why_unavailable(q.device)
         reason = _attn.unsupported_reason(q, k_codec, v_codec, k_packed)
-    if reason is None:
-        causal = kw.get("q_pos") is not None
-        key = ("attend", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec), causal)
-        rec = _probe(key, lambda: _probe_attend(q, k_codec, v_codec, causal))
-        if not rec["passed"]:
-            reason = f"self-test failed: {rec['reason']}"
+        if reason is None:
+            key = ("attend", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec), causal)
+            rec = _probe(key, lambda: _probe_attend(q, k_codec, v_codec, causal))
+            if not rec["passed"]:
+                reason = f"self-test failed: {rec['reason']}"
+        return reason
+
+    heads = k_packed.fields["codes"].shape[1] if "codes" in k_packed.fields else None
+    reason = _checked(("attend", q.device, q.dtype, q.shape[-1], id(k_codec), id(v_codec), heads, causal,
+                       kw.get("mask") is not None), (k_codec, v_codec), check)
     if reason is not None:
         _fallback(reason)
         return attend_packed(q, k_codec, k_packed, v_codec, v_packed, **kw)
     kw.pop("chunk", None)
-    B, Hq, Lq, d = q.shape
-    Hkv, T = k_packed.lead_shape[1], k_packed.lead_shape[2]
-    cfg = _attn.choose_config(q, k_codec, v_codec, Hkv, T)
-    shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} T={T} d={d} {str(q.dtype).replace('torch.', '')}"
-    if len(_CONFIGS) < 256:
-        _CONFIGS[shape_key] = cfg
-    return _attn.attend_packed_triton(q, k_codec, k_packed, v_codec, v_packed, config=cfg, **kw)
+    return _attn.attend_packed_triton(q, k_codec, k_packed, v_codec, v_packed, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- window
@@ -224,10 +239,10 @@ def attend_window(q, parts, out_c, lse_c, scale):
     :func:`window_reference`; the reason is recorded in ``info()["fallbacks"]``)."""
     reason = None if available(q.device) else _why_unavailable(q.device)
     if reason is None:
-        reason = _win.window_unsupported_reason(q, parts)
+        reason = _win.window_check(q, parts, out_c, lse_c)
     if reason is None:
         key = ("window", str(q.device), q.dtype, q.shape[-1], len(parts), out_c is not None)
-        rec = _probe(key, lambda: _probe_window(q, len(parts), out_c is not None))
+        rec = _PROBES.get(key) or _probe(key, lambda: _probe_window(q, len(parts), out_c is not None))
         if not rec["passed"]:
             reason = f"self-test failed: {rec['reason']}"
     if reason is not None:
@@ -262,16 +277,18 @@ def encode(codec, x: torch.Tensor, fields: dict, start: int) -> None:
     Triton kernel when available and self-tested (see :func:`tqcache.kernels.encode.encode_into`), else the
     torch codec followed by a copy.
     """
-    reason = None
-    if not available(x.device):
-        reason = _why_unavailable(x.device)
-    if reason is None:
+    def check():
+        if not available(x.device):
+            return _why_unavailable(x.device)
         reason = _enc.encode_unsupported_reason(codec, x)
-    if reason is None:
-        key = ("encode", str(x.device), x.dtype, _codec_sig(codec))
-        rec = _probe(key, lambda: _probe_encode(codec, x))
-        if not rec["passed"]:
-            reason = f"self-test failed: {rec['reason']}"
+        if reason is None:
+            key = ("encode", str(x.device), x.dtype, _codec_sig(codec))
+            rec = _probe(key, lambda: _probe_encode(codec, x))
+            if not rec["passed"]:
+                reason = f"self-test failed: {rec['reason']}"
+        return reason
+
+    reason = _checked(("encode", x.device, x.dtype, x.shape[1] if x.dim() > 1 else None, id(codec)), (codec,), check)
     if reason is None:
         _enc.encode_into(codec, x, fields, start)
         return
@@ -304,7 +321,7 @@ def info() -> dict:
         d["kernels_available"] = available("cpu")
     with _LOCK:
         d["probes"] = {" | ".join(str(x) for x in k): dict(v) for k, v in _PROBES.items()}
-    d["launch_configs"] = dict(_CONFIGS)
+    d["launch_configs"] = dict(_attn.LAUNCH_CONFIGS) if _attn is not None else {}
     d["compiled"] = dict(_attn.COMPILED) if _attn is not None else {}
     # Decode steps the Gluon kernel covers (decode_gluon.gluon_reason) run it (compiled entries prefixed "gluon").
     d["gluon_decode"] = _attn is not None and _attn._gluon_module() is not None

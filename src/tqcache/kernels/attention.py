@@ -58,6 +58,7 @@ import triton.language as tl
 
 from ._codec_key import codec_key
 from ._compat import patch_interpreter
+from ._launch import Replay, int_spec
 from .encode import aligned4
 
 __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
@@ -625,6 +626,16 @@ def _attn_merge_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launcher
+def _cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (``triton.cdiv`` is a constexpr function: ~10 µs a call on the host)."""
+    return -(-a // b)
+
+
+def _p2(n: int) -> int:
+    """The next power of two ≥ n (host side, like ``_cdiv``)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -721,7 +732,7 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     also carry ``planes=False`` / ``fast=False``, for A/B comparisons.)
     """
     block_m = 16 if M <= 16 else 64
-    m_tiles = triton.cdiv(M, block_m)
+    m_tiles = _cdiv(M, block_m)
     progs = B * Hkv * m_tiles
     # ~4 resident programs per SM: 4/SM at B·Hkv = 8, 8/SM from 32, times the split multiplier.
     target = (8 if progs >= 32 else 4) * _num_sms(device)
@@ -734,8 +745,8 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
             block_n, num_warps, smul = tuned
     else:
         block_n, num_warps, smul = 64, 8, 1
-    max_splits = max(1, triton.cdiv(T, 4 * block_n))
-    splits = max(1, min(triton.cdiv(target, progs) * smul, max_splits, 128))
+    max_splits = max(1, _cdiv(T, 4 * block_n))
+    splits = max(1, min(_cdiv(target, progs) * smul, max_splits, 128))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, m_tiles=m_tiles, num_warps=num_warps)
 
 
@@ -785,7 +796,7 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
         per_sm = 8  # short contexts, small batches: fewer, longer splits (v11 A/B: +2–8 %, none slower)
     else:
         per_sm = 12 if B * Hkv < 32 else 16
-    splits = max(1, min(triton.cdiv(per_sm * _num_sms(device), B * Hkv), triton.cdiv(T, 4 * block_n), 256))
+    splits = max(1, min(_cdiv(per_sm * _num_sms(device), B * Hkv), _cdiv(T, 4 * block_n), 256))
     return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2)
 
 
@@ -949,6 +960,23 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
     return out
 
 
+def _fields_sig(f) -> tuple:
+    """A packed state's fields as they enter a plan key: everything but the token count (and the address)."""
+    return tuple((n, t.dtype, t.shape[0], t.shape[1], t.shape[3], t.stride(), t.data_ptr() & 15) for n, t in f.items())
+
+
+def _tensor_sig(t) -> tuple | None:
+    return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device)
+
+
+_PLANS: dict = {}  # call key -> (k_codec, v_codec, run): see attend_packed_triton
+LAUNCH_CONFIGS: dict = {}  # "attend B=.. T=.." -> the launch configuration first used for it (kernels.info())
+_QMAP = Replay(_query_map_kernel)
+_DECODE = Replay(_attn_fwd_kernel)
+_MERGE = Replay(_attn_merge_kernel)
+_GLUON_DECODE: list = []  # [Replay of decode_gluon._gluon_decode_kernel], made on first use
+
+
 def attend_packed_triton(
     q: torch.Tensor,
     k_codec,
@@ -979,12 +1007,43 @@ def attend_packed_triton(
     Returns:
         ``(out [B, Hq, Lq, d] fp32 original space, normalised; lse [B, Hq, Lq] fp32, -inf where empty)``.
 
+    A decode step calls this once per layer, and in eager mode the host is the bottleneck (docs/performance.md,
+    "Decode steps in eager mode"): a call like an earlier one — same codec states, the same shapes (T aside),
+    strides, dtypes and alignments of every tensor, the same options — reuses that call's checks, matrices and
+    launch plan, and replays its three launches (:mod:`._launch`). Only T and the split count it implies change.
+
     Example::
 
         >>> out, lse = attend_packed_triton(q, kc, kc.quantize(k), vc, vc.quantize(v), scale=d**-0.5)
     """
     if mask is not None:
         raise ValueError("the Triton kernel takes structured masks only (kv_start/kv_end/q_pos/window), not mask=")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    dev = q.device
+    i32 = lambda t: t.to(device=dev, dtype=torch.int32).contiguous() if t is not None else None  # noqa: E731
+    st, en, qp = i32(kv_start), i32(kv_end), i32(q_pos)
+    kf, vf = k_packed.fields, v_packed.fields
+    key = (codec_key(k_codec, dev), codec_key(v_codec, dev), q.dtype, q.shape, q.stride(), q.data_ptr() & 15,
+           _fields_sig(kf), _fields_sig(vf), _tensor_sig(st), _tensor_sig(en), _tensor_sig(qp), window is None,
+           splits, None if config is None else tuple(sorted(config.items())))
+    plan = _PLANS.get(key)
+    if plan is None or plan[0] is not k_codec or plan[1] is not v_codec:
+        run = _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, config, key)
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        _PLANS[key] = plan = (k_codec, v_codec, run)
+    else:  # the key fixed everything but T: the fields must still agree on it
+        T = kf["codes"].shape[2]
+        if any(t.shape[2] != T for t in kf.values()) or any(t.shape[2] != T for t in vf.values()):
+            raise ValueError(f"packed K/V fields disagree on the token count: "
+                             f"{[tuple(t.shape) for t in kf.values()]}, {[tuple(t.shape) for t in vf.values()]}")
+    return plan[2](q, kf, vf, st, en, qp, window, scale)
+
+
+def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, config, key):
+    """Check a call and derive everything its launches need but the token count and the addresses; returns
+    ``run(q, k_fields, v_fields, st, en, qp, window, scale) -> (out, lse)``."""
     why = unsupported_reason(q, k_codec, v_codec, k_packed)
     if why:
         raise ValueError(f"unsupported by the Triton attention kernel: {why}")
@@ -995,10 +1054,15 @@ def attend_packed_triton(
     Hkv, T = lead[1], lead[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
-    if window is not None and q_pos is None:
+    if window is not None and qp is None:
         raise ValueError("window needs q_pos (the sliding window is relative to the query's slot)")
     k_codec._check_packed(k_packed)
     v_codec._check_packed(v_packed)
+    kc, kn = k_packed["codes"], k_packed["norms"]
+    vc, vn = v_packed["codes"], v_packed["norms"]
+    for t in (kc, kn, vc, vn):
+        if t.stride(-1) != 1:
+            raise ValueError("packed fields need a contiguous last dimension")
     G = Hq // Hkv
     M = G * Lq
     dev = q.device
@@ -1006,6 +1070,7 @@ def attend_packed_triton(
         patch_interpreter()
     dot_dtype = torch.float32 if q.dtype == torch.float32 else torch.float16
     cfg = dict(config) if config else choose_config(q, k_codec, v_codec, Hkv, T)
+    fixed = config is not None  # an explicit configuration keeps its split count
     use_planes = bool(cfg.get("planes", True))
     # The Gluon decode kernel (decode_gluon.py) runs when the configuration asks for it (choose_config's pick
     # for the shapes it covers) and the call is covered; a gluon config on a call it does not cover falls back.
@@ -1013,83 +1078,115 @@ def attend_packed_triton(
     if cfg.get("gluon"):
         if _gluon_module() is not None and _gluon_module().gluon_reason(q, k_codec, v_codec, M, True) is None:
             A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, gluon=True)
-            use_gluon = lut_ok and _gluon_module().words_ok(k_packed["codes"], k_codec) and \
-                _gluon_module().words_ok(v_packed["codes"], v_codec) and \
-                (not k_codec.qjl or aligned4(k_packed["qjl_signs"]))
+            use_gluon = lut_ok and _gluon_module().words_ok(kc, k_codec) and _gluon_module().words_ok(vc, v_codec) \
+                and (not k_codec.qjl or aligned4(k_packed["qjl_signs"]))
         if not use_gluon:
-            cfg = launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
+            cfg, fixed = launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec), False
     if not use_gluon:
         A, U, lvk, lvv, lutk, lutv, lut_ok, seg_args = _matrices(k_codec, v_codec, dev, dot_dtype, use_planes)
     # Register-table lookup: compiled fp16 path only (the interpreter runs no PTX; fp32 queries use fp32 tables).
     fast = bool(cfg.get("fast", True)) and lut_ok and dot_dtype == torch.float16 and dev.type == "cuda"
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    m_tiles = _cdiv(M, BM)
 
-    if splits is not None:
-        cfg["SPLITS"] = int(splits)
-    SPL, BM, BN = cfg["SPLITS"], cfg["BLOCK_M"], cfg["BLOCK_N"]
-    m_tiles = triton.cdiv(M, BM)
+    def splits_for(T: int) -> int:
+        if splits is not None:
+            return int(splits)
+        if fixed:
+            return cfg["SPLITS"]
+        c = gluon_config(B, Hkv, T, dev, d) if use_gluon else \
+            launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
+        return c["SPLITS"]
 
     # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     DA = A.shape[-1]
-    qk = torch.empty(B, Hkv, M, DA, device=dev, dtype=dot_dtype)
     DCQ = 32  # query-map columns per program (DA is a multiple: d, 192 for quarter-bit key containers, + d for QJL)
-    _query_map_kernel[(B * Hkv, m_tiles, DA // DCQ)](
-        q, q.stride(0), q.stride(1), q.stride(2), A, A.stride(0) if A.dim() == 3 else 0,
-        qk, qk.stride(0), qk.stride(1), qk.stride(2), M, float(scale * _LOG2E),
-        HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, num_warps=4,
-    )
-
-    kc, kn = k_packed["codes"], k_packed["norms"]
-    vc, vn = v_packed["codes"], v_packed["norms"]
-    for t in (kc, kn, vc, vn):
-        if t.stride(-1) != 1:
-            raise ValueError("packed fields need a contiguous last dimension")
-    if k_codec.qjl:
-        ks, kg = k_packed["qjl_signs"], k_packed["qjl_norms"]
-    else:
-        ks, kg = kc, kn  # unused
-    i32 = lambda t: t.to(device=dev, dtype=torch.int32).contiguous() if t is not None else None  # noqa: E731
-    st, en, qp = i32(kv_start), i32(kv_end), i32(q_pos)
+    qmeta = dict(HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, num_warps=4)
+    a_stride = A.stride(0) if A.dim() == 3 else 0
+    qk_strides = (Hkv * M * DA, M * DA, DA)
+    esize = 4 if dot_dtype == torch.float32 else 2
+    qk_bytes = _cdiv(B * Hkv * M * DA * esize, 16) * 16  # scratch: qk, then the partials (16-byte aligned)
+    qjl = (k_packed["qjl_signs"], k_packed["qjl_norms"]) if k_codec.qjl else None
     dummy = _dummy(dev)
-
-    pacc = torch.empty(B * Hkv * SPL * M * d, device=dev, dtype=torch.float32)
-    pm = torch.empty(B * Hkv * SPL * M, device=dev, dtype=torch.float32)
-    pl = torch.empty_like(pm)
     if use_gluon:
-        ck = _gluon_module().launch_gluon(
-            qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, k_codec=k_codec, v_codec=v_codec, T=T,
-            M=M, window=window, Hkv=Hkv, G=G, d=d, splits=SPL, block_n=BN, stages=cfg.get("STAGES", 2), lvk=lvk,
-            qjl=(ks, kg) if k_codec.qjl else None)
-        _record_compile(ck, cfg, f"gluon K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"))
+        g = _gluon_module()
+        if not _GLUON_DECODE:
+            _GLUON_DECODE.append(Replay(g._gluon_decode_kernel))
+        assemble, gmeta = g.gluon_plan(
+            torch.empty(B, Hkv, M, DA, device="meta"), kc, kn, vc, vn, lutk, lutv, k_codec=k_codec, v_codec=v_codec,
+            M=M, Hkv=Hkv, G=G, d=d, block_n=BN, stages=cfg.get("STAGES", 2), lvk=lvk, qjl=qjl,
+            given=(st is not None, en is not None, qp is not None, window is not None))
+        decode = _GLUON_DECODE[0]
+        bits = f"gluon K{_bits_key(k_codec)} V{_bits_key(v_codec)}"
     else:
-        ck = _attn_fwd_kernel[(B * Hkv, SPL, m_tiles)](
-            qk, qk.stride(0), qk.stride(1), qk.stride(2),
-            kc, kc.stride(0), kc.stride(1), kc.stride(2),
-            kn, kn.stride(0), kn.stride(1), kn.stride(2),
-            ks, ks.stride(0), ks.stride(1), ks.stride(2),
-            kg, kg.stride(0), kg.stride(1), kg.stride(2),
-            vc, vc.stride(0), vc.stride(1), vc.stride(2),
-            vn, vn.stride(0), vn.stride(1), vn.stride(2),
-            lvk, lvv, lutk, lutv,
-            st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
-            pacc, pm, pl,
-            T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0,
-            HKV=Hkv, G=G, D=d,
-            **seg_args,
-            K_QJL=bool(k_codec.qjl), HAS_START=st is not None, HAS_END=en is not None,
-            CAUSAL=qp is not None, HAS_WINDOW=window is not None,
-            SPLITS=SPL, BLOCK_M=BM, BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32, FAST=fast,
-            num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 2),
-        )
-        _record_compile(ck, cfg, f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}".replace(" ", "").replace(",)", ")"), fast)
-    out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
-    lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
-    _attn_merge_kernel[(B * Hkv, M)](
-        pacc, pm, pl, U,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        lse, lse.stride(0), lse.stride(1),
-        M, HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=triton.next_power_of_2(SPL),
-        SCH=max(1, min(triton.next_power_of_2(SPL), 32768 // d)), DC=min(d, 16384 // d), num_warps=8,
-    )
-    return out, lse
+        tmeta = dict(HKV=Hkv, G=G, D=d, **seg_args, K_QJL=bool(k_codec.qjl), HAS_START=st is not None,
+                     HAS_END=en is not None, CAUSAL=qp is not None, HAS_WINDOW=window is not None, BLOCK_M=BM,
+                     BLOCK_N=BN, DOT_FP32=dot_dtype == torch.float32, FAST=fast, num_warps=cfg["num_warps"],
+                     num_stages=cfg.get("num_stages", 2))
+        decode = _DECODE
+        bits = f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}"
+    bits = bits.replace(" ", "").replace(",)", ")")
+    metas: dict = {}  # split count -> (decode constexprs, merge constexprs)
+    shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} d={d} {str(q.dtype).replace('torch.', '')}"
+
+    def run(q, kf, vf, st, en, qp, window, scale):
+        T = kf["codes"].shape[2]
+        SPL = splits_for(T)
+        m = metas.get(SPL)
+        if m is None:
+            c = dict(cfg, SPLITS=SPL)
+            m = metas[SPL] = ({**(gmeta if use_gluon else tmeta), "SPLITS": SPL},
+                              dict(HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=_p2(SPL),
+                                   SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), num_warps=8))
+            if len(LAUNCH_CONFIGS) < 256:
+                LAUNCH_CONFIGS[f"{shape_key} T={T}"] = c
+        dmeta, mmeta = m
+        wspec = int_spec(int(window)) if window is not None else 0
+        dkey, mkey = (key, SPL, int_spec(T), wspec), (key, SPL)
+        n_part = B * Hkv * SPL * M
+        buf = torch.empty(qk_bytes + 4 * n_part * (d + 2), device=dev, dtype=torch.uint8)
+        if _QMAP.ready((key,)) and decode.ready(dkey) and _MERGE.ready(mkey):
+            # Replays: the scratch as addresses (the compiled launchers take ints; no views to make).
+            qk = buf.data_ptr()
+            pacc = qk + qk_bytes
+            pm = pacc + 4 * n_part * d
+            pl = pm + 4 * n_part
+        else:  # Triton specializes on these calls: tensors
+            qk = buf[: B * Hkv * M * DA * esize].view(dot_dtype).view(B, Hkv, M, DA)
+            pacc = buf[qk_bytes : qk_bytes + 4 * n_part * d].view(torch.float32)
+            pm = buf[qk_bytes + 4 * n_part * d : qk_bytes + 4 * n_part * (d + 1)].view(torch.float32)
+            pl = buf[qk_bytes + 4 * n_part * (d + 1) :].view(torch.float32)
+        out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
+        lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
+        idx = dev.index
+        _QMAP((key,), (B * Hkv, m_tiles, DA // DCQ),
+              (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, M, float(scale * _LOG2E)),
+              qmeta, idx)
+        kc, kn, vc, vn = kf["codes"], kf["norms"], vf["codes"], vf["norms"]
+        new = dkey not in decode.hits
+        if use_gluon:
+            args = assemble(qk, kc, kn, vc, vn, kf.get("qjl_signs"), kf.get("qjl_norms"),
+                            st if st is not None else dummy, en if en is not None else dummy,
+                            qp if qp is not None else dummy, pacc, pm, pl, T, window)
+        else:
+            ks, kg = (kf["qjl_signs"], kf["qjl_norms"]) if k_codec.qjl else (kc, kn)  # (unused without QJL)
+            args = (qk, *qk_strides,
+                    kc, kc.stride(0), kc.stride(1), kc.stride(2),
+                    kn, kn.stride(0), kn.stride(1), kn.stride(2),
+                    ks, ks.stride(0), ks.stride(1), ks.stride(2),
+                    kg, kg.stride(0), kg.stride(1), kg.stride(2),
+                    vc, vc.stride(0), vc.stride(1), vc.stride(2),
+                    vn, vn.stride(0), vn.stride(1), vn.stride(2),
+                    lvk, lvv, lutk, lutv,
+                    st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
+                    pacc, pm, pl,
+                    T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0)
+        grid = (B * Hkv, SPL) if use_gluon else (B * Hkv, SPL, m_tiles)
+        ck = decode(dkey, grid, args, dmeta, idx)
+        if new:
+            _record_compile(ck, dict(cfg, SPLITS=SPL), bits, fast and not use_gluon)
+        _MERGE(mkey, (B * Hkv, M),
+               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M), mmeta, idx)
+        return out, lse
+
+    return run

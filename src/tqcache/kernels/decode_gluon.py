@@ -1053,39 +1053,73 @@ def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl
     (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the ``[2, 256]`` fp16 key
     tables: 8-bit keys gather from it, 5-bit keys hold entry L in lane L; ``qjl``: QJL keys' ``(signs uint8
     [B, Hkv, T, d/8], norms fp16 [B, Hkv, T, 1])``, :func:`words_ok` rows)."""
-    B = qk.shape[0]
+    assemble, meta = gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, k_codec=k_codec, v_codec=v_codec, M=M, Hkv=Hkv, G=G,
+                                d=d, block_n=block_n, stages=stages, lvk=lvk, qjl=qjl,
+                                given=(st is not None, en is not None, qp is not None, window is not None))
+    ks, kg = qjl if qjl is not None else (None, None)
+    args = assemble(qk, kc, kn, vc, vn, ks, kg, st if st is not None else dummy, en if en is not None else dummy,
+                    qp if qp is not None else dummy, pacc, pm, pl, T, window)
+    return _gluon_decode_kernel[(qk.shape[0] * Hkv, splits)](*args, **meta, SPLITS=splits)
+
+
+def gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, *, k_codec, v_codec, M, Hkv, G, d, block_n, stages=2, lvk=None,
+               qjl=None, given=(False, False, False, False)):
+    """What a launch of :func:`_gluon_decode_kernel` derives from the codecs and the layouts of its buffers — not from
+    their addresses, the token count or the split count — as ``(assemble, meta)``. ``meta``: every constexpr but
+    ``SPLITS``, and the launch options. ``assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window)``:
+    the runtime arguments in order, for buffers laid out as the ones given here (same shapes but T, strides and
+    dtypes; ``ks``/``kg`` the QJL fields or None; ``st``/``en``/``qp`` the int32 [B] tensors or a dummy). Buffers are
+    tensors or, once Triton has specialized the kernel on tensors, int addresses (the compiled launcher takes
+    either). ``given``: whether ``(kv_start, kv_end, q_pos, window)`` are."""
     split = split_halves(k_codec, v_codec)
-    kseg = _segment_codes(kc, k_codec, split)
-    (k0, ko0), (k1, ko1) = (kseg * 2)[:2]  # one segment: the second is the first (unused)
-    k2, ko2 = kseg[2] if len(kseg) > 2 else (k0, 0)  # a third (quarter-bit keys at head_dim 256)
-    (v0, vo0), (v1, vo1) = (_segment_codes(vc, v_codec, split) * 2)[:2]
-    ks, vs = kernel_segments(k_codec, split), kernel_segments(v_codec, split)
-    kb = [b for _, b, _ in ks] + [0, 0]
-    vb = [b for _, b, _ in vs] + [0]
-    kt = [t for _, _, t in ks] * 3  # table row per kernel segment (halves of one segment share it; a lone segment's
-    vt = [t for _, _, t in vs] * 2  # row is repeated only to fill the unused second slot)
+    ks_, vs_ = kernel_segments(k_codec, split), kernel_segments(v_codec, split)
+    kb = [b for _, b, _ in ks_] + [0, 0]
+    vb = [b for _, b, _ in vs_] + [0]
+    kt = [t for _, _, t in ks_] * 3  # table row per kernel segment (halves of one segment share it; a lone segment's
+    vt = [t for _, _, t in vs_] * 2  # row is repeated only to fill the unused second slot)
     kd = [c for c, _ in key_containers(k_codec, split)] + [0, 0]
     # real row widths in the elements the kernel reads (bytes, or words at 3 bits)
-    kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s, _ in ks] + [0]
+    kr = [d_s * b_s // (32 if b_s in (3, 5) else 8) for d_s, b_s, _ in ks_] + [0]
+    # Per kernel segment: whether it reads int32 words (3 and 5 bits), and its start in those elements.
+    kseg = [(b_s in (3, 5), off) for (_, off), (_, b_s, _) in zip(_segment_codes(kc, k_codec, split), ks_)]
+    vseg = [(b_s in (3, 5), off) for (_, off), (_, b_s, _) in zip(_segment_codes(vc, v_codec, split), vs_)]
+    (kw0, ko0), (kw1, ko1) = (kseg * 2)[:2]  # one segment: the second is the first (unused)
+    kw2, ko2 = kseg[2] if len(kseg) > 2 else (kw0, 0)  # a third (quarter-bit keys at head_dim 256)
+    (vw0, vo0), (vw1, vo1) = (vseg * 2)[:2]
+    has_qjl = qjl is not None
+    # Code and sign strides in 4-byte units (words_ok checked they divide); norms in fp16 elements.
+    kwords, vwords = [st // 4 for st in kc.stride()[:3]], [st // 4 for st in vc.stride()[:3]]
+    swords = [st // 4 for st in qjl[0].stride()[:3]] if has_qjl else kwords
+    kns, vns = list(kn.stride()[:3]), list(vn.stride()[:3])
+    kgs = list(qjl[1].stride()[:3]) if has_qjl else kns
+    qks = list(qk.stride()[:3])
+    tables = (lvk[kt[0]] if kb[0] in (5, 8) else lutk[kt[0]], lvk[kt[1]] if kb[1] == 5 else lutk[kt[1]], lutv[vt[0]],
+              lutv[vt[1]], lutk[kt[2]])
+    qjl_c = k_codec.qjl_scale if has_qjl else 0.0
 
-    def words(t):  # strides in 4-byte units (words_ok checked they divide)
-        return [st if t.dtype == torch.int32 else st // 4 for st in t.stride()[:3]]
+    def words(t, as_words: bool):  # a code or sign buffer as the kernel reads it: int32 words, or bytes
+        return t.view(torch.int32) if as_words and isinstance(t, torch.Tensor) else t
 
-    ksg, kgm = (qjl[0].view(torch.int32), qjl[1]) if qjl is not None else (k0, kn)  # (unused without QJL)
-    return _gluon_decode_kernel[(B * Hkv, splits)](
-        qk, qk.stride(0), qk.stride(1), qk.stride(2),
-        k0, *words(k0), k1, *words(k1), k2, *words(k2),
-        kn, kn.stride(0), kn.stride(1), kn.stride(2),
-        v0, *words(v0), v1, *words(v1),
-        vn, vn.stride(0), vn.stride(1), vn.stride(2),
-        ksg, *words(ksg), kgm, kgm.stride(0), kgm.stride(1), kgm.stride(2),
-        lvk[kt[0]] if kb[0] in (5, 8) else lutk[kt[0]], lvk[kt[1]] if kb[1] == 5 else lutk[kt[1]], lutv[vt[0]],
-        lutv[vt[1]], lutk[kt[2]],
-        st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
-        pacc, pm, pl,
-        T, M, int(window) if window is not None else 0, k_codec.qjl_scale if qjl is not None else 0.0,
-        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KO2=ko2, KB2=kb[2], KD2=kd[2], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
-        QJL=max(1, d // 128) if qjl is not None else 0, HAS_START=st is not None, HAS_END=en is not None, CAUSAL=qp is not None,
-        HAS_WINDOW=window is not None, SPLITS=splits, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages,
-        num_warps=1,
+    def assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window):
+        if not has_qjl:
+            ks, kg = words(kc, kw0), kn  # (unused)
+        return (
+            qk, *qks,
+            words(kc, kw0), *kwords, words(kc, kw1), *kwords, words(kc, kw2), *kwords,
+            kn, *kns,
+            words(vc, vw0), *vwords, words(vc, vw1), *vwords,
+            vn, *vns,
+            words(ks, has_qjl), *swords, kg, *kgs,
+            *tables, st, en, qp,
+            pacc, pm, pl,
+            T, M, int(window) if window is not None else 0, qjl_c,
+        )
+
+    has_start, has_end, causal, has_window = given
+    meta = dict(
+        HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KO2=ko2,
+        KB2=kb[2], KD2=kd[2], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
+        QJL=max(1, d // 128) if has_qjl else 0, HAS_START=has_start, HAS_END=has_end, CAUSAL=causal,
+        HAS_WINDOW=has_window, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, num_warps=1,
     )
+    return assemble, meta

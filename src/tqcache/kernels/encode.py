@@ -42,6 +42,7 @@ import triton.language as tl
 
 from ._codec_key import codec_key
 from ._compat import patch_interpreter
+from ._launch import Replay, int_spec
 
 __all__ = ["encode_into", "encode_unsupported_reason"]
 
@@ -452,13 +453,27 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         >>> bufs = {k: torch.empty(B, H, cap, w, dtype=dt, device="cuda") for k, (w, dt) in c.field_widths().items()}
         >>> encode_into(c, k_new, bufs, start=t)
     """
+    if x.dim() == 4 and x.stride(-1) != 1:
+        x = x.contiguous()
+    # A call like an earlier one — same codec state, the same shapes, strides, dtypes and alignments of x and of
+    # every field, the same options — reuses that call's checks, constants and launch (one per layer and decode
+    # step, where the host binds): only the slot range is checked again.
+    key = (codec_key(codec, x.device), x.dtype, x.shape, x.stride(), x.data_ptr() & 15,
+           tuple((n, t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device) for n, t in fields.items()),
+           block_t, programs_per_sm, num_warps, num_stages, exact)
+    plan = _PLANS.get(key)
+    if plan is not None and plan[0] is codec:
+        _, N, cap, grid, meta, consts, counts = plan
+        if start < 0 or start + N > cap:
+            raise ValueError(f"fields have capacity {cap}, cannot write slots [{start}, {start + N})")
+        _ENCODE((key, int_spec(int(start))), grid, _encode_args(x, fields, start, consts, *counts), meta,
+                x.device.index)
+        return
     why = encode_unsupported_reason(codec, x)
     if why:
         raise ValueError(f"unsupported by the Triton encode kernel: {why}")
     if x.dim() != 4 or x.shape[-1] != codec.dim:
         raise ValueError(f"x must be [B, Hkv, N, {codec.dim}], got {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     B, H, N, d = x.shape
     widths = codec.field_widths()
     for name, (w, dt) in widths.items():
@@ -505,7 +520,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # from L2 in [256, 64] chunks once per tile, so 16-token tiles read 16× their input from L2 (turbo4 values,
     # 32K tokens × 8 heads: 1147 µs at 16, 237 at 64).
     bt = block_t or 64
-    n_tiles = triton.cdiv(N, bt)
+    n_tiles = -(-N // bt)
     n_items = B * H * n_tiles
     # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
     # allocates); a misaligned view of the caller's gets byte stores.
@@ -513,15 +528,8 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
         aligned4(oc, (D0 * B0) // 8)
     words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and aligned4(os_)
-    args = (
-        x, x.stride(0), x.stride(1), x.stride(2),
-        R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, E, sk,
-        oc, oc.stride(0), oc.stride(1), oc.stride(2),
-        on, on.stride(0), on.stride(1), on.stride(2),
-        os_, os_.stride(0), os_.stride(1), os_.stride(2),
-        og, og.stride(0), og.stride(1), og.stride(2),
-        N, int(start), n_tiles, n_items,
-    )
+    consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, E, sk)
+    args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
         HKV=H, D=d, D0=D0, B0=B0, D1=D1, B1=B1,
         QJL=bool(codec.qjl), NORM_CORR=bool(codec.norm_correction), HAS_CS=bool(codec.use_channel_scale),
@@ -542,7 +550,32 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         programs = min(n_items, sms * min(per_sm, programs_per_sm or per_sm))
     else:
         programs = min(n_items, programs_per_sm or 4)  # the interpreter: a few programs, each looping
-    _encode_kernel[(programs,)](*args, **meta)
+    key = (codec_key(codec, x.device),) + key[1:]  # the codec's state after any calibration above
+    _ENCODE((key, int_spec(int(start))), (programs,), args, meta, x.device.index)
+    if len(_PLANS) > 1024:
+        _PLANS.clear()
+    _PLANS[key] = (codec, N, min(t.shape[2] for t in fields.values()), (programs,), meta, consts,
+                   (bool(codec.qjl), n_tiles, n_items))
+
+
+# Call key -> (codec, N, capacity, grid, constexprs and options, constant tensors, (QJL, tiles, items)); the key is
+# built in encode_into from everything the checks and the constants depend on.
+_PLANS: dict = {}
+_ENCODE = Replay(_encode_kernel)
+
+
+def _encode_args(x, fields, start, consts, qjl, n_tiles, n_items) -> tuple:
+    """The runtime arguments of :func:`_encode_kernel` in order."""
+    oc, on = fields["codes"], fields["norms"]
+    os_, og = (fields["qjl_signs"], fields["qjl_norms"]) if qjl else (oc, on)
+    return (
+        x, x.stride(0), x.stride(1), x.stride(2), *consts,
+        oc, oc.stride(0), oc.stride(1), oc.stride(2),
+        on, on.stride(0), on.stride(1), on.stride(2),
+        os_, os_.stride(0), os_.stride(1), os_.stride(2),
+        og, og.stride(0), og.stride(1), og.stride(2),
+        x.shape[2], int(start), n_tiles, n_items,
+    )
 
 
 def aligned4(t: torch.Tensor, *offsets: int) -> bool:

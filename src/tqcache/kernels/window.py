@@ -23,8 +23,9 @@ import triton
 import triton.language as tl
 
 from ._compat import patch_interpreter
+from ._launch import Replay, int_spec
 
-__all__ = ["window_unsupported_reason", "attend_window_triton"]
+__all__ = ["window_unsupported_reason", "window_check", "attend_window_triton"]
 
 
 @triton.jit
@@ -82,12 +83,17 @@ def _window_kernel(
 
 def window_unsupported_reason(q: torch.Tensor, parts) -> str | None:
     """Why :func:`attend_window_triton` cannot take this call (None when it can)."""
+    return _layout_reason(q, parts) or _count_reason(parts)
+
+
+def _layout_reason(q: torch.Tensor, parts) -> str | None:
+    """The checks that do not depend on the dense parts' token counts."""
     B, Hq, Lq, d = q.shape
     if Lq != 1:
         return f"{Lq} query tokens (the window kernel is for one-token decode steps)"
     if d not in (64, 128, 256):
         return f"head_dim {d} (64, 128 or 256)"
-    if not 1 <= len(parts) <= 2 or parts[-1][0].shape[-2] < 1:
+    if not 1 <= len(parts) <= 2:
         return "needs the fp window (one or more tokens) and at most one more dense part"
     for k, v in parts:
         if k.shape[:2] != v.shape[:2] or k.shape[0] != B or Hq % k.shape[1] or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -95,34 +101,85 @@ def window_unsupported_reason(q: torch.Tensor, parts) -> str | None:
     return None
 
 
+def _count_reason(parts) -> str | None:
+    if parts[-1][0].shape[-2] < 1:
+        return "needs the fp window (one or more tokens) and at most one more dense part"
+    return None
+
+
+def _sig(t: torch.Tensor) -> tuple:
+    """What a dense part contributes to the call's key: all but its token count (an int argument of its own)."""
+    return (t.dtype, t.shape[0], t.shape[1], t.shape[3], t.stride(), t.data_ptr() & 15)
+
+
+_WINDOW = Replay(_window_kernel)
+_CHECKED: dict = {}  # call signature (token counts aside) -> None, or why the kernel cannot take it
+
+
+def _signature(q: torch.Tensor, parts, out_c, lse_c) -> tuple:
+    """Everything about a call but the token counts of the dense parts (int arguments of their own)."""
+    (k1, v1), (k2, v2) = parts if len(parts) == 2 else (parts[0], parts[0])
+    return (q.dtype, q.shape, q.stride(), q.data_ptr() & 15, q.device, len(parts), _sig(k1), _sig(v1), _sig(k2),
+            _sig(v2), (out_c.dtype, out_c.stride(), out_c.data_ptr() & 15, lse_c.dtype, lse_c.stride(),
+                       lse_c.data_ptr() & 15) if out_c is not None else None)
+
+
+def window_check(q: torch.Tensor, parts, out_c=None, lse_c=None, sig: tuple | None = None) -> str | None:
+    """:func:`window_unsupported_reason`, with the layout checks memoised per call signature (``sig``, computed
+    when not given; this runs once per layer and decode step)."""
+    if sig is None:
+        try:
+            sig = _signature(q, parts, out_c, lse_c)
+        except (AttributeError, IndexError, TypeError, ValueError):  # not (k, v) pairs of 4-D tensors
+            return window_unsupported_reason(q, parts)
+    why = _CHECKED.get(sig, False)
+    if why is False:
+        why = _layout_reason(q, parts)
+        if len(_CHECKED) > 1024:
+            _CHECKED.clear()
+        _CHECKED[sig] = why
+    return why or _count_reason(parts)
+
+
 def attend_window_triton(q: torch.Tensor, parts, out_c: torch.Tensor | None, lse_c: torch.Tensor | None,
                          scale: float) -> torch.Tensor:
     """Attention of the one-token query ``q [B, Hq, 1, d]`` over the dense ``parts`` (``[(k, v)]``: the sinks,
     optional, then the fp window, each ``[B, Hkv, n, d]``), merged with the compressed partial ``(out_c, lse_c)``
-    when given; returns ``[B, 1, Hq, d]`` in q's dtype. Every key is visible (the plain decode step)."""
-    why = window_unsupported_reason(q, parts)
+    when given; returns ``[B, 1, Hq, d]`` in q's dtype. Every key is visible (the plain decode step).
+
+    Runs once per layer and decode step, so the checks are memoised per call signature (everything but the
+    token counts and addresses) and the launch is replayed (:mod:`._launch`)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    try:
+        sig = _signature(q, parts, out_c, lse_c)
+    except (AttributeError, IndexError, TypeError, ValueError):  # not (k, v) pairs of 4-D tensors
+        sig = None
+    why = window_check(q, parts, out_c, lse_c, sig) if sig is not None else window_unsupported_reason(q, parts)
     if why:
         raise ValueError(f"unsupported by the window kernel: {why}")
-    B, Hq, _, d = q.shape
     (k1, v1), (k2, v2) = parts if len(parts) == 2 else (parts[0], parts[0])
+    has_c = out_c is not None
+    B, Hq, _, d = q.shape
     n1 = k1.shape[-2] if len(parts) == 2 else 0
+    n2 = k2.shape[-2]
     Hkv = k2.shape[1]
     G = Hq // Hkv
     if q.device.type == "cpu":
         patch_interpreter()
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     out = torch.empty(B, 1, Hq, d, device=q.device, dtype=q.dtype)
-    has_c = out_c is not None
     oc, lc = (out_c, lse_c) if has_c else (out, out)
-    _window_kernel[(B * Hkv,)](
+    args = (
         q, q.stride(0), q.stride(1),
         k1, k1.stride(0), k1.stride(1), k1.stride(2), v1, v1.stride(0), v1.stride(1), v1.stride(2), n1,
-        k2, k2.stride(0), k2.stride(1), k2.stride(2), v2, v2.stride(0), v2.stride(1), v2.stride(2), k2.shape[-2],
+        k2, k2.stride(0), k2.stride(1), k2.stride(2), v2, v2.stride(0), v2.stride(1), v2.stride(2), n2,
         oc, oc.stride(0), oc.stride(1), lc, lc.stride(0), lc.stride(1),
         out, out.stride(0), out.stride(2),
         float(scale) * 1.4426950408889634,
-        HKV=Hkv, G=G, GP=max(16, triton.next_power_of_2(G)), D=d, BW=32 if d <= 128 else 16, HAS_C=has_c,
-        num_warps=4,
     )
+    meta = dict(HKV=Hkv, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=d, BW=32 if d <= 128 else 16, HAS_C=has_c,
+                num_warps=4)
+    # The key: the signature (strides, dtypes, alignments of every tensor but out, which torch allocates 512-byte
+    # aligned, with the same strides each call) and the two token counts' specialization.
+    _WINDOW((sig, int_spec(n1), int_spec(n2)), (B * Hkv,), args, meta, q.device.index)
     return out

@@ -1,0 +1,97 @@
+"""Kernel launches that skip Triton's per-call Python once a call site's specialization is settled.
+
+Why: the eager decode step is bound by the host (docs/performance.md, "Decode steps in eager mode"). On the H100
+machine one ``kernel[grid](...)`` costs ~45 µs of Python — the argument binder, the cache-key lookup, the launch
+hooks, and a driver query per tensor argument — against ~12 µs for the compiled kernel's own launcher, and a
+decode step launches six kernels per layer.
+
+:class:`Replay` runs the first call of each *key* through Triton as usual (which compiles, or finds the kernel it
+specialized for these arguments) and keeps the compiled kernel; later calls with the same key hand the same
+argument list straight to that kernel's launcher. The contract is on the caller: a key must determine everything
+Triton specializes a kernel on — the constexpr and launch options, the dtype and 16-byte alignment of every tensor
+argument (:func:`ptr_spec`), and for every int argument whether it is 1, a multiple of 16, or beyond int32
+(:func:`int_spec`). Call sites build their keys from the values that went into the arguments, so a changed buffer,
+stride or alignment is a new key, and a new key is a normal Triton call. Launch hooks (profilers) and the CPU
+interpreter always take the normal path.
+"""
+
+from __future__ import annotations
+
+import os
+
+try:  # Triton ≥ 3.4 keeps the launch hooks in knobs
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - depends on the Triton version
+    _knobs = None
+from triton.runtime import driver as _driver
+
+__all__ = ["Replay", "int_spec", "ptr_spec", "set_enabled"]
+
+_ENABLED = os.environ.get("TQCACHE_DIRECT_LAUNCH", "1") != "0"
+
+
+def set_enabled(on: bool) -> bool:
+    """Turn replays on or off (A/B timing, debugging); returns the previous setting."""
+    global _ENABLED
+    prev, _ENABLED = _ENABLED, bool(on)
+    return prev
+
+
+def int_spec(x: int) -> int:
+    """What Triton specializes an int argument on, as one small int: 1 when ``x == 1``; else bit 1 for a multiple of
+    16 and bit 2 for a value outside int32."""
+    if x == 1:
+        return 1
+    return (2 if x % 16 == 0 else 0) | (0 if -0x80000000 <= x < 0x80000000 else 4)
+
+
+def ptr_spec(t) -> int:
+    """A tensor argument's address modulo 16 (Triton specializes pointers on 16-byte alignment; callers that need
+    4-byte alignment of their own read the same number)."""
+    return t.data_ptr() & 15
+
+
+def _hooks_set() -> bool:
+    rt = _knobs.runtime if _knobs is not None else None
+    return rt is not None and bool(getattr(rt.launch_enter_hook, "calls", None) or getattr(rt.launch_exit_hook, "calls", None))
+
+
+class Replay:
+    """Launches of one Triton (or Gluon) kernel from one call site; see the module docstring for the key contract.
+
+    ``replay(key, grid, args, meta)`` launches ``fn[grid](*args, **meta)`` (``args``: every runtime argument in
+    order, tensors as tensors; ``meta``: the constexpr arguments and launch options) and returns the compiled
+    kernel. ``key=None`` always takes Triton's path.
+    """
+
+    __slots__ = ("fn", "hits")
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.hits: dict = {}
+
+    def ready(self, key) -> bool:
+        """Whether a call with ``key`` will be a replay — the only launches that may pass int addresses for tensors
+        (Triton's own path specializes on the tensors)."""
+        return _ENABLED and key in self.hits and not _hooks_set()
+
+    def __call__(self, key, grid, args: tuple, meta: dict, device_index: int | None = None):
+        hit = self.hits.get(key) if key is not None and _ENABLED else None
+        if hit is not None and not _hooks_set():
+            ck, tail = hit
+            n = len(grid)
+            stream = _driver.active.get_current_stream(device_index if device_index is not None
+                                                       else _driver.active.get_current_device())
+            ck.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, ck.function,
+                   ck.packed_metadata, None, None, None, *args, *tail)
+            return ck
+        ck = self.fn[grid](*args, **meta)
+        if key is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
+            # The parameters after the runtime ones, in order: constexprs given in meta, else their defaults
+            # (the compiled launcher takes every parameter and skips the constexprs).
+            params = self.fn.params
+            tail = tuple(meta[p.name] if p.name in meta else p.default for p in params[len(args):])
+            if len(self.hits) > 4096:  # bounded: keys carry shapes and alignments, not pointers
+                self.hits.clear()
+            self.hits[key] = (ck, tail)
+        return ck
