@@ -1046,3 +1046,24 @@ def test_replays_match_tritons_own_launches():
     for o, l, f, w in outs[1:]:
         assert torch.equal(o, outs[0][0]) and torch.equal(l, outs[0][1]) and torch.equal(w, outs[0][3])
         assert all(torch.equal(f[n], outs[0][2][n]) for n in f)
+
+
+def test_plans_do_not_keep_codecs_alive():
+    # Plans, checks and constants live per codec: a dropped cache must take its codecs (and their GPU buffers) along.
+    import gc
+    import weakref
+
+    kc, vc, kp, vp = _make(64, 4, 3, T=20, seed=41)
+    q = torch.randn(2, 4, 1, 64, generator=_gen(42)).to(DEV)
+    K.attend(q, kc, kp, vc, vp, scale=0.125)
+    fields = {n: torch.zeros(2, 2, 4, w, dtype=dt, device=DEV) for n, (w, dt) in kc.field_widths().items()}
+    K.encode(kc, torch.randn(2, 2, 1, 64, generator=_gen(43)).to(DEV), fields, 1)
+    from tqcache.kernels import _attn, _enc
+
+    refs, ids = [weakref.ref(kc), weakref.ref(vc)], {id(kc), id(vc)}
+    tables = (_attn._PLANS._by, _enc._PLANS._by, K._CHECKS._by)
+    assert all(id(kc) in t for t in tables)
+    del kc, vc, kp, vp
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert not any(ids & set(t) for t in tables), "plans of a dead codec linger"

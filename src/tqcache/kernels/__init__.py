@@ -25,8 +25,11 @@ import functools
 import math
 import os
 import threading
+import weakref
 
 import torch
+
+from ._launch import Plans
 
 try:  # Triton is optional: without it every call takes the torch path.
     import triton  # noqa: F401
@@ -153,20 +156,18 @@ def _probe(key: tuple, fn) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- attend
-_CHECKS: dict = {}  # (entry point, device, dtype, codec ids, ...) -> (codecs, None or why the kernel cannot run)
+_CHECKS = Plans(per_codec=256)  # per first codec: (entry point, ...) -> (weakrefs to the other codecs, why)
 
 
 def _checked(key: tuple, codecs: tuple, check) -> str | None:
     """``check()``'s answer for this call signature, computed once: the dispatch checks and the probe run on every
-    decode step of every layer otherwise (the step is host-bound in eager mode). The codecs are compared by
-    identity (ids recycle)."""
-    hit = _CHECKS.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], codecs)):
+    decode step of every layer otherwise (the step is host-bound in eager mode). Kept per codec while it lives; the
+    other codecs are compared by identity (ids recycle)."""
+    hit = _CHECKS.get(codecs[0], key)
+    if hit is not None and all(r() is c for r, c in zip(hit[0], codecs[1:])):
         return hit[1]
     why = check()
-    if len(_CHECKS) > 4096:
-        _CHECKS.clear()
-    _CHECKS[key] = (codecs, why)
+    _CHECKS.put(codecs[0], key, (tuple(weakref.ref(c) for c in codecs[1:]), why))
     return why
 
 

@@ -18,14 +18,18 @@ interpreter always take the normal path.
 from __future__ import annotations
 
 import os
+import weakref
 
 try:  # Triton ≥ 3.4 keeps the launch hooks in knobs
     from triton import knobs as _knobs
-except ImportError:  # pragma: no cover - depends on the Triton version
+except ImportError:  # pragma: no cover - depends on the Triton version (or no Triton: Plans still work)
     _knobs = None
-from triton.runtime import driver as _driver
+try:
+    from triton.runtime import driver as _driver
+except ImportError:  # pragma: no cover - no Triton: nothing is launched
+    _driver = None
 
-__all__ = ["Replay", "int_spec", "ptr_spec", "set_enabled"]
+__all__ = ["Plans", "Replay", "int_spec", "ptr_spec", "set_enabled"]
 
 _ENABLED = os.environ.get("TQCACHE_DIRECT_LAUNCH", "1") != "0"
 
@@ -95,3 +99,35 @@ class Replay:
                 self.hits.clear()
             self.hits[key] = (ck, tail)
         return ck
+
+
+class Plans:
+    """Per-call-site plans, kept per codec for as long as the codec lives: a cache that is dropped takes its plans —
+    and the GPU constants they hold — with it. At most ``per_codec`` plans per codec (a codec meets few call
+    signatures: one per buffer layout). A plan must not reference its own codec, or it would keep it alive.
+
+    A plain dict by ``id(codec)``, emptied by a ``weakref.finalize`` when the codec dies (so an id is never seen
+    again by a stale entry): a lookup makes no weak reference, unlike a ``WeakKeyDictionary``."""
+
+    __slots__ = ("_by", "per_codec")
+
+    def __init__(self, per_codec: int = 64):
+        self._by: dict = {}
+        self.per_codec = per_codec
+
+    def get(self, codec, key):
+        plans = self._by.get(id(codec))
+        return None if plans is None else plans.get(key)
+
+    def put(self, codec, key, plan) -> None:
+        plans = self._by.get(id(codec))
+        if plans is None:
+            plans = self._by[id(codec)] = {}
+            weakref.finalize(codec, self._by.pop, id(codec), None)
+        elif len(plans) >= self.per_codec:
+            plans.clear()
+        plans[key] = plan
+
+    def __len__(self) -> int:
+        """Codecs with plans (tests)."""
+        return len(self._by)

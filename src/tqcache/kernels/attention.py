@@ -51,6 +51,7 @@ narrow segments) are read in natural order through ``tl.join`` and the gather.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 import triton
@@ -58,7 +59,7 @@ import triton.language as tl
 
 from ._codec_key import codec_key
 from ._compat import patch_interpreter
-from ._launch import Replay, int_spec
+from ._launch import Plans, Replay, int_spec
 from .encode import aligned4
 
 __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
@@ -720,7 +721,7 @@ def _seg_key(c) -> tuple:
 
 
 def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device, *, k_codec=None,
-                  v_codec=None) -> dict:
+                  v_codec=None, seg_keys: tuple | None = None) -> dict:
     """Block sizes, split count and warps for one shape (recorded by :func:`tqcache.kernels.info`).
 
     Splits: enough programs for 4–8 per SM (many loads in flight), but each split keeps ≥ 4 blocks of tokens
@@ -729,7 +730,8 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     2 warps, 4× splits at d ≤ 128 — the sweep's pick for every scheme measured, multi-segment ones included
     (turbo3.5, k3.25v3, k2.25v2; turbo3.5 spills a little at that tile and still wins) — and the earlier
     BLOCK_N 32 × 4 warps at d = 256 (not re-measured). (A config passed to :func:`attend_packed_triton` may
-    also carry ``planes=False`` / ``fast=False``, for A/B comparisons.)
+    also carry ``planes=False`` / ``fast=False``, for A/B comparisons.) ``seg_keys``: the codecs' segments,
+    ``(tuple(k_codec.segments), tuple(v_codec.segments))``, in place of the codecs.
     """
     block_m = 16 if M <= 16 else 64
     m_tiles = _cdiv(M, block_m)
@@ -740,7 +742,8 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
         block_n, num_warps, smul = 64, 2, 4
         if d > 128:  # the earlier rule, not re-measured
             block_n, num_warps, smul = 32, 4, 1
-        tuned = _DECODE_TUNED.get((d, _seg_key(k_codec), _seg_key(v_codec), progs >= 32))
+        ks, vs = seg_keys or (_seg_key(k_codec), _seg_key(v_codec))
+        tuned = _DECODE_TUNED.get((d, ks, vs, progs >= 32))
         if tuned:
             block_n, num_warps, smul = tuned
     else:
@@ -922,7 +925,7 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
     """
     key = (codec_key(k_codec, device), codec_key(v_codec, device), dot_dtype, planes, gluon)
     hit = _MAT_CACHE.get(key)
-    if hit is not None and hit[0] is k_codec and hit[1] is v_codec:
+    if hit is not None and hit[0]() is k_codec and hit[1]() is v_codec:  # (weak: the cache keeps no codec alive)
         return hit[2]
     d = k_codec.dim
     eye = torch.eye(d, device=device, dtype=torch.float32)
@@ -956,7 +959,7 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
                _segment_args(k_codec, v_codec, planes))
     if len(_MAT_CACHE) > 64:
         _MAT_CACHE.clear()
-    _MAT_CACHE[key] = (k_codec, v_codec, out)
+    _MAT_CACHE[key] = (weakref.ref(k_codec), weakref.ref(v_codec), out)
     return out
 
 
@@ -969,7 +972,7 @@ def _tensor_sig(t) -> tuple | None:
     return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device)
 
 
-_PLANS: dict = {}  # call key -> (k_codec, v_codec, run): see attend_packed_triton
+_PLANS = Plans()  # per key codec, call key -> (weakref to the value codec, run): see attend_packed_triton
 LAUNCH_CONFIGS: dict = {}  # "attend B=.. T=.." -> the launch configuration first used for it (kernels.info())
 _QMAP = Replay(_query_map_kernel)
 _DECODE = Replay(_attn_fwd_kernel)
@@ -1027,18 +1030,17 @@ def attend_packed_triton(
     key = (codec_key(k_codec, dev), codec_key(v_codec, dev), q.dtype, q.shape, q.stride(), q.data_ptr() & 15,
            _fields_sig(kf), _fields_sig(vf), _tensor_sig(st), _tensor_sig(en), _tensor_sig(qp), window is None,
            splits, None if config is None else tuple(sorted(config.items())))
-    plan = _PLANS.get(key)
-    if plan is None or plan[0] is not k_codec or plan[1] is not v_codec:
-        run = _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, config, key)
-        if len(_PLANS) > 1024:
-            _PLANS.clear()
-        _PLANS[key] = plan = (k_codec, v_codec, run)
+    plan = _PLANS.get(k_codec, key)
+    if plan is None or plan[0]() is not v_codec:
+        plan = (weakref.ref(v_codec), _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, config,
+                                            key))
+        _PLANS.put(k_codec, key, plan)
     else:  # the key fixed everything but T: the fields must still agree on it
         T = kf["codes"].shape[2]
         if any(t.shape[2] != T for t in kf.values()) or any(t.shape[2] != T for t in vf.values()):
             raise ValueError(f"packed K/V fields disagree on the token count: "
                              f"{[tuple(t.shape) for t in kf.values()]}, {[tuple(t.shape) for t in vf.values()]}")
-    return plan[2](q, kf, vf, st, en, qp, window, scale)
+    return plan[1](q, kf, vf, st, en, qp, window, scale)
 
 
 def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, config, key):
@@ -1089,13 +1091,16 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     m_tiles = _cdiv(M, BM)
 
+    seg_keys = (_seg_key(k_codec), _seg_key(v_codec))
+    k_qjl, qjl_scale = bool(k_codec.qjl), k_codec.qjl_scale if k_codec.qjl else 0.0
+    # (run must not hold the codecs: plans live as long as the key codec, and would keep it alive.)
+
     def splits_for(T: int) -> int:
         if splits is not None:
             return int(splits)
         if fixed:
             return cfg["SPLITS"]
-        c = gluon_config(B, Hkv, T, dev, d) if use_gluon else \
-            launch_config(B, Hkv, M, T, d, dev, k_codec=k_codec, v_codec=v_codec)
+        c = gluon_config(B, Hkv, T, dev, d) if use_gluon else launch_config(B, Hkv, M, T, d, dev, seg_keys=seg_keys)
         return c["SPLITS"]
 
     # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
@@ -1169,7 +1174,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
                             st if st is not None else dummy, en if en is not None else dummy,
                             qp if qp is not None else dummy, pacc, pm, pl, T, window)
         else:
-            ks, kg = (kf["qjl_signs"], kf["qjl_norms"]) if k_codec.qjl else (kc, kn)  # (unused without QJL)
+            ks, kg = (kf["qjl_signs"], kf["qjl_norms"]) if k_qjl else (kc, kn)  # (unused without QJL)
             args = (qk, *qk_strides,
                     kc, kc.stride(0), kc.stride(1), kc.stride(2),
                     kn, kn.stride(0), kn.stride(1), kn.stride(2),
@@ -1180,7 +1185,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
                     lvk, lvv, lutk, lutv,
                     st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
                     pacc, pm, pl,
-                    T, M, Lq, int(window) if window is not None else 0, k_codec.qjl_scale if k_codec.qjl else 0.0)
+                    T, M, Lq, int(window) if window is not None else 0, qjl_scale)
         grid = (B * Hkv, SPL) if use_gluon else (B * Hkv, SPL, m_tiles)
         ck = decode(dkey, grid, args, dmeta, idx)
         if new:

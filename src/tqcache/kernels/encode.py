@@ -36,13 +36,15 @@ rule to the bit.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
 
 from ._codec_key import codec_key
 from ._compat import patch_interpreter
-from ._launch import Replay, int_spec
+from ._launch import Plans, Replay, int_spec
 
 __all__ = ["encode_into", "encode_unsupported_reason"]
 
@@ -374,7 +376,7 @@ _ENC_CACHE: dict = {}
 def _enc_matrices(codec, device):
     key = codec_key(codec, device)
     hit = _ENC_CACHE.get(key)
-    if hit is not None and hit[0] is codec:
+    if hit is not None and hit[0]() is codec:  # (weak: the cache keeps no codec alive)
         return hit[1]
     d = codec.dim
     perm = codec.perm.to(device)
@@ -425,7 +427,7 @@ def _enc_matrices(codec, device):
            E.contiguous(), sk.contiguous(), signs_only, sym_consts if sym else None)
     if len(_ENC_CACHE) > 64:
         _ENC_CACHE.clear()
-    _ENC_CACHE[key] = (codec, out)
+    _ENC_CACHE[key] = (weakref.ref(codec), out)
     return out
 
 
@@ -461,9 +463,9 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     key = (codec_key(codec, x.device), x.dtype, x.shape, x.stride(), x.data_ptr() & 15,
            tuple((n, t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device) for n, t in fields.items()),
            block_t, programs_per_sm, num_warps, num_stages, exact)
-    plan = _PLANS.get(key)
-    if plan is not None and plan[0] is codec:
-        _, N, cap, grid, meta, consts, counts = plan
+    plan = _PLANS.get(codec, key)
+    if plan is not None:
+        N, cap, grid, meta, consts, counts = plan
         if start < 0 or start + N > cap:
             raise ValueError(f"fields have capacity {cap}, cannot write slots [{start}, {start + N})")
         _ENCODE((key, int_spec(int(start))), grid, _encode_args(x, fields, start, consts, *counts), meta,
@@ -552,15 +554,13 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         programs = min(n_items, programs_per_sm or 4)  # the interpreter: a few programs, each looping
     key = (codec_key(codec, x.device),) + key[1:]  # the codec's state after any calibration above
     _ENCODE((key, int_spec(int(start))), (programs,), args, meta, x.device.index)
-    if len(_PLANS) > 1024:
-        _PLANS.clear()
-    _PLANS[key] = (codec, N, min(t.shape[2] for t in fields.values()), (programs,), meta, consts,
-                   (bool(codec.qjl), n_tiles, n_items))
+    _PLANS.put(codec, key, (N, min(t.shape[2] for t in fields.values()), (programs,), meta, consts,
+                            (bool(codec.qjl), n_tiles, n_items)))
 
 
-# Call key -> (codec, N, capacity, grid, constexprs and options, constant tensors, (QJL, tiles, items)); the key is
-# built in encode_into from everything the checks and the constants depend on.
-_PLANS: dict = {}
+# Per codec, call key -> (N, capacity, grid, constexprs and options, constant tensors, (QJL, tiles, items)); the key
+# is built in encode_into from everything the checks and the constants depend on.
+_PLANS = Plans()
 _ENCODE = Replay(_encode_kernel)
 
 
