@@ -1067,3 +1067,12 @@ def test_plans_do_not_keep_codecs_alive():
     gc.collect()
     assert all(r() is None for r in refs)
     assert not any(ids & set(t) for t in tables), "plans of a dead codec linger"
+
+
+def test_int_spec_follows_tritons_specialization():
+    # A replay key carries how Triton specialized each changing int: = 1, a multiple of 16, or outside int32.
+    from tqcache.kernels._launch import int_spec
+
+    assert [int_spec(x) for x in (1, 0, 16, 48, 17, 2, -16)] == [1, 2, 2, 2, 0, 0, 2]
+    assert int_spec(2**31) == 2 | 4 and int_spec(2**31 + 1) == 4 and int_spec(-(2**31)) == 2
+    assert len({int_spec(t) for t in range(1, 200)}) == 3  # T growing by one meets three specializations

@@ -29,6 +29,7 @@ import weakref
 
 import torch
 
+from . import _launch
 from ._launch import Plans
 
 try:  # Triton is optional: without it every call takes the torch path.
@@ -326,5 +327,6 @@ def info() -> dict:
     d["compiled"] = dict(_attn.COMPILED) if _attn is not None else {}
     # Decode steps the Gluon kernel covers (decode_gluon.gluon_reason) run it (compiled entries prefixed "gluon").
     d["gluon_decode"] = _attn is not None and _attn._gluon_module() is not None
+    d["replayed_launches"] = _launch.enabled()  # kernels/_launch.py: launches skip Triton's per-call Python
     d["fallbacks"] = dict(_FALLBACKS)
     return d

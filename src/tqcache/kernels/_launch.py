@@ -9,7 +9,7 @@ decode step launches six kernels per layer.
 specialized for these arguments) and keeps the compiled kernel; later calls with the same key hand the same
 argument list straight to that kernel's launcher. The contract is on the caller: a key must determine everything
 Triton specializes a kernel on — the constexpr and launch options, the dtype and 16-byte alignment of every tensor
-argument (:func:`ptr_spec`), and for every int argument whether it is 1, a multiple of 16, or beyond int32
+argument (its address modulo 16), and for every int argument whether it is 1, a multiple of 16, or beyond int32
 (:func:`int_spec`). Call sites build their keys from the values that went into the arguments, so a changed buffer,
 stride or alignment is a new key, and a new key is a normal Triton call. Launch hooks (profilers) and the CPU
 interpreter always take the normal path.
@@ -29,9 +29,27 @@ try:
 except ImportError:  # pragma: no cover - no Triton: nothing is launched
     _driver = None
 
-__all__ = ["Plans", "Replay", "int_spec", "ptr_spec", "set_enabled"]
+__all__ = ["Plans", "Replay", "enabled", "int_spec", "set_enabled"]
 
-_ENABLED = os.environ.get("TQCACHE_DIRECT_LAUNCH", "1") != "0"
+# Replays call Triton's compiled-kernel launcher as ``JITFunction.run`` does in the Triton versions checked here (the
+# argument order of ``CompiledKernel.run`` is internal and has changed before); other versions keep Triton's path.
+_CHECKED_TRITON = ("3.6.",)
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton
+    except ImportError:  # pragma: no cover - no Triton: nothing is launched
+        return False
+    return triton.__version__.startswith(_CHECKED_TRITON)
+
+
+_ENABLED = os.environ.get("TQCACHE_DIRECT_LAUNCH", "1") != "0" and _triton_ok()
+
+
+def enabled() -> bool:
+    """Whether launches are replayed (off with ``TQCACHE_DIRECT_LAUNCH=0``, or on a Triton version not checked)."""
+    return _ENABLED
 
 
 def set_enabled(on: bool) -> bool:
@@ -47,12 +65,6 @@ def int_spec(x: int) -> int:
     if x == 1:
         return 1
     return (2 if x % 16 == 0 else 0) | (0 if -0x80000000 <= x < 0x80000000 else 4)
-
-
-def ptr_spec(t) -> int:
-    """A tensor argument's address modulo 16 (Triton specializes pointers on 16-byte alignment; callers that need
-    4-byte alignment of their own read the same number)."""
-    return t.data_ptr() & 15
 
 
 def _hooks_set() -> bool:
