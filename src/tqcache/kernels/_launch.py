@@ -67,6 +67,14 @@ def int_spec(x: int) -> int:
     return (2 if x % 16 == 0 else 0) | (0 if -0x80000000 <= x < 0x80000000 else 4)
 
 
+def _device() -> int | None:
+    """Triton's current device, or None where it has no GPU driver (the CPU interpreter: nothing is replayed)."""
+    try:
+        return _driver.active.get_current_device()
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _hooks_set() -> bool:
     rt = _knobs.runtime if _knobs is not None else None
     return rt is not None and bool(getattr(rt.launch_enter_hook, "calls", None) or getattr(rt.launch_exit_hook, "calls", None))
@@ -77,7 +85,8 @@ class Replay:
 
     ``replay(key, grid, args, meta)`` launches ``fn[grid](*args, **meta)`` (``args``: every runtime argument in
     order, tensors as tensors; ``meta``: the constexpr arguments and launch options) and returns the compiled
-    kernel. ``key=None`` always takes Triton's path.
+    kernel. ``key=None`` always takes Triton's path. Like Triton, it launches on the current device and stream, and
+    keeps one compiled kernel per device.
     """
 
     __slots__ = ("fn", "hits")
@@ -89,27 +98,27 @@ class Replay:
     def ready(self, key) -> bool:
         """Whether a call with ``key`` will be a replay — the only launches that may pass int addresses for tensors
         (Triton's own path specializes on the tensors)."""
-        return _ENABLED and key in self.hits and not _hooks_set()
+        return _ENABLED and (_device(), key) in self.hits and not _hooks_set()
 
-    def __call__(self, key, grid, args: tuple, meta: dict, device_index: int | None = None):
-        hit = self.hits.get(key) if key is not None and _ENABLED else None
+    def __call__(self, key, grid, args: tuple, meta: dict):
+        # As Triton does: the current device's kernel and stream (a compiled kernel is loaded per device).
+        device = _device() if key is not None and _ENABLED else None
+        hit = self.hits.get((device, key)) if device is not None else None
         if hit is not None and not _hooks_set():
             ck, tail = hit
             n = len(grid)
-            stream = _driver.active.get_current_stream(device_index if device_index is not None
-                                                       else _driver.active.get_current_device())
-            ck.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, ck.function,
-                   ck.packed_metadata, None, None, None, *args, *tail)
+            ck.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _driver.active.get_current_stream(device),
+                   ck.function, ck.packed_metadata, None, None, None, *args, *tail)
             return ck
         ck = self.fn[grid](*args, **meta)
-        if key is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
+        if device is not None and hasattr(ck, "packed_metadata") and getattr(ck, "function", None) is not None:
             # The parameters after the runtime ones, in order: constexprs given in meta, else their defaults
             # (the compiled launcher takes every parameter and skips the constexprs).
             params = self.fn.params
             tail = tuple(meta[p.name] if p.name in meta else p.default for p in params[len(args):])
             if len(self.hits) > 4096:  # bounded: keys carry shapes and alignments, not pointers
                 self.hits.clear()
-            self.hits[key] = (ck, tail)
+            self.hits[(device, key)] = (ck, tail)
         return ck
 
 

@@ -1132,6 +1132,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         bits = f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}"
     bits = bits.replace(" ", "").replace(",)", ")")
     metas: dict = {}  # split count -> (decode constexprs, merge constexprs)
+    recorded: set = set()  # split counts whose compiled kernel info() knows
     shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} d={d} {str(q.dtype).replace('torch.', '')}"
 
     def run(q, kf, vf, st, en, qp, window, scale):
@@ -1163,12 +1164,11 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
             pl = buf[qk_bytes + 4 * n_part * (d + 1) :].view(torch.float32)
         out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
         lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
-        idx = dev.index
         _QMAP((key,), (B * Hkv, m_tiles, DA // DCQ),
               (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, M, float(scale * _LOG2E)),
-              qmeta, idx)
+              qmeta)
         kc, kn, vc, vn = kf["codes"], kf["norms"], vf["codes"], vf["norms"]
-        new = dkey not in decode.hits
+        new = SPL not in recorded
         if use_gluon:
             args = assemble(qk, kc, kn, vc, vn, kf.get("qjl_signs"), kf.get("qjl_norms"),
                             st if st is not None else dummy, en if en is not None else dummy,
@@ -1187,11 +1187,12 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
                     pacc, pm, pl,
                     T, M, Lq, int(window) if window is not None else 0, qjl_scale)
         grid = (B * Hkv, SPL) if use_gluon else (B * Hkv, SPL, m_tiles)
-        ck = decode(dkey, grid, args, dmeta, idx)
+        ck = decode(dkey, grid, args, dmeta)
         if new:
+            recorded.add(SPL)
             _record_compile(ck, dict(cfg, SPLITS=SPL), bits, fast and not use_gluon)
         _MERGE(mkey, (B * Hkv, M),
-               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M), mmeta, idx)
+               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M), mmeta)
         return out, lse
 
     return run

@@ -468,8 +468,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         N, cap, grid, meta, consts, counts = plan
         if start < 0 or start + N > cap:
             raise ValueError(f"fields have capacity {cap}, cannot write slots [{start}, {start + N})")
-        _ENCODE((key, int_spec(int(start))), grid, _encode_args(x, fields, start, consts, *counts), meta,
-                x.device.index)
+        _ENCODE((key, int_spec(int(start))), grid, _encode_args(x, fields, start, consts, *counts), meta)
         return
     why = encode_unsupported_reason(codec, x)
     if why:
@@ -553,7 +552,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     else:
         programs = min(n_items, programs_per_sm or 4)  # the interpreter: a few programs, each looping
     key = (codec_key(codec, x.device),) + key[1:]  # the codec's state after any calibration above
-    _ENCODE((key, int_spec(int(start))), (programs,), args, meta, x.device.index)
+    _ENCODE((key, int_spec(int(start))), (programs,), args, meta)
     _PLANS.put(codec, key, (N, min(t.shape[2] for t in fields.values()), (programs,), meta, consts,
                             (bool(codec.qjl), n_tiles, n_items)))
 

@@ -181,5 +181,5 @@ def attend_window_triton(q: torch.Tensor, parts, out_c: torch.Tensor | None, lse
                 num_warps=4)
     # The key: the signature (strides, dtypes, alignments of every tensor but out, which torch allocates 512-byte
     # aligned, with the same strides each call) and the two token counts' specialization.
-    _WINDOW((sig, int_spec(n1), int_spec(n2)), (B * Hkv,), args, meta, q.device.index)
+    _WINDOW((sig, int_spec(n1), int_spec(n2)), (B * Hkv,), args, meta)
     return out
