@@ -195,8 +195,8 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
         return reason
 
     heads = k_packed.fields["codes"].shape[1] if "codes" in k_packed.fields else None
-    reason = _checked(("attend", q.device, q.dtype, q.shape[-1], id(k_codec), id(v_codec), heads, causal,
-                       kw.get("mask") is not None), (k_codec, v_codec), check)
+    reason = _checked(("attend", q.device, _interpreting(), q.dtype, q.shape[-1], id(k_codec), id(v_codec), heads,
+                       causal, kw.get("mask") is not None), (k_codec, v_codec), check)
     if reason is not None:
         _fallback(reason)
         return attend_packed(q, k_codec, k_packed, v_codec, v_packed, **kw)
@@ -290,7 +290,8 @@ def encode(codec, x: torch.Tensor, fields: dict, start: int) -> None:
                 reason = f"self-test failed: {rec['reason']}"
         return reason
 
-    reason = _checked(("encode", x.device, x.dtype, x.shape[1] if x.dim() > 1 else None, id(codec)), (codec,), check)
+    reason = _checked(("encode", x.device, _interpreting(), x.dtype, x.shape[1] if x.dim() > 1 else None, id(codec)),
+                      (codec,), check)
     if reason is None:
         _enc.encode_into(codec, x, fields, start)
         return
