@@ -730,8 +730,8 @@ def launch_config(B: int, Hkv: int, M: int, T: int, d: int, device: torch.device
     2 warps, 4× splits at d ≤ 128 — the sweep's pick for every scheme measured, multi-segment ones included
     (turbo3.5, k3.25v3, k2.25v2; turbo3.5 spills a little at that tile and still wins) — and the earlier
     BLOCK_N 32 × 4 warps at d = 256 (not re-measured). (A config passed to :func:`attend_packed_triton` may
-    also carry ``planes=False`` / ``fast=False``, for A/B comparisons.) ``seg_keys``: the codecs' segments,
-    ``(tuple(k_codec.segments), tuple(v_codec.segments))``, in place of the codecs.
+    also carry ``planes=False`` / ``fast=False``, for A/B comparisons.) ``seg_keys``: ``(_seg_key(k_codec),
+    _seg_key(v_codec))`` in place of the codecs (plans keep no codec).
     """
     block_m = 16 if M <= 16 else 64
     m_tiles = _cdiv(M, block_m)
