@@ -241,16 +241,16 @@ def attend_window(q, parts, out_c, lse_c, scale):
     :func:`window_reference`; the reason is recorded in ``info()["fallbacks"]``)."""
     reason = None if available(q.device) else _why_unavailable(q.device)
     if reason is None:
-        reason = _win.window_check(q, parts, out_c, lse_c)
+        q, sig, reason = _win.check_window(q, parts, out_c, lse_c)
     if reason is None:
         key = ("window", str(q.device), q.dtype, q.shape[-1], len(parts), out_c is not None)
-        rec = _PROBES.get(key) or _probe(key, lambda: _probe_window(q, len(parts), out_c is not None))
+        rec = _probe(key, lambda: _probe_window(q, len(parts), out_c is not None))
         if not rec["passed"]:
             reason = f"self-test failed: {rec['reason']}"
     if reason is not None:
         _fallback(f"window: {reason}")
         return None
-    return _win.attend_window_triton(q, parts, out_c, lse_c, scale)
+    return _win.launch_window(q, parts, out_c, lse_c, scale, sig)
 
 
 # ---------------------------------------------------------------------------------------------- encode

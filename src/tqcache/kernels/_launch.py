@@ -77,7 +77,8 @@ def _device() -> int | None:
 
 def _hooks_set() -> bool:
     rt = _knobs.runtime if _knobs is not None else None
-    return rt is not None and bool(getattr(rt.launch_enter_hook, "calls", None) or getattr(rt.launch_exit_hook, "calls", None))
+    return rt is not None and bool(getattr(rt.launch_enter_hook, "calls", None)
+                                   or getattr(rt.launch_exit_hook, "calls", None))
 
 
 class Replay:

@@ -969,6 +969,7 @@ def _fields_sig(f) -> tuple:
 
 
 def _tensor_sig(t) -> tuple | None:
+    """An optional tensor argument (kv_start, kv_end, q_pos) as it enters a plan key."""
     return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device)
 
 
@@ -1132,14 +1133,14 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         bits = f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}"
     bits = bits.replace(" ", "").replace(",)", ")")
     metas: dict = {}  # split count -> (decode constexprs, merge constexprs)
-    recorded: set = set()  # split counts whose compiled kernel info() knows
     shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} d={d} {str(q.dtype).replace('torch.', '')}"
 
     def run(q, kf, vf, st, en, qp, window, scale):
         T = kf["codes"].shape[2]
         SPL = splits_for(T)
         m = metas.get(SPL)
-        if m is None:
+        first = m is None  # first call with this split count: record its configuration and compiled kernel
+        if first:
             c = dict(cfg, SPLITS=SPL)
             m = metas[SPL] = ({**(gmeta if use_gluon else tmeta), "SPLITS": SPL},
                               dict(HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=_p2(SPL),
@@ -1168,7 +1169,6 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
               (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, M, float(scale * _LOG2E)),
               qmeta)
         kc, kn, vc, vn = kf["codes"], kf["norms"], vf["codes"], vf["norms"]
-        new = SPL not in recorded
         if use_gluon:
             args = assemble(qk, kc, kn, vc, vn, kf.get("qjl_signs"), kf.get("qjl_norms"),
                             st if st is not None else dummy, en if en is not None else dummy,
@@ -1188,9 +1188,8 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
                     T, M, Lq, int(window) if window is not None else 0, qjl_scale)
         grid = (B * Hkv, SPL) if use_gluon else (B * Hkv, SPL, m_tiles)
         ck = decode(dkey, grid, args, dmeta)
-        if new:
-            recorded.add(SPL)
-            _record_compile(ck, dict(cfg, SPLITS=SPL), bits, fast and not use_gluon)
+        if first:
+            _record_compile(ck, c, bits, fast and not use_gluon)
         _MERGE(mkey, (B * Hkv, M),
                (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M), mmeta)
         return out, lse

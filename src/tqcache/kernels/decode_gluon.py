@@ -74,7 +74,7 @@ from triton.runtime.jit import constexpr_function
 from .attention import _ASM_LUT2, _ASM_LUT4, _LUT2_CONSTRAINTS, _LUT4_CONSTRAINTS
 from .encode import aligned4
 
-__all__ = ["gluon_reason", "kernel_order", "launch_gluon", "sigma", "fragment_columns", "group3", "qjl_order",
+__all__ = ["gluon_reason", "kernel_order", "gluon_plan", "sigma", "fragment_columns", "group3", "qjl_order",
            "words_ok"]
 
 
@@ -1047,28 +1047,16 @@ def words_ok(codes: torch.Tensor, codec) -> bool:
     return aligned4(codes, *(d_s * b_s // 8 for d_s, b_s in codec.segments))
 
 
-def launch_gluon(qk, kc, kn, vc, vn, lutk, lutv, st, en, qp, dummy, pacc, pm, pl, *, k_codec, v_codec, T, M, window,
-                 Hkv, G, d, splits, block_n, stages=2, lvk=None, qjl=None):
-    """Launch :func:`_gluon_decode_kernel` over grid (B·Hkv, splits); arguments as in attention.attend_packed_triton
-    (``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the ``[2, 256]`` fp16 key
-    tables: 8-bit keys gather from it, 5-bit keys hold entry L in lane L; ``qjl``: QJL keys' ``(signs uint8
-    [B, Hkv, T, d/8], norms fp16 [B, Hkv, T, 1])``, :func:`words_ok` rows)."""
-    assemble, meta = gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, k_codec=k_codec, v_codec=v_codec, M=M, Hkv=Hkv, G=G,
-                                d=d, block_n=block_n, stages=stages, lvk=lvk, qjl=qjl,
-                                given=(st is not None, en is not None, qp is not None, window is not None))
-    ks, kg = qjl if qjl is not None else (None, None)
-    args = assemble(qk, kc, kn, vc, vn, ks, kg, st if st is not None else dummy, en if en is not None else dummy,
-                    qp if qp is not None else dummy, pacc, pm, pl, T, window)
-    return _gluon_decode_kernel[(qk.shape[0] * Hkv, splits)](*args, **meta, SPLITS=splits)
-
-
 def gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, *, k_codec, v_codec, M, Hkv, G, d, block_n, stages=2, lvk=None,
                qjl=None, given=(False, False, False, False)):
     """What a launch of :func:`_gluon_decode_kernel` derives from the codecs and the layouts of its buffers — not from
     their addresses, the token count or the split count — as ``(assemble, meta)``. ``meta``: every constexpr but
     ``SPLITS``, and the launch options. ``assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window)``:
     the runtime arguments in order, for buffers laid out as the ones given here (same shapes but T, strides and
-    dtypes; ``ks``/``kg`` the QJL fields or None; ``st``/``en``/``qp`` the int32 [B] tensors or a dummy). Buffers are
+    dtypes; ``ks``/``kg`` the QJL fields or None; ``st``/``en``/``qp`` the int32 [B] tensors or a dummy; grid
+    ``(B·Hkv, SPLITS)``). ``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the
+    ``[2, 256]`` fp16 key tables (8-bit keys gather from it, 5-bit keys hold entry L in lane L); ``qjl``: QJL keys'
+    ``(signs uint8 [B, Hkv, T, d/8], norms fp16 [B, Hkv, T, 1])``, :func:`words_ok` rows. Buffers are
     tensors or, once Triton has specialized the kernel on tensors, int addresses (the compiled launcher takes
     either). ``given``: whether ``(kv_start, kv_end, q_pos, window)`` are."""
     split = split_halves(k_codec, v_codec)

@@ -25,7 +25,7 @@ import triton.language as tl
 from ._compat import patch_interpreter
 from ._launch import Replay, int_spec
 
-__all__ = ["window_unsupported_reason", "window_check", "attend_window_triton"]
+__all__ = ["window_unsupported_reason", "check_window", "launch_window", "attend_window_triton"]
 
 
 @triton.jit
@@ -124,21 +124,24 @@ def _signature(q: torch.Tensor, parts, out_c, lse_c) -> tuple:
                        lse_c.data_ptr() & 15) if out_c is not None else None)
 
 
-def window_check(q: torch.Tensor, parts, out_c=None, lse_c=None, sig: tuple | None = None) -> str | None:
-    """:func:`window_unsupported_reason`, with the layout checks memoised per call signature (``sig``, computed
-    when not given; this runs once per layer and decode step)."""
-    if sig is None:
-        try:
-            sig = _signature(q, parts, out_c, lse_c)
-        except (AttributeError, IndexError, TypeError, ValueError):  # not (k, v) pairs of 4-D tensors
-            return window_unsupported_reason(q, parts)
+def check_window(q: torch.Tensor, parts, out_c=None, lse_c=None) -> tuple[torch.Tensor, tuple | None, str | None]:
+    """``(q, signature, why)``: q with a contiguous last dimension, the call's signature (None when ``parts`` are not
+    ``(k, v)`` pairs of 4-D tensors) and why the kernel cannot take the call (None when it can) —
+    :func:`window_unsupported_reason` with the layout checks memoised per signature, since this runs once per layer
+    and decode step. :func:`launch_window` takes the signature as its launch key."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    try:
+        sig = _signature(q, parts, out_c, lse_c)
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return q, None, window_unsupported_reason(q, parts) or "parts must be (k, v) pairs of [B, Hkv, n, d] tensors"
     why = _CHECKED.get(sig, False)
     if why is False:
         why = _layout_reason(q, parts)
         if len(_CHECKED) > 1024:
             _CHECKED.clear()
         _CHECKED[sig] = why
-    return why or _count_reason(parts)
+    return q, sig, why or _count_reason(parts)
 
 
 def attend_window_triton(q: torch.Tensor, parts, out_c: torch.Tensor | None, lse_c: torch.Tensor | None,
@@ -149,15 +152,15 @@ def attend_window_triton(q: torch.Tensor, parts, out_c: torch.Tensor | None, lse
 
     Runs once per layer and decode step, so the checks are memoised per call signature (everything but the
     token counts and addresses) and the launch is replayed (:mod:`._launch`)."""
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    try:
-        sig = _signature(q, parts, out_c, lse_c)
-    except (AttributeError, IndexError, TypeError, ValueError):  # not (k, v) pairs of 4-D tensors
-        sig = None
-    why = window_check(q, parts, out_c, lse_c, sig) if sig is not None else window_unsupported_reason(q, parts)
+    q, sig, why = check_window(q, parts, out_c, lse_c)
     if why:
         raise ValueError(f"unsupported by the window kernel: {why}")
+    return launch_window(q, parts, out_c, lse_c, scale, sig)
+
+
+def launch_window(q: torch.Tensor, parts, out_c, lse_c, scale: float, sig: tuple) -> torch.Tensor:
+    """The launch of :func:`attend_window_triton` for a call :func:`check_window` passed (``q`` and ``sig`` as it
+    returned them)."""
     (k1, v1), (k2, v2) = parts if len(parts) == 2 else (parts[0], parts[0])
     has_c = out_c is not None
     B, Hq, _, d = q.shape
