@@ -11,6 +11,7 @@ execution plan for every new key length — ~10 ms of host time per call in torc
 issue it, measured with the GPU idle at the start of the step — and per-layer figures.
 
     PYTHONPATH=src python benchmarks/bench_decode_step.py --N 4096,32768,131072 --out results.json
+    PYTHONPATH=src python benchmarks/bench_decode_step.py --N 4096,32768 --flush 1,32 --steps 64   # CacheConfig.flush
 """
 
 from __future__ import annotations
@@ -38,8 +39,10 @@ def _model(layers: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
 
 
-def _time_steps(model, cache, feed: torch.Tensor) -> tuple[float, float]:
-    """(median wall ms per step, median host ms per step) over the one-token steps of ``feed [1, S]``."""
+def _time_steps(model, cache, feed: torch.Tensor) -> tuple[float, float, float]:
+    """(median wall ms per step, median host ms per step, mean wall ms per step) over the one-token steps of
+    ``feed [1, S]``. The mean counts the steps that compress a block of tokens (``flush`` > 1), which the median
+    skips."""
     wall, host = [], []
     for t in range(feed.shape[1]):
         torch.cuda.synchronize()
@@ -50,8 +53,9 @@ def _time_steps(model, cache, feed: torch.Tensor) -> tuple[float, float]:
         t2 = time.perf_counter()
         host.append(t1 - t0)
         wall.append(t2 - t0)
+    mean = sum(wall) / len(wall)
     wall.sort(), host.sort()
-    return 1e3 * wall[len(wall) // 2], 1e3 * host[len(host) // 2]
+    return 1e3 * wall[len(wall) // 2], 1e3 * host[len(host) // 2], 1e3 * mean
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,13 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--flush", default=None, help="CacheConfig.flush values to run each scheme with, e.g. 1,32 "
+                                                   "(default: the scheme's own)")
+    ap.add_argument("--no-cudnn-baseline", action="store_true", help="skip the cuDNN dense baseline (~10 ms a step)")
     a = ap.parse_args(argv)
     model = _model(a.layers)
     rows = []
+    runs = [] if a.no_cudnn_baseline else [("bf16", None)]
+    runs.append(("bf16-nocudnn", None))
+    for scheme in a.schemes.split(","):
+        runs += [(scheme, None)] if a.flush is None else [(scheme, int(f)) for f in a.flush.split(",")]
     for N in (int(x) for x in a.N.split(",")):
         ids = torch.randint(0, 4096, (1, N), device="cuda")
         feed = torch.randint(0, 4096, (1, a.steps + 4), device="cuda")
-        for scheme in ["bf16", "bf16-nocudnn"] + a.schemes.split(","):
+        for scheme, flush in runs:
             backends = _ALL_BACKENDS[1:] if scheme == "bf16-nocudnn" else _ALL_BACKENDS
             with torch.no_grad(), sdpa_kernel(backends):
                 if scheme.startswith("bf16"):
@@ -76,19 +87,24 @@ def main(argv: list[str] | None = None) -> int:
                     cache = DynamicCache(config=model.config)
                 else:
                     model.config._attn_implementation = "tqcache"
-                    cache = TurboQuantCache(model.config, scheme)
+                    cfg = tqcache.parse_scheme(scheme)
+                    cache = TurboQuantCache(model.config, cfg if flush is None else cfg.replace(flush=flush))
+                    flush = cache.cfg.flush
                 model(ids, past_key_values=cache)
                 model(feed[:, :4], past_key_values=cache)  # warm-up steps (compiles, first window spill)
-                wall, host = _time_steps(model, cache, feed[:, 4:])
+                wall, host, mean = _time_steps(model, cache, feed[:, 4:])
             paths = {}
             for layer in getattr(cache, "layers", []):
                 for k, v in getattr(layer, "paths", {}).items():
                     paths[k] = paths.get(k, 0) + v
-            rows.append(dict(N=N, scheme=scheme, ms_per_step=wall, host_ms_per_step=host,
-                             us_per_layer=1e3 * wall / a.layers, host_us_per_layer=1e3 * host / a.layers,
+            rows.append(dict(N=N, scheme=scheme, flush=flush, ms_per_step=wall, host_ms_per_step=host,
+                             mean_ms_per_step=mean, us_per_layer=1e3 * wall / a.layers,
+                             host_us_per_layer=1e3 * host / a.layers, mean_us_per_layer=1e3 * mean / a.layers,
                              paths=paths))
-            print(f"N={N:>6} {scheme:8s} {wall:7.2f} ms/step  host {host:6.2f} ms  "
-                  f"({1e3 * wall / a.layers:6.0f} / {1e3 * host / a.layers:6.0f} µs per layer) {paths}", flush=True)
+            label = scheme if flush is None else f"{scheme}/f{flush}"
+            print(f"N={N:>6} {label:12s} {wall:7.2f} ms/step  host {host:6.2f} ms  mean {mean:7.2f} ms  "
+                  f"({1e3 * wall / a.layers:6.0f} / {1e3 * host / a.layers:6.0f} / {1e3 * mean / a.layers:6.0f} µs "
+                  f"per layer: median wall / host / mean wall) {paths}", flush=True)
             del cache
             torch.cuda.empty_cache()
     if a.out:

@@ -166,9 +166,48 @@ def test_two_phase_keeps_prefill_full_precision_until_first_decode():
     assert cache.layers[0].n_compressed == 31 - 8
 
 
+def test_flush_compresses_decode_overflow_in_blocks():
+    """flush = F: the prompt's overflow is compressed at once; decode steps then compress nothing until F tokens
+    overflow the window, then all of them; the window holds window .. window + F - 1 tokens. The step's output is
+    the attention over exactly what the layer holds (sinks, compressed, window), checked against the dense path."""
+    model = llama(layers=1)
+    W, F, P = 4, 5, 21
+    cache = TurboQuantCache(model.config, plain("turbo4").replace(window=W, sinks=2, flush=F))
+    ref = TurboQuantCache(model.config, plain("turbo4").replace(window=W, sinks=2, flush=F), dense=True)
+    ids, mask = padded_batch(T=P)
+    layer = cache.layers[0]
+    seen = []
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model.config._attn_implementation = "sdpa"
+        rout = model(ids, attention_mask=mask, past_key_values=ref, use_cache=True)
+        model.config._attn_implementation = "tqcache"
+        assert (layer.n_compressed, layer.win_k.shape[-2]) == (P - 2 - W, W)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for step in range(2 * F + 2):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            model.config._attn_implementation = "sdpa"
+            rout = model(nxt, attention_mask=mask, past_key_values=ref, use_cache=True)
+            model.config._attn_implementation = "tqcache"
+            torch.testing.assert_close(out.logits, rout.logits, rtol=1e-4, atol=1e-4)
+            nxt = out.logits[:, -1:].argmax(-1)
+            seen.append((layer.n_compressed, layer.win_k.shape[-2]))
+            assert W <= layer.win_k.shape[-2] <= W + F - 1
+            assert layer.n_sinks + layer.n_compressed + layer.win_k.shape[-2] == layer.cumulative_length
+    c0 = P - 2 - W
+    assert [c for c, _ in seen] == [c0] * (F - 1) + [c0 + F] * F + [c0 + 2 * F] * 3
+
+
+def test_flush_must_be_a_positive_integer():
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"flush must be a positive integer.*{bad!r}"):
+            parse_scheme("turbo4").replace(flush=bad)
+
+
 def test_sinks_and_fp_layers_stay_full_precision():
     model = llama(layers=3)
-    cfg = parse_scheme("turbo3").replace(window=4, sinks=3, fp_layers=(0, -1))
+    cfg = parse_scheme("turbo3").replace(window=4, sinks=3, fp_layers=(0, -1), flush=1)
     cache = TurboQuantCache(model.config, cfg)
     ids, mask = padded_batch(T=20)
     teacher_forced(model, cache, ids, mask, 3)
@@ -186,7 +225,7 @@ def test_sinks_and_fp_layers_stay_full_precision():
 def test_generate_greedy_sampling_beam_and_memory_accounting():
     model = llama(head_dim=32, layers=2)
     ids, mask = padded_batch(T=24)
-    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=4, sinks=0))
+    cache = TurboQuantCache(model.config, parse_scheme("turbo4").replace(window=4, sinks=0, flush=1))
     out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=12, do_sample=False)
     assert out.shape == (2, 36)
     mem = cache.memory()
@@ -327,7 +366,7 @@ def test_query_aware_key_scaling_calibrates_on_the_prompt_and_its_queries():
     report = layer.calibration_report  # the scaling is kept only where it lowered the prompt's attention KL
     assert report["scaled"] == (report["kl_scaled"] < report["kl_plain"])
     assert torch.allclose(layer.k_codec.channel_scale, torch.ones(2, 1, 32)) != report["scaled"]
-    assert layer.n_compressed == 25 - 4
+    assert layer.n_compressed == 24 - 4  # the prompt's overflow; the step's own token waits for the flush (32)
     # Still exactly attention over the decoded cache.
     fast = teacher_forced(model, TurboQuantCache(model.config, cfg), ids, mask, 12)
     dense = teacher_forced(model, TurboQuantCache(model.config, cfg, dense=True), ids, mask, 12, impl="sdpa")

@@ -128,7 +128,7 @@ def test_reference_nll_matches_teacher_forced_targets(model):
 
 
 def test_compressed_scheme_runs_and_counts_bits(model):
-    cfg = parse_scheme("turbo2").replace(window=0, sinks=0, name="turbo2 w0")
+    cfg = parse_scheme("turbo2").replace(window=0, sinks=0, flush=1, name="turbo2 w0")
     rows, _ = evaluate.run_fidelity(["tiny"], [cfg], text=TEXT, prefill=48, steps=8, loader=loader(model), progress=False)
     r = rows[0]
     assert r["scheme"] == "turbo2 w0"

@@ -571,6 +571,24 @@ def test_prompt_cache_refuses_mismatches_and_respects_overwrite(tmp_path):
     assert "too short" in note
 
 
+def test_prompt_cache_reuse_takes_this_runs_flush(tmp_path):
+    """flush governs only the decode steps after the prompt, so a file saved under another flush (e.g. before the
+    field existed: 1) is reused, and the run computes what it would without the file, under its own flush."""
+    model = llama(head_dim=32)
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(21))
+    path = tmp_path / "f.tqc"
+    _run(model, ids, _args(path, save=True), parse_scheme("turbo4").replace(window=4, flush=1))
+    assert load_cache(path, model)[0].cfg.flush == 1
+    scheme = parse_scheme("turbo4").replace(window=4, flush=3)
+    reused, note = _run(model, ids, _args(path), scheme, steps=8)
+    assert "reused 23 tokens" in note
+    missing, _ = _run(model, ids, _args(tmp_path / "absent.tqc"), scheme, steps=8)
+    assert _same(reused, missing)
+    other, _ = _run(model, ids, _args(tmp_path / "absent.tqc"), parse_scheme("turbo4").replace(window=4, flush=1),
+                    steps=8)
+    assert not _same(other, missing), "flush had no effect on the decode steps"
+
+
 # ------------------------------------------------------------------------------------------------ real models
 @pytest.mark.slow
 @pytest.mark.parametrize("name,scheme,n", [("smollm2", "turbo4", 160), ("gemma3", "turbo3.5", 96)])

@@ -418,7 +418,11 @@ class TurboQuantLayer(CacheLayerMixin):
         overflow = fp_k.shape[-2] - self.window if math.isfinite(self.window) else 0
         if self.cfg.two_phase and not self.decoding:
             overflow = 0
-        if overflow > 0 and write:
+        # Once decoding, a full layer compresses its overflow `flush` tokens (or more) at a time: the steps in
+        # between launch no encode (CacheConfig.flush). The first compression (a two-phase or calibrating prompt's
+        # whole overflow) is not held back.
+        least = self.cfg.flush if (self.decoding and not self.is_sliding and self.k_store is not None) else 1
+        if overflow >= least and write:
             self._write(fp_k[:, :, :overflow], fp_v[:, :, :overflow], fp_start)
             fp_k, fp_v, fp_start = fp_k[:, :, overflow:], fp_v[:, :, overflow:], fp_start + overflow
         self.win_k, self.win_v, self.win_start = fp_k, fp_v, fp_start

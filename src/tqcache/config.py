@@ -111,6 +111,11 @@ class CacheConfig:
         fp_layers: layer indices kept entirely in full precision (negative indices count from the end,
             e.g. ``(0, -1)`` for the first and last layer).
         two_phase: keep everything full precision during prefill and compress at the first decode step.
+        flush: once decoding, tokens that leave the window are compressed ``flush`` (or more) at a time, so a
+            full-attention layer's window holds ``window`` to ``window + flush − 1`` tokens; 1 compresses each
+            token as it leaves. A decode step that compresses nothing launches no encode, which is most of
+            what the cache update costs per step in eager mode (docs/performance.md). Prefill overflow is
+            compressed at once; sliding-window layers always use 1 (their ring holds exactly what fits).
         seed: seed of every rotation, sketch and codebook-free random choice; layer ``i`` uses a seed
             derived from ``(seed, i)`` so layers are independent and reproducible.
         name: the scheme string this came from (informational).
@@ -124,12 +129,15 @@ class CacheConfig:
     two_phase: bool = False
     seed: int = 0
     name: str = "custom"
+    flush: int = 1
 
     def __post_init__(self) -> None:
         for field in ("window", "sinks", "seed"):
             v = getattr(self, field)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{field} must be a non-negative integer, got {v!r}")
+        if not isinstance(self.flush, int) or isinstance(self.flush, bool) or self.flush < 1:
+            raise ValueError(f"flush must be a positive integer (tokens compressed at a time), got {self.flush!r}")
         object.__setattr__(self, "fp_layers", tuple(int(i) for i in self.fp_layers))
         if (self.key.kind == "none") != (self.value.kind == "none"):
             raise ValueError(
@@ -166,13 +174,18 @@ def _key(bits: float) -> CodecConfig:
 
 
 def _preset(name: str, k_bits: float, v_bits: float) -> CacheConfig:
-    return CacheConfig(_key(k_bits), _turbo(v_bits), window=128, sinks=4, name=name)
+    return CacheConfig(_key(k_bits), _turbo(v_bits), window=128, sinks=4, flush=_FLUSH, name=name)
 
 
-# Named presets (defaults chosen by measurement, docs/fidelity.md): a 128-token full-precision window,
-# 4 attention-sink tokens, query-aware key scaling. Fractional routes: `turboX.5` splits channels (the
-# highest-RMS half at ceil, the rest at floor bits; `-rot` instead splits after one rotation with one shared
-# norm); `kXvY` gives keys and values different bit-widths.
+# Decode-time overflow is compressed 32 tokens at a time: 31 of 32 eager decode steps launch no encode (two fewer
+# launches per layer; docs/performance.md, "Decode steps in eager mode"), for at most 31 more full-precision tokens.
+_FLUSH = 32
+
+
+# Named presets (defaults chosen by measurement, docs/fidelity.md): a 128-token full-precision window (flushed
+# 32 tokens at a time while decoding), 4 attention-sink tokens, query-aware key scaling. Fractional routes:
+# `turboX.5` splits channels (the highest-RMS half at ceil, the rest at floor bits; `-rot` instead splits after
+# one rotation with one shared norm); `kXvY` gives keys and values different bit-widths.
 SCHEMES: dict[str, CacheConfig] = {
     "none": CacheConfig(CodecConfig(kind="none"), CodecConfig(kind="none"), window=0, name="none"),
     "turbo4": _preset("turbo4", 4, 4),
@@ -262,7 +275,7 @@ def parse_scheme(scheme: "str | CacheConfig") -> CacheConfig:
         if m:
             key, value = build(m)
             if key.kind == "turbo":
-                return CacheConfig(key, value, window=128, sinks=4, name=name)
+                return CacheConfig(key, value, window=128, sinks=4, flush=_FLUSH, name=name)
             return CacheConfig(key, value, name=name)
     raise _unknown(scheme)
 

@@ -774,6 +774,11 @@ def prompt_cache_step(args, model, tokenizer, ids: torch.Tensor, cache: TurboQua
         t0 = time.perf_counter()
         try:
             loaded, meta = load_cache(path, model, device=ids.device)
+            if loaded.cfg.flush != cache.cfg.flush:  # it governs only the steps after the prompt: this run's applies
+                cfg = dataclasses.replace(loaded.cfg, flush=cache.cfg.flush)
+                loaded.cfg = cfg
+                for layer in loaded.layers:
+                    layer.cfg = cfg
             if loaded.cfg != cache.cfg:
                 a, b = _flat(dataclasses.asdict(loaded.cfg)), _flat(dataclasses.asdict(cache.cfg))
                 differ = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in a if k != "name" and a[k] != b.get(k))

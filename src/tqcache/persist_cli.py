@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheme", default="turbo4", help="cache scheme: turbo4, turbo3.5, k4v3, affine4, none, ...")
     p.add_argument("--window", type=int, default=None, help="full-precision recent window (default: the scheme's)")
     p.add_argument("--sinks", type=int, default=None, help="full-precision attention-sink tokens (default: the scheme's)")
+    p.add_argument("--flush", type=int, default=None,
+                   help="decode-time overflow compressed this many tokens at a time (default: the scheme's)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 
@@ -39,7 +41,7 @@ def run(args) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     cfg = parse_scheme(args.scheme)
-    changes = {k: v for k, v in (("window", args.window), ("sinks", args.sinks)) if v is not None}
+    changes = {k: v for k, v in (("window", args.window), ("sinks", args.sinks), ("flush", args.flush)) if v is not None}
     if changes:
         cfg = cfg.replace(**changes)
     # Load the model in the dense tensors' dtype: the file's fingerprint then matches the model that uses it.
