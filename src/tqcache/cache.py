@@ -4,9 +4,11 @@ Per layer the tokens live in three places, in position order::
 
     sinks        positions [0, S)            full precision, the first ``cfg.sinks`` tokens, forever
     compressed   positions [S, S + C)        packed by the layer's K and V codecs (``Packed`` fields)
-    window       positions [S + C, n)        full precision, the most recent ``cfg.window`` tokens
+    window       positions [S + C, n)        full precision, the most recent ``cfg.window`` tokens (while
+                                             decoding, up to ``cfg.window + cfg.flush − 1``)
 
-``update(k, v)`` appends the new tokens to the window and compresses what overflows it (oldest first);
+``update(k, v)`` appends the new tokens to the window and compresses what overflows it (oldest first; once
+decoding, a full layer waits until ``cfg.flush`` tokens overflow and compresses them in one go);
 for this step's attention it hands back a *step handle* recording the state *before* compression, so a
 prefill chunk attends to itself in full precision and to older tokens compressed — what a fused decode
 kernel sees. Sliding-window layers (Gemma-3's local layers) keep the compressed part in a ring buffer of
