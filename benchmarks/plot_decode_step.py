@@ -19,17 +19,22 @@ from pathlib import Path
 
 def per_layer(results: list[dict]) -> dict:
     """``{provider: {N: [ms per layer of each run]}}``, providers in first-seen order (labelled by commit when the
-    files are of several commits; dense baselines never are)."""
+    files are of several commits, and by ``flush`` when the rows hold several values of it; dense baselines never
+    are). A row's mean over its steps (``mean_us_per_layer``) is used where recorded — with ``flush`` > 1 the
+    median step skips the steps that compress — else its median step."""
     commits = {res.get("meta", {}).get("commit") for res in results}
+    flushes = {r.get("flush") for res in results for r in res["rows"] if not str(r.get("scheme", "")).startswith("bf16")}
     out: dict = {}
     for res in results:
         for r in res["rows"]:
             if "us_per_layer" not in r:
                 raise ValueError(f"row without us_per_layer (not a bench_decode_step result?): {r}")
             label = r["scheme"]
+            if len(flushes) > 1 and not label.startswith("bf16"):
+                label = f"{label} flush {r.get('flush')}"
             if len(commits) > 1 and not label.startswith("bf16"):
                 label = f"{label} ({res.get('meta', {}).get('commit')})"
-            out.setdefault(label, {}).setdefault(r["N"], []).append(r["us_per_layer"] / 1e3)
+            out.setdefault(label, {}).setdefault(r["N"], []).append(r.get("mean_us_per_layer", r["us_per_layer"]) / 1e3)
     return out
 
 
@@ -56,7 +61,7 @@ def plot(results: list[dict], path: Path):
     ax.set_xticks(range(len(ns)))
     ax.set_xticklabels([f"{n // 1024}K" for n in ns])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("eager decode step, ms per layer")
+    ax.set_ylabel("eager decode step, ms per layer")  # (the mean over steps where the rows record it)
     ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)

@@ -41,6 +41,20 @@ def test_runs_of_two_commits_stay_apart_but_dense_pools():
                                              if r["scheme"] == "turbo4" and r["N"] == 4096]
 
 
+def test_flush_values_label_providers_and_the_mean_step_is_used():
+    gen = random.Random(8)
+    rows = []
+    for n in (4096, 32768):
+        rows.append(dict(N=n, scheme="bf16", flush=None, us_per_layer=900.0))
+        for f in (1, 32):
+            med = 1000 + gen.random() * 1000
+            rows.append(dict(N=n, scheme="turbo4", flush=f, us_per_layer=med, mean_us_per_layer=med + 100 * f))
+    got = plot_decode_step.per_layer([{"meta": {"commit": "c"}, "rows": rows}])
+    assert list(got) == ["bf16", "turbo4 flush 1", "turbo4 flush 32"]
+    want = [r["mean_us_per_layer"] / 1e3 for r in rows if r.get("flush") == 32 and r["N"] == 4096]
+    assert got["turbo4 flush 32"][4096] == pytest.approx(want) and got["bf16"][4096] == [0.9]
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     gen = random.Random(7)
