@@ -202,6 +202,7 @@ def test_ablation_configs_are_valid_and_distinct():
     assert by["turbo3 haar"].key.rotation == "haar"
     assert by["turbo3 qjl"].key.qjl and by["turbo3 qjl"].key.bits == 3
     assert by["turbo3 w0"].window == 0 and by["turbo3 fp0,-1"].fp_layers == (0, -1)
+    assert {cfg.flush for cfg in by.values()} == {1}  # w0 keeps no full-precision token while decoding either
 
 
 # ------------------------------------------------------------------------------------------ peers

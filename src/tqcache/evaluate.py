@@ -524,7 +524,9 @@ def ablation_configs(base: str = "turbo3") -> list[tuple[str, str, CacheConfig]]
 
     Groups: rotation kind, norm correction, QJL, K/V split, fractional split, window, sinks, full-precision
     first/last layers, per-channel key scaling. Bits are held fixed within each group (QJL on spends one of
-    the bits on the sign sketch; the window group changes only the full-precision part).
+    the bits on the sign sketch; the window group changes only the full-precision part). Every config compresses
+    each token as it leaves the window (``flush=1``), as when docs/fidelity.md's ablation tables were measured, so
+    ``w0`` means no full-precision token at all.
     """
     b = parse_scheme(base)
 
@@ -552,7 +554,7 @@ def ablation_configs(base: str = "turbo3") -> list[tuple[str, str, CacheConfig]]
         ("channel scale", f"{base} chscale", named(b.replace(key=dataclasses.replace(b.key, channel_scale=True)), f"{base} chscale")),
         ("channel scale", "turbo4 w0 chscale", named(t4.replace(window=0, key=dataclasses.replace(t4.key, channel_scale=True)), "turbo4 w0 chscale")),
     ]  # fmt: skip
-    return out
+    return [(group, label, cfg.replace(flush=1)) for group, label, cfg in out]
 
 
 def run_ablation(models: Sequence[str], base: str = "turbo3", **kw) -> tuple[list[dict], dict]:
