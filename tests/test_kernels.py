@@ -170,6 +170,73 @@ def test_attend_matches_reference(d, kb, vb, kqjl, dt, T, Lq):
     _check(q, kc, kp, vc, vp)
 
 
+# ------------------------------------------------------------------------------------------ prefill (prefill.py)
+@pytest.mark.parametrize("d,bits,split,scaled", [(128, 4, "halves", False), (64, 3.5, "outliers", True),
+                                                 (128, 5, "halves", True), (64, 2, "halves", False),
+                                                 (128, 8, "halves", False), (128, 3.5, "rotated", False)])
+def test_dequantize_rotated_equals_the_codec(d, bits, split, scaled):
+    from tqcache.kernels.prefill import dequantize_rotated
+
+    g = _gen(int(bits * 10) + d)
+    c = TurboQuantizer(d, bits, seed=3, split=split, channel_scale=scaled).to(DEV)
+    p = c.quantize((torch.randn(2, 3, 45, d, generator=g) * 3).to(DEV))
+    ref = c.rotated(p)
+    view = {n: t[:, :, 5:44] for n, t in p.fields.items()}  # a strided slice of the storage, as the cache passes
+    assert torch.equal(dequantize_rotated(c, view, torch.float32), ref[:, :, 5:44])
+    assert torch.equal(dequantize_rotated(c, p.fields, torch.float16), ref.to(torch.float16))
+
+
+@pytest.mark.parametrize("d,kb,vb,heads_scale", [(64, 4, 4, False), (128, 3.5, 3, True), (64, 5, 3, True)])
+def test_attend_prefill_matches_reference(d, kb, vb, heads_scale):
+    """Every packed token from kv_start on is visible; the prefix decoded in 3 chunks and merged by LSE."""
+    from tqcache.kernels.prefill import attend_prefill
+
+    g = _gen(d + int(kb * 10))
+    Hkv, T = 2, 70
+    kc = TurboQuantizer(d, kb, seed=1, channel_scale=heads_scale, heads=Hkv if heads_scale else None).to(DEV)
+    vc = TurboQuantizer(d, vb, seed=2).to(DEV)
+    k = torch.randn(3, Hkv, T, d, generator=g) * (1 + 3 * (torch.rand(d, generator=g) > 0.8))
+    if heads_scale:
+        kc.calibrate(k.to(DEV), torch.rand(Hkv, 1, d, generator=g).to(DEV) + 0.1)
+    kp, vp = kc.quantize(k.to(DEV)), vc.quantize(torch.randn(3, Hkv, T, d, generator=g).to(DEV))
+    q = torch.randn(3, Hkv * 4, 6, d, generator=g).to(DEV)
+    start = torch.tensor([0, 9, T], device=DEV, dtype=torch.int32)  # the last sequence sees nothing
+    out, lse = attend_prefill(q, kc, kp.fields, vc, vp.fields, scale=d**-0.5, kv_start=start, chunk=25)
+    ref, rlse = attend_packed(q, kc, kp, vc, vp, scale=d**-0.5, kv_start=start)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse)) and torch.isinf(lse[2]).all() and (out[2] == 0).all()
+    # fp32 products in the CPU interpreter; fp16 operands on the GPU (as the split-K kernel's), fp32 accumulation.
+    tol = 1e-5 if DEV.type == "cpu" else 2e-3
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+    assert (lse[:2] - rlse[:2]).abs().max() <= tol
+
+
+def test_kernels_attend_routes_long_prefill_chunks(monkeypatch):
+    """kernels.attend sends a prefill chunk of ≥ PREFILL_MIN_ROWS rows per KV head to attend_prefill (probed
+    first), and keeps the split-K kernel for shorter chunks, other masks and QJL keys (with the reason)."""
+    from tqcache.kernels import prefill
+
+    calls = []
+    real = prefill.attend_prefill
+    monkeypatch.setattr(prefill, "attend_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(prefill, "PREFILL_MIN_ROWS", 16)
+    kc, vc, kp, vp = _make(64, 4, 3, T=40, seed=8)
+    dt = torch.float32 if DEV.type == "cpu" else torch.bfloat16  # (the GPU path takes fp16/bf16 queries)
+    q = torch.randn(2, 4, 8, 64, generator=_gen(8)).to(DEV, dt)  # G = 2, Lq = 8: 16 rows per KV head
+    start = torch.tensor([0, 3], device=DEV, dtype=torch.int32)
+    out, lse = K.attend(q, kc, kp, vc, vp, scale=0.125, kv_start=start)
+    ref, rlse = attend_packed(q.float(), kc, kp, vc, vp, scale=0.125, kv_start=start)
+    assert len(calls) == 2  # the probe's call and this one
+    assert (out - ref).abs().max() <= (1e-5 if DEV.type == "cpu" else 2e-3) * ref.abs().max()
+    K.attend(q[:, :, :7], kc, kp, vc, vp, scale=0.125, kv_start=start)  # 14 rows: the kernel
+    K.attend(q, kc, kp, vc, vp, scale=0.125, q_pos=torch.tensor([40, 40], device=DEV))  # causal: the kernel
+    assert len(calls) == 2
+    qkc, qvc, qkp, qvp = _make(64, 4, 3, kqjl=True, T=40, seed=9)
+    assert "QJL" in prefill.prefill_reason(q, qkc, qvc)
+    K.attend(q, qkc, qkp, qvc, qvp, scale=0.125)
+    assert len(calls) == 2
+    assert "segment of 96 channels" in prefill.prefill_reason(q, *_make(128, 2.25, 2, T=4)[:2])
+
+
 def test_attend_haar_rotation():
     kc, vc, kp, vp = _make(64, 3.5, 2.5, T=37, rotation="haar")
     q = torch.randn(2, 4, 1, 64, generator=_gen(3)).to(DEV)

@@ -5,6 +5,8 @@ Public surface::
     available(device) -> bool                  can Triton kernels run on this device at all
     attend(q, k_codec, k_packed, v_codec, v_packed, **kw) -> (out, lse)
                                                attend_packed's contract; kernel when it passed its probe
+                                               (prefill chunks of ≥ PREFILL_MIN_ROWS query rows per KV head:
+                                               decode the prefix once + flash attention, prefill.py)
     encode(codec, x, fields, start)            write codec.quantize(x) into preallocated fields at `start`
     attend_window(q, parts, out_c, lse_c, scale) -> out | None
                                                one-token decode: sinks + fp window + the compressed partial,
@@ -37,11 +39,12 @@ try:  # Triton is optional: without it every call takes the torch path.
 
     from . import attention as _attn
     from . import encode as _enc
+    from . import prefill as _pre
     from . import window as _win
 
     _IMPORT_ERROR = None
 except Exception as e:  # pragma: no cover - depends on the environment
-    _attn = _enc = _win = None
+    _attn = _enc = _pre = _win = None
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 __all__ = ["available", "attend", "attend_window", "encode", "info"]
@@ -172,12 +175,66 @@ def _checked(key: tuple, codecs: tuple, check) -> str | None:
     return why
 
 
+def _probe_prefill(q, k_codec, v_codec) -> tuple[bool, str]:
+    from ..codec.attention import attend_packed
+
+    dev = q.device
+    gen = torch.Generator().manual_seed(4321)
+    d = q.shape[-1]
+    Hkv = k_codec.channel_scale.shape[0] if k_codec.channel_scale.dim() == 3 else 2
+    B, G, Lq, T = 2, 4, 5, 150
+    kp = _random_packed(k_codec, B, Hkv, T, dev, gen)
+    vp = _random_packed(v_codec, B, Hkv, T, dev, gen)
+    qq = torch.randn(B, Hkv * G, Lq, d, generator=gen).to(dev, q.dtype)
+    kw = dict(scale=1.0 / math.sqrt(d), kv_start=torch.tensor([0, 7], device=dev, dtype=torch.int32))
+    out, lse = _pre.attend_prefill(qq, k_codec, kp.fields, v_codec, vp.fields, chunk=64, **kw)  # 3 chunks
+    ref, rlse = attend_packed(qq.float(), k_codec, kp, v_codec, vp, **kw)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    e_out, e_lse = _rel(out, ref), float((lse - rlse).abs().max())
+    ok = bool(torch.isfinite(out).all()) and e_out <= tol and e_lse <= 50 * tol
+    return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
+
+
+_PREFILL_KW = frozenset({"scale", "kv_start", "chunk"})  # (chunk: the torch reference's key chunking, not used here)
+
+
+def _prefill_ready(q, k_codec, v_codec, k_packed, kw) -> bool:
+    """Whether :func:`attend` takes the dequantize + flash path: a prefill chunk (≥ ``PREFILL_MIN_ROWS`` query rows
+    per KV head) that sees every packed token but left padding, covered (``prefill.prefill_reason``) and probed.
+    When not, the split-K kernel (or the torch reference) takes the call as before."""
+    codes = k_packed.fields.get("codes")
+    if _pre is None or not set(kw) <= _PREFILL_KW or q.dim() != 4 or codes is None or codes.dim() != 4:
+        return False
+    if q.shape[1] % codes.shape[1] or q.shape[1] // codes.shape[1] * q.shape[2] < _pre.PREFILL_MIN_ROWS:
+        return False
+
+    def check():
+        if not available(q.device):
+            return _why_unavailable(q.device)
+        why = _pre.prefill_reason(q, k_codec, v_codec)
+        if why is None:
+            key = ("prefill", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec))
+            rec = _probe(key, lambda: _probe_prefill(q, k_codec, v_codec))
+            if not rec["passed"]:
+                why = f"self-test failed: {rec['reason']}"
+        return why
+
+    return _checked(("prefill", q.device, _interpreting(), q.dtype, q.shape[-1], id(k_codec), id(v_codec)),
+                    (k_codec, v_codec), check) is None
+
+
 def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     """Attention over packed K/V: :func:`tqcache.codec.attention.attend_packed`'s arguments and returns.
 
-    Runs the Triton split-K kernel when it can (see the module docstring), else the torch reference.
+    Runs the Triton split-K kernel when it can (see the module docstring), else the torch reference. A prefill
+    chunk of at least ``prefill.PREFILL_MIN_ROWS`` query rows per KV head that sees every packed token (left
+    padding aside) decodes the prefix once and runs flash attention instead (:mod:`.prefill`).
     """
     from ..codec.attention import attend_packed
+
+    if _prefill_ready(q, k_codec, v_codec, k_packed, kw):
+        return _pre.attend_prefill(q, k_codec, k_packed.fields, v_codec, v_packed.fields, scale=kw["scale"],
+                                   kv_start=kw.get("kv_start"))
 
     causal = kw.get("q_pos") is not None
 
