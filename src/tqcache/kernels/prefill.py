@@ -16,7 +16,8 @@ Only the decode is ours (:func:`dequantize_rotated`, a Triton kernel whose torch
 log-sum-exp the caller merges the fp window with. The GQA group rides along as query rows (``[B, Hkv, G·Lq, d]``:
 every prefix token is visible to every query of the chunk, so nothing is masked but left padding, which is a
 first visible slot per sequence, ``kv_start``). Precision matches the kernel: fp16 operands (a product ``n·c``
-rounded once), fp32 accumulation.
+rounded once), fp32 accumulation. On the CPU (the interpreter tests) the same steps run in fp32 with torch's CPU
+flash kernel.
 
 Covered: TurboQuant codecs without QJL on the keys whose segments are powers of two ≥ 16 channels (every named
 preset but the quarter-bit ``k3.25v3`` / ``k2.25v2`` and ``-qjl``), head_dim a multiple of 8 up to 256, fp16/bf16
@@ -36,8 +37,9 @@ __all__ = ["attend_prefill", "dequantize_rotated", "prefill_reason", "PREFILL_MI
 
 # Query rows per KV head (G·Lq) from which the dequantize + flash path runs instead of the split-K kernel. H100,
 # turbo4 / turbo3, 4K–128K-token prefixes (benchmarks/results/prefill_h100_v14.json): at 64 rows (Lq = 16 with
-# G = 4) the kernel is 1.2–2.3× faster; from 256 rows this path is, 1.1–2.2× there and 2.4–4.6× from 512 rows.
+# G = 4) the kernel is 1.2–2.3× faster; from 256 rows this path is: 1.1–2.2× there, 2.4–4.6× from 2048 rows.
 PREFILL_MIN_ROWS = 256
+_BUDGET = 1 << 16  # prefix tokens × sequences decoded at once (bounds the transient fp16 K̂, V̂)
 
 
 @triton.jit
@@ -137,12 +139,13 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> t
 
 
 def attend_prefill(q: torch.Tensor, k_codec, k_fields: dict, v_codec, v_fields: dict, *, scale: float,
-                   kv_start: torch.Tensor | None = None, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+                   kv_start: torch.Tensor | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q [B, Hq, Lq, d]`` over every packed token ``[kv_start_b, T)`` of each sequence: the
     ``(out [B, Hq, Lq, d] fp32, lse [B, Hq, Lq] fp32)`` of :func:`tqcache.codec.attention.attend_packed` (lse
-    -inf and out 0 where nothing is visible). The prefix is decoded ``chunk`` tokens at a time (a transient
-    ``2·B·Hkv·chunk·d`` fp16 buffer: 268 MB at 8 heads × 128 × 64K tokens). With ``kv_start`` the per-sequence
-    starts are read on the host (one sync: this runs once per layer of a prefill chunk, not per decode step)."""
+    -inf and out 0 where nothing is visible). The prefix is decoded ``chunk`` tokens at a time (default: 64K
+    token·sequences, at least 1K tokens — a transient fp16 K̂ and V̂ of 268 MB at 8 heads × 128). With ``kv_start``
+    the per-sequence starts are read on the host (one sync: this runs once per layer of a prefill chunk, not per
+    decode step)."""
     B, Hq, Lq, d = q.shape
     Hkv, T = k_fields["codes"].shape[1], k_fields["codes"].shape[2]
     G = Hq // Hkv
@@ -158,8 +161,9 @@ def attend_prefill(q: torch.Tensor, k_codec, k_fields: dict, v_codec, v_fields: 
         while e < B and starts[e] == starts[b]:
             e += 1
         parts = []
-        for c0 in range(starts[b], T, chunk):
-            c1 = min(T, c0 + chunk)
+        step = chunk or max(1024, _BUDGET // (e - b))
+        for c0 in range(starts[b], T, step):
+            c1 = min(T, c0 + step)
             kf = {n: t[b:e, :, c0:c1] for n, t in k_fields.items()}
             vf = {n: t[b:e, :, c0:c1] for n, t in v_fields.items()}
             o, s = _flash(qr[b:e], dequantize_rotated(k_codec, kf, work), dequantize_rotated(v_codec, vf, work), scale)
