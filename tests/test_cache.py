@@ -205,7 +205,53 @@ def test_flush_must_be_a_positive_integer():
             parse_scheme("turbo4").replace(flush=bad)
 
 
-def test_sinks_and_fp_layers_stay_full_precision():
+def test_chunk_after_cached_tokens_drops_a_plain_causal_mask(monkeypatch):
+    """A multi-token chunk that follows cached tokens gets a materialized causal mask from transformers; the
+    tqcache mask function returns None for it (positions give causality), and the result is unchanged: equal to
+    SDPA over the decoded cache, and for scheme "none" bit-identical to a DynamicCache. Left padding keeps its mask."""
+    from transformers import AttentionInterface
+
+    import tqcache.attention as A
+
+    seen = []
+    real = AttentionInterface._global_mapping["tqcache"]
+
+    def spy(module, query, key, value, attention_mask, **kw):
+        seen.append(attention_mask is None)
+        return real(module, query, key, value, attention_mask, **kw)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "tqcache", spy)
+    model = llama(layers=2)
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(4))
+
+    def chunks(cache, impl):
+        model.config._attn_implementation = impl
+        try:
+            with torch.no_grad():
+                model(ids[:, :24], past_key_values=cache)
+                return model(ids[:, 24:], past_key_values=cache).logits
+        finally:
+            model.config._attn_implementation = "tqcache"
+
+    cfg = plain("turbo4").replace(window=6, sinks=2)
+    fast = chunks(TurboQuantCache(model.config, cfg), "tqcache")
+    assert seen and all(seen[-2:])  # the chunk's two layers saw no mask
+    dense = chunks(TurboQuantCache(model.config, cfg, dense=True), "sdpa")
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=2e-5)
+    none = chunks(TurboQuantCache(model.config, "none"), "tqcache")
+    assert torch.equal(none, chunks(DynamicCache(config=model.config), "sdpa"))
+    seen.clear()
+    ids2, mask = padded_batch(T=30)
+    with torch.no_grad():
+        cache = TurboQuantCache(model.config, cfg)
+        model(ids2[:, :20], attention_mask=mask[:, :20], past_key_values=cache)
+        model(ids2[:, 20:], attention_mask=mask, past_key_values=cache)
+    assert seen and not any(seen[-2:])  # padding: the mask stays
+    causal = A._causal(3, 5, "cpu")[0, 0]
+    assert causal.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+
     model = llama(layers=3)
     cfg = parse_scheme("turbo3").replace(window=4, sinks=3, fp_layers=(0, -1), flush=1)
     cache = TurboQuantCache(model.config, cfg)

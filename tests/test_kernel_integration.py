@@ -117,3 +117,86 @@ def _check_gluon(res: dict, padded: bool) -> None:
         assert r["paths"].get("kernel", 0) == 5, (scheme, r)
         # bf16 model: both sides round activations to bf16 (~0.4 % per op); same cache contents
         assert r["max_diff"] < 2e-2 * max(r["scale"], 1.0), (scheme, r)
+
+
+# ------------------------------------------------------------------------------------ plain prefill chunks (flash)
+def test_dense_flash_equals_dense_partial_for_its_two_masks():
+    """kernels/prefill.dense_flash (CPU: torch's CPU flash kernel, fp32) against the torch composition it replaces:
+    every key visible, and a chunk causal over its own keys, with GQA."""
+    import torch
+
+    from tqcache.codec.attention import dense_partial
+    from tqcache.kernels.prefill import dense_flash
+
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 8, 9, 64, generator=g)
+    k, v = torch.randn(2, 2, 13, 64, generator=g), torch.randn(2, 2, 13, 64, generator=g)
+    for got, want in ((dense_flash(q, k, v, 0.125), dense_partial(q, k, v, None, 0.125)),
+                      (dense_flash(q, k[:, :, :9], v[:, :, :9], 0.125, causal=True),
+                       dense_partial(q, k[:, :, :9], v[:, :, :9], torch.ones(9, 9, dtype=torch.bool).tril()[None, None], 0.125))):
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk's own 9 keys, got 13"):
+        dense_flash(q, k, v, 0.125, causal=True)
+
+
+def test_plain_chunk_recognises_only_causal_visibility():
+    import torch
+
+    from tqcache.attention import _plain_chunk
+
+    Lq, F = 4, 7
+    causal = torch.ones(Lq, F, dtype=torch.bool)
+    causal[:, F - Lq :] = torch.ones(Lq, Lq, dtype=torch.bool).tril()
+    sinks = torch.ones(2, 1, Lq, 3, dtype=torch.bool)
+    assert _plain_chunk(sinks, causal[None, None].expand(2, 1, Lq, F), Lq)
+    assert _plain_chunk(None, causal[None, None], Lq)
+    padded = causal[None, None].repeat(2, 1, 1, 1)
+    padded[1, 0, :, 0] = False  # left padding in the window of sequence 1
+    assert not _plain_chunk(sinks, padded, Lq)
+    masked_sink = sinks.clone()
+    masked_sink[0, 0, :, 0] = False
+    assert not _plain_chunk(masked_sink, causal[None, None], Lq)
+    assert not _plain_chunk(None, causal[None, None, :, :3], Lq)  # fewer fp tokens than the chunk
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="flash attention needs a CUDA GPU")
+def test_prefill_chunks_through_flash_match_the_torch_composition(monkeypatch):
+    """A bf16 model prefilled in chunks after a compressed prefix: with the fp parts on flash (and the compressed
+    part on decode + flash from 256 rows) the logits match the torch composition to bf16 precision, and the flash
+    path was taken."""
+    import torch
+
+    import tqcache.kernels as K
+    from tqcache import TurboQuantCache, parse_scheme
+    from tqcache.kernels import prefill
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_cache import llama
+
+    dev = torch.device("cuda")
+    model = llama(head_dim=64, heads=8, kv_heads=2, layers=2).to(dev, torch.bfloat16)
+    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(3)).to(dev)
+    calls = []
+    real = prefill.dense_flash
+    monkeypatch.setattr(prefill, "dense_flash", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run(flash: bool):
+        monkeypatch.setattr(prefill, "DENSE_FLASH", flash)
+        cfg = parse_scheme("turbo4").replace(window=16, sinks=2)
+        cache = TurboQuantCache(model.config, cfg)
+        model.config._attn_implementation = "tqcache"
+        outs = []
+        with torch.no_grad():
+            model(ids[:, :100], past_key_values=cache)
+            model(ids[:, 100:101], past_key_values=cache)  # the key-scaling calibration step
+            for a, b in ((101, 229), (229, 300)):  # two chunks over the compressed prefix
+                outs.append(model(ids[:, a:b], past_key_values=cache).logits.float())
+        return torch.cat(outs, 1)
+
+    base = run(False)
+    assert not calls
+    got = run(True)
+    assert len(calls) >= 2 * 2 * 2  # sinks, window and chunk per layer and chunk (the window of the first may be empty)
+    assert (got - base).abs().max() <= 0.05 * base.abs().max()
+    assert K.dense_flash_ready(torch.zeros(1, 8, 2, 64, device=dev, dtype=torch.bfloat16))

@@ -10,8 +10,10 @@ attached; attention is computed per part and merged by log-sum-exp::
     compressed prefix        ├─ (out_k, lse_k) each ──► merge_partials ──► output
     window + new tokens (fp) ┘
 
-The compressed part goes to the fused Triton kernel when one is available for the device and
-configuration (``tqcache.kernels``), otherwise to the pure-torch reference
+The mask function (:func:`_tqcache_mask`) passes transformers' SDPA mask through, except one that says nothing
+but causality, which becomes None: positions give causality here. The compressed part goes to the fused Triton
+kernel when one is available for the device and configuration (``tqcache.kernels``), otherwise to the pure-torch
+reference
 (:func:`tqcache.codec.attention.attend_packed`). Anything else (a ``DynamicCache``, the ``"none"``
 scheme, a prefill with nothing compressed yet) falls through to transformers' SDPA unchanged, which is why
 scheme ``"none"`` is bit-identical to ``DynamicCache``.
@@ -98,6 +100,9 @@ def tqcache_attention(
     if step is not None and step.layer.calibrating:
         step.layer.observe_queries(query, scaling)
     if step is None or (step.n_slots == 0 and step.sink_k is None):
+        if attention_mask is None and query.shape[2] > 1 and key.shape[2] > query.shape[2]:
+            # _tqcache_mask dropped a plain causal mask; SDPA's is_causal would align it top-left: rebuild it.
+            attention_mask = _causal(query.shape[2], key.shape[2], query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by the tqcache attention")
@@ -128,25 +133,78 @@ def tqcache_attention(
                 out = kernels.window_reference(query, dense, c_out[0], c_out[1], scale)
             return out, None
 
+    # A plain prefill chunk on a full layer (every sink and older window token visible, the chunk causal over itself)
+    # runs its full-precision parts through flash attention on the GPU (kernels/prefill.py, dense_flash); anything
+    # else — padding, sliding windows, fp32, the CPU — keeps the torch composition, its twin. Without a mask the
+    # chunk is plain by construction (positions give causality); a mask is checked (one device sync).
+    flash, vis_s, vis_f = None, None, None
+    if Lq > 1 and step.slot_pos is None and step.sliding_window is None:
+        kernels = _kernels_for(query)
+        if kernels is not None and kernels.dense_flash_ready(query):
+            if mask is not None:
+                vis_s = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev)) if sinks else None
+                vis_f = visible(lambda: step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev))
+            if mask is None or _plain_chunk(vis_s, vis_f, Lq):
+                flash = kernels.dense_flash
+    if not flash and vis_f is None:
+        vis_s = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev)) if sinks else None
+        vis_f = visible(lambda: step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev))
     parts = []
     if sinks:
-        vis = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev))
-        parts.append(dense_partial(query, step.sink_k, step.sink_v, vis, scale))
+        parts.append(flash(query, step.sink_k, step.sink_v, scale) if flash else
+                     dense_partial(query, step.sink_k, step.sink_v, vis_s, scale))
     if step.n_slots:
         if step.slot_pos is not None:  # a ring of slots (sliding layers): some may be empty or out of reach
             vis = _visible(step.slot_pos, step, mask, B, Lq)
+        elif mask is None and step.sliding_window is None:
+            vis = None  # every compressed token is older than every query: all visible (no mask, no kv_start)
         else:
             vis = visible(lambda: step.c_lo + torch.arange(step.n_slots, device=dev))
         parts.append(attend_compressed(query, step, vis, scale))
-    vis = visible(lambda: step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev))
-    parts.append(dense_partial(query, step.fp_k, step.fp_v, vis, scale))
+    if flash:
+        old = step.fp_k.shape[-2] - Lq  # the window before this chunk, then the chunk's own tokens
+        if old:
+            parts.append(flash(query, step.fp_k[:, :, :old], step.fp_v[:, :, :old], scale))
+        parts.append(flash(query, step.fp_k[:, :, old:], step.fp_v[:, :, old:], scale, causal=True))
+    else:
+        parts.append(dense_partial(query, step.fp_k, step.fp_v, vis_f, scale))
     out, _ = merge_partials(parts)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def _plain_chunk(vis_s: torch.Tensor | None, vis_f: torch.Tensor, Lq: int) -> bool:
+    """Whether a prefill chunk's full-precision parts see what a plain chunk sees: every sink (``vis_s``) and every
+    window token older than the chunk, and the chunk's own tokens causally (``vis_f [B or 1, 1, Lq, F]``, the
+    chunk being its last ``Lq`` columns). One device sync; prefill only, never the decode step."""
+    F = vis_f.shape[-1]
+    if F < Lq:
+        return False
+    want = torch.ones(Lq, F, dtype=torch.bool, device=vis_f.device)
+    want[:, F - Lq :] = torch.ones(Lq, Lq, dtype=torch.bool, device=vis_f.device).tril()
+    ok = (vis_f == want).all()
+    if vis_s is not None:
+        ok = ok & vis_s.all()
+    return bool(ok)
+
+
+def _causal(Lq: int, kv: int, device) -> torch.Tensor:
+    """``[1, 1, Lq, kv]`` bool: query ``i`` (the last ``Lq`` of ``kv`` positions) sees keys ``≤ kv − Lq + i``."""
+    return torch.ones(Lq, kv, dtype=torch.bool, device=device).tril(kv - Lq)[None, None]
+
+
 def _tqcache_mask(*args, **kwargs):
-    # The same boolean [B, 1, Lq, kv_length] mask SDPA gets; None when it is purely causal without padding.
-    return sdpa_mask(*args, **kwargs)
+    """The boolean ``[B, 1, Lq, kv_length]`` mask SDPA gets — or None when it says nothing but causality (no
+    padding, no packed sequences, no sliding band that cuts a token). transformers materializes the causal mask of
+    a chunk that follows cached tokens; tqcache_attention rebuilds causality from positions, and with no mask a
+    prefill chunk runs without visibility masks or device syncs (its full-precision parts on flash attention,
+    kernels/prefill.py). One comparison per forward of a multi-token chunk (a device sync); decode steps (one
+    token) get None from sdpa_mask already when there is no padding."""
+    mask = sdpa_mask(*args, **kwargs)
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-2] > 1:
+        Lq, kv = mask.shape[-2], mask.shape[-1]
+        if kv >= Lq and bool((mask == _causal(Lq, kv, mask.device)).all()):
+            return None
+    return mask
 
 
 def register() -> None:

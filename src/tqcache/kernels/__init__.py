@@ -223,6 +223,17 @@ def _prefill_ready(q, k_codec, v_codec, k_packed, kw) -> bool:
                     (k_codec, v_codec), check) is None
 
 
+def dense_flash_ready(q) -> bool:
+    """Whether :func:`dense_flash` (``prefill.dense_flash``: the full-precision parts of a plain prefill chunk on
+    flash attention) takes queries like ``q`` here: a CUDA GPU, fp16/bf16, head_dim a multiple of 8 up to 256."""
+    return _pre is not None and available(q.device) and _pre.dense_flash_reason(q) is None
+
+
+def dense_flash(q, k, v, scale: float, causal: bool = False):
+    """``prefill.dense_flash``: ``(out fp32, lse)`` of ``q`` over every key of ``k/v``, or causally over a chunk's own."""
+    return _pre.dense_flash(q, k, v, scale, causal)
+
+
 def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
     """Attention over packed K/V: :func:`tqcache.codec.attention.attend_packed`'s arguments and returns.
 

@@ -33,7 +33,8 @@ import triton.language as tl
 from ._compat import patch_interpreter
 from .attention import _unpack_codes
 
-__all__ = ["attend_prefill", "dequantize_rotated", "prefill_reason", "PREFILL_MIN_ROWS"]
+__all__ = ["attend_prefill", "dense_flash", "dense_flash_reason", "dequantize_rotated", "prefill_reason",
+           "PREFILL_MIN_ROWS"]
 
 # Query rows per KV head (G·Lq) from which the dequantize + flash path runs instead of the split-K kernel. H100,
 # turbo4 / turbo3, 4K–128K-token prefixes (benchmarks/results/prefill_h100_v14.json): at 64 rows (Lq = 16 with
@@ -177,3 +178,44 @@ def attend_prefill(q: torch.Tensor, k_codec, k_fields: dict, v_codec, v_fields: 
         b = e
     out = v_codec.unrotate(out)
     return out.reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
+
+
+# The full-precision parts of a prefill chunk (sinks, the fp window, the chunk itself) through flash attention too:
+# see dense_flash. A switch for A/B runs and for bisecting; the torch composition is the twin either way.
+DENSE_FLASH = True
+
+
+def dense_flash_reason(q: torch.Tensor) -> str | None:
+    """Why :func:`dense_flash` does not take ``q`` here (None when it does): the GPU's flash kernel, fp16/bf16."""
+    if not DENSE_FLASH:
+        return "switched off (prefill.DENSE_FLASH)"
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{q.dtype} queries"
+    if q.shape[-1] % 8 or q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]}"
+    return None
+
+
+def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False):
+    """:func:`tqcache.codec.attention.dense_partial` for the two masks a plain prefill chunk needs, on flash
+    attention: every key visible (``causal=False``; the GQA group rides as query rows), or the chunk over its own
+    keys (``causal=True``: ``k/v`` are exactly the chunk's ``Lq`` tokens, query ``i`` sees keys ``≤ i``; the KV heads
+    are repeated for the group). ``q [B, Hq, Lq, d]``, ``k/v [B, Hkv, T, d]`` in q's dtype; returns ``(out [B, Hq,
+    Lq, d] fp32, lse [B, Hq, Lq] fp32)``. Products in the inputs' dtype with fp32 accumulation, as SDPA's."""
+    B, Hq, Lq, d = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    if causal:
+        if T != Lq:
+            raise ValueError(f"causal dense_flash takes the chunk's own {Lq} keys, got {T}")
+        if G > 1:
+            k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+        if q.device.type == "cuda":
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+        else:
+            res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return res[0].float(), res[1].float()
+    o, lse = _flash(q.reshape(B, Hkv, G * Lq, d), k, v, scale)
+    return o.float().reshape(B, Hq, Lq, d), lse.float().reshape(B, Hq, Lq)
