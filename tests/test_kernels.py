@@ -237,6 +237,20 @@ def test_kernels_attend_routes_long_prefill_chunks(monkeypatch):
     assert "segment of 96 channels" in prefill.prefill_reason(q, *_make(128, 2.25, 2, T=4)[:2])
 
 
+def test_self_test_runs_every_probe_under_the_dispatch_keys():
+    """kernels.self_test (``tqcache info --probe``) runs the probes the dispatchers would run on first use, records
+    them under the same keys, and they pass for a preset; a scheme without codecs is refused."""
+    got = K.self_test(DEV, "turbo4", head_dim=64, heads=2)
+    assert set(got) == {"attend", "attend causal", "encode keys", "encode values", "window", "prefill"}, got
+    assert all(v["passed"] for v in got.values()), got
+    probes = K.info()["probes"]
+    for kind in ("attend", "encode", "window", "prefill"):
+        assert any(k.startswith(kind + " ") for k in probes), kind
+    assert K.info()["prefill"]["min_rows_per_kv_head"] > 0
+    with pytest.raises(ValueError, match="'none' compresses nothing"):
+        K.self_test(DEV, "none")
+
+
 def test_attend_haar_rotation():
     kc, vc, kp, vp = _make(64, 3.5, 2.5, T=37, rotation="haar")
     q = torch.randn(2, 4, 1, 64, generator=_gen(3)).to(DEV)

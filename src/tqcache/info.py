@@ -37,8 +37,8 @@ def collect(probe: bool = False) -> dict:
     try:
         from . import kernels
 
-        if probe and torch.cuda.is_available() and hasattr(kernels, "self_test"):
-            kernels.self_test(torch.device("cuda"))
+        if probe and torch.cuda.is_available():
+            report["self_test"] = kernels.self_test(torch.device("cuda"))
         report["kernels"] = kernels.info()
     except ImportError as e:
         report["kernels"] = {"error": f"kernels not importable: {e}"}

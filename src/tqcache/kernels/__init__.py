@@ -12,6 +12,7 @@ Public surface::
                                                one-token decode: sinks + fp window + the compressed partial,
                                                merged, as the layer output [B, 1, Hq, d] (None: use torch)
     info() -> dict                             GPU, Triton version, probe results, launch configurations
+    self_test(device, scheme) -> dict          run the probes now (``tqcache info --probe``)
 
 Dispatch rules: CUDA tensors use the kernels when Triton imports, the GPU is sm_80+, the configuration is
 covered (see ``attention.unsupported_reason``) and a small self-test against the torch reference passed for
@@ -47,7 +48,7 @@ except Exception as e:  # pragma: no cover - depends on the environment
     _attn = _enc = _pre = _win = None
     _IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-__all__ = ["available", "attend", "attend_window", "encode", "info"]
+__all__ = ["available", "attend", "attend_window", "encode", "info", "self_test"]
 
 _LOCK = threading.Lock()
 _PROBES: dict[tuple, dict] = {}
@@ -371,6 +372,45 @@ def encode(codec, x: torch.Tensor, fields: dict, start: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- info
+def self_test(device, scheme: str = "turbo4", head_dim: int = 128, heads: int = 8) -> dict[str, dict]:
+    """Run the first-use self-tests now, for one scheme's codecs (``tqcache info --probe``): decode and causal
+    attention, encode of keys and values, the window kernel and the prefill path, with bf16 queries on a GPU (fp32
+    in the interpreter). The probes are the ones the dispatchers run and are recorded under the same keys, so later
+    calls of that configuration reuse them. Returns ``{probe: {"passed", "reason"}}`` (empty when no kernel can run
+    on ``device``)."""
+    from ..codec import make_codec
+    from ..config import parse_scheme
+
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the dispatchers key on the tensors' device: "cuda:0"
+        device = torch.device("cuda", torch.cuda.current_device())
+    if not available(device):
+        return {}
+    cfg = parse_scheme(scheme)
+    if not cfg.compressed:
+        raise ValueError(f"scheme {scheme!r} compresses nothing: there is no kernel to test")
+    kc = make_codec(cfg.key, head_dim, 1, heads=heads).to(device)
+    vc = make_codec(cfg.value, head_dim, 2, heads=heads).to(device)
+    dt = torch.float32 if device.type == "cpu" else torch.bfloat16
+    q = torch.zeros(1, heads * 4, 1, head_dim, device=device, dtype=dt)  # (the probes draw their own data)
+    x = torch.zeros(1, heads, 1, head_dim, device=device, dtype=dt)
+    dev = str(device)
+    out = {}
+    kp = _random_packed(kc, 1, heads, 4, device, torch.Generator().manual_seed(0))  # (tells the check the heads)
+    if _attn.unsupported_reason(q, kc, vc, kp) is None:
+        for causal in (False, True):
+            key = ("attend", dev, dt, _codec_sig(kc), _codec_sig(vc), causal)
+            out["attend causal" if causal else "attend"] = _probe(key, lambda c=causal: _probe_attend(q, kc, vc, c))
+    for name, c in (("encode keys", kc), ("encode values", vc)):
+        if _enc.encode_unsupported_reason(c, x) is None:
+            out[name] = _probe(("encode", dev, dt, _codec_sig(c)), lambda c=c: _probe_encode(c, x))
+    out["window"] = _probe(("window", dev, dt, head_dim, 2, True), lambda: _probe_window(q, 2, True))
+    if _pre.prefill_reason(q, kc, vc) is None:
+        key = ("prefill", dev, dt, _codec_sig(kc), _codec_sig(vc))
+        out["prefill"] = _probe(key, lambda: _probe_prefill(q, kc, vc))
+    return {k: dict(v) for k, v in out.items()}
+
+
 def info() -> dict:
     """What the kernels layer knows: GPU, versions, probe results, launch configurations, fallback reasons."""
     d: dict = {"torch": torch.__version__, "triton_import_error": _IMPORT_ERROR, "interpreter": _interpreting()}
@@ -397,5 +437,7 @@ def info() -> dict:
     # Decode steps the Gluon kernel covers (decode_gluon.gluon_reason) run it (compiled entries prefixed "gluon").
     d["gluon_decode"] = _attn is not None and _attn._gluon_module() is not None
     d["replayed_launches"] = _launch.enabled()  # kernels/_launch.py: launches skip Triton's per-call Python
+    if _pre is not None:  # prefill chunks (kernels/prefill.py): the decode + flash path and where it starts
+        d["prefill"] = {"min_rows_per_kv_head": _pre.PREFILL_MIN_ROWS, "dense_parts_on_flash": _pre.DENSE_FLASH}
     d["fallbacks"] = dict(_FALLBACKS)
     return d
