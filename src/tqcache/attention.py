@@ -137,18 +137,17 @@ def tqcache_attention(
     # runs its full-precision parts through flash attention on the GPU (kernels/prefill.py, dense_flash); anything
     # else — padding, sliding windows, fp32, the CPU — keeps the torch composition, its twin. Without a mask the
     # chunk is plain by construction (positions give causality); a mask is checked (one device sync).
-    flash, vis_s, vis_f = None, None, None
+    flash = None
     if Lq > 1 and step.slot_pos is None and step.sliding_window is None:
         kernels = _kernels_for(query)
         if kernels is not None and kernels.dense_flash_ready(query):
-            if mask is not None:
-                vis_s = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev)) if sinks else None
-                vis_f = visible(lambda: step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev))
-            if mask is None or _plain_chunk(vis_s, vis_f, Lq):
-                flash = kernels.dense_flash
-    if not flash and vis_f is None:
+            flash = kernels.dense_flash
+    vis_s = vis_f = None
+    if not flash or mask is not None:  # the torch composition needs the masks; flash needs them checked
         vis_s = visible(lambda: torch.arange(step.sink_k.shape[-2], device=dev)) if sinks else None
         vis_f = visible(lambda: step.fp_start + torch.arange(step.fp_k.shape[-2], device=dev))
+        if flash and not _plain_chunk(vis_s, vis_f, Lq):
+            flash = None
     parts = []
     if sinks:
         parts.append(flash(query, step.sink_k, step.sink_v, scale) if flash else
@@ -179,9 +178,7 @@ def _plain_chunk(vis_s: torch.Tensor | None, vis_f: torch.Tensor, Lq: int) -> bo
     F = vis_f.shape[-1]
     if F < Lq:
         return False
-    want = torch.ones(Lq, F, dtype=torch.bool, device=vis_f.device)
-    want[:, F - Lq :] = torch.ones(Lq, Lq, dtype=torch.bool, device=vis_f.device).tril()
-    ok = (vis_f == want).all()
+    ok = (vis_f == _causal(Lq, F, vis_f.device)).all()
     if vis_s is not None:
         ok = ok & vis_s.all()
     return bool(ok)

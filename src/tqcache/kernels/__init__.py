@@ -120,6 +120,15 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+def _verdict(out, lse, ref, rlse, dtype) -> tuple[bool, str]:
+    """An attention probe's pass/fail against the torch reference: relative output error and |Δlse| within the
+    tolerance of the query dtype."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    e_out, e_lse = _rel(out, ref), float((lse - rlse).abs().max())
+    ok = bool(torch.isfinite(out).all()) and e_out <= tol and e_lse <= 50 * tol
+    return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
+
+
 def _probe_attend(q, k_codec, v_codec, causal: bool) -> tuple[bool, str]:
     from ..codec.attention import attend_packed
 
@@ -139,10 +148,7 @@ def _probe_attend(q, k_codec, v_codec, causal: bool) -> tuple[bool, str]:
         kw["q_pos"] = torch.tensor([T - Lq, 90], device=dev)
     out, lse = _attn.attend_packed_triton(qq, k_codec, kp, v_codec, vp, splits=3, **kw)
     ref, rlse = attend_packed(qq.float(), k_codec, kp, v_codec, vp, **kw)
-    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
-    e_out, e_lse = _rel(out, ref), float((lse - rlse).abs().max())
-    ok = bool(torch.isfinite(out).all()) and e_out <= tol and e_lse <= 50 * tol
-    return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
+    return _verdict(out, lse, ref, rlse, q.dtype)
 
 
 def _probe(key: tuple, fn) -> dict:
@@ -190,10 +196,7 @@ def _probe_prefill(q, k_codec, v_codec) -> tuple[bool, str]:
     kw = dict(scale=1.0 / math.sqrt(d), kv_start=torch.tensor([0, 7], device=dev, dtype=torch.int32))
     out, lse = _pre.attend_prefill(qq, k_codec, kp.fields, v_codec, vp.fields, chunk=64, **kw)  # 3 chunks
     ref, rlse = attend_packed(qq.float(), k_codec, kp, v_codec, vp, **kw)
-    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
-    e_out, e_lse = _rel(out, ref), float((lse - rlse).abs().max())
-    ok = bool(torch.isfinite(out).all()) and e_out <= tol and e_lse <= 50 * tol
-    return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
+    return _verdict(out, lse, ref, rlse, q.dtype)
 
 
 _PREFILL_KW = frozenset({"scale", "kv_start", "chunk"})  # (chunk: the torch reference's key chunking, not used here)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ._compat import patch_interpreter
-from .attention import _unpack_codes
+from .attention import _cdiv, _unpack_codes
 
 __all__ = ["attend_prefill", "dense_flash", "dense_flash_reason", "dequantize_rotated", "prefill_reason",
            "PREFILL_MIN_ROWS"]
@@ -124,18 +124,20 @@ def dequantize_rotated(codec, fields: dict, dtype: torch.dtype = torch.float16) 
         segs.append((d_s, b_s, codec._block_of(s)))
     (d0, b0, nb0), (d1, b1, nb1) = segs[0], (segs[1] if len(segs) > 1 else (0, 1, 0))
     block = 64 if codec.dim <= 128 else 32
-    grid = (B * H, triton.cdiv(N, block))
+    grid = (B * H, _cdiv(N, block))
     _dequant_kernel[grid](codes, *codes.stride()[:3], norms, *norms.stride()[:3], lv, out, *out.stride()[:3], N,
                           H=H, D0=d0, B0=b0, NB0=nb0, D1=d1, B1=b1, NB1=nb1, BLOCK_N=block, num_warps=4)
     return out
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of softmax(q kᵀ·scale) v with the natural-log log-sum-exp per row (torch's flash kernels)."""
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of softmax(q kᵀ·scale) v with the natural-log log-sum-exp per row (torch's flash kernels;
+    ``causal``: row i sees keys ≤ i, for square problems)."""
     if q.device.type == "cuda":
-        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
     else:
-        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return res[0], res[1]
 
 
@@ -212,10 +214,7 @@ def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             raise ValueError(f"causal dense_flash takes the chunk's own {Lq} keys, got {T}")
         if G > 1:
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        if q.device.type == "cuda":
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-        else:
-            res = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        return res[0].float(), res[1].float()
+        o, lse = _flash(q, k, v, scale, causal=True)
+        return o.float(), lse.float()
     o, lse = _flash(q.reshape(B, Hkv, G * Lq, d), k, v, scale)
     return o.float().reshape(B, Hq, Lq, d), lse.float().reshape(B, Hq, Lq)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ._compat import patch_interpreter
 from ._launch import Replay, int_spec
+from .attention import _p2
 
 __all__ = ["window_unsupported_reason", "check_window", "launch_window", "attend_window_triton"]
 
@@ -180,7 +181,7 @@ def launch_window(q: torch.Tensor, parts, out_c, lse_c, scale: float, sig: tuple
         out, out.stride(0), out.stride(2),
         float(scale) * 1.4426950408889634,
     )
-    meta = dict(HKV=Hkv, G=G, GP=max(16, 1 << (G - 1).bit_length()), D=d, BW=32 if d <= 128 else 16, HAS_C=has_c,
+    meta = dict(HKV=Hkv, G=G, GP=max(16, _p2(G)), D=d, BW=32 if d <= 128 else 16, HAS_C=has_c,
                 num_warps=4)
     # The key: the signature (strides, dtypes, alignments of every tensor but out, which torch allocates 512-byte
     # aligned, with the same strides each call) and the two token counts' specialization.
