@@ -206,10 +206,13 @@ def _prefill_ready(q, k_codec, v_codec, k_packed, kw) -> bool:
     """Whether :func:`attend` takes the dequantize + flash path: a prefill chunk (≥ ``PREFILL_MIN_ROWS`` query rows
     per KV head) that sees every packed token but left padding, covered (``prefill.prefill_reason``) and probed.
     When not, the split-K kernel (or the torch reference) takes the call as before."""
+    # (Every decode step passes here: the cheap row count goes first, and a one-token step stops at it.)
     codes = k_packed.fields.get("codes")
-    if _pre is None or not set(kw) <= _PREFILL_KW or q.dim() != 4 or codes is None or codes.dim() != 4:
+    if _pre is None or q.dim() != 4 or codes is None or codes.dim() != 4:
         return False
     if q.shape[1] % codes.shape[1] or q.shape[1] // codes.shape[1] * q.shape[2] < _pre.PREFILL_MIN_ROWS:
+        return False
+    if not set(kw) <= _PREFILL_KW:
         return False
 
     def check():
