@@ -1078,6 +1078,32 @@ def test_encode_plan_follows_the_slot():
         encode_into(c, x[:, :, :1], fields, 40)
 
 
+def test_encode_plan_takes_any_chunk():
+    """Prefill chunks hand the encode window slices of a new length, start and stride every time: one plan serves
+    them all (a plan per shape re-ran every check, and a kernel specialized on the counts recompiled), and each
+    call still writes exactly its slots, with the capacity checked on the buffers it gets."""
+    from tqcache.kernels import _enc
+
+    c = TurboQuantizer(64, 3, seed=7).to(DEV)
+    x = torch.randn(1, 2, 120, 64, generator=_gen(27)).to(DEV)
+    ref = c.quantize(x)
+    fields = {n: torch.zeros(1, 2, 128, w, dtype=dt, device=DEV) for n, (w, dt) in c.field_widths().items()}
+    start = 0
+    for n in (17, 5, 32, 1, 40, 25):  # chunk lengths; each a slice of a buffer of another length (other strides)
+        buf = torch.empty(1, 2, n + 9, 64, device=DEV)
+        buf[:, :, :n] = x[:, :, start : start + n]
+        encode_into(c, buf[:, :, :n], fields, start)
+        start += n
+    assert start == 120
+    assert len(_enc._PLANS._by[id(c)]) == 1
+    for n, t in ref.fields.items():
+        assert (fields[n][:, :, :120] != t).float().mean() < 0.01, n
+        assert not fields[n][:, :, 120:].any(), f"{n}: a slot past the last chunk was written"
+    encode_into(c, x[:, :, :0], fields, 128)  # nothing to write: no launch, no error
+    with pytest.raises(ValueError, match="capacity 128"):
+        encode_into(c, x[:, :, :9], fields, 120)
+
+
 def test_encode_plan_sees_calibration():
     c = TurboQuantizer(64, 4, seed=6, channel_scale=True).to(DEV)  # needs calibration: scales from the data
     x = torch.randn(1, 2, 8, 64, generator=_gen(26)).to(DEV)

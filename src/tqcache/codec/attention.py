@@ -179,11 +179,13 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torc
     ``out = Σ_k out_k · exp(lse_k − lse)``, ``lse = log Σ_k exp(lse_k)``; parts that attended nothing
     (``lse = -inf``) contribute zero.
     """
-    lses = torch.stack([p[1] for p in parts])
+    lses = torch.stack([p[1] for p in parts]).float()
     lse = torch.logsumexp(lses, dim=0)
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    # One stacked product instead of a loop over parts: fewer torch ops (the eager decode step is host-bound).
-    out = (torch.stack([p[0] for p in parts]).float() * torch.exp(lses - lse_safe)[..., None]).sum(0)
+    # Rows that no part saw: -inf - -inf = nan, weight 0. One stacked product instead of a loop over parts, and no
+    # fp32 copies of the parts (stack promotes mixed dtypes): fewer torch ops, since eager decode steps and
+    # prefill chunks are host-bound.
+    w = torch.exp(lses - lse).nan_to_num_(0.0)
+    out = (torch.stack([p[0] for p in parts]) * w[..., None]).sum(0, dtype=torch.float32)
     return out, lse
 
 

@@ -237,7 +237,7 @@ def dense_flash_ready(q) -> bool:
 
 
 def dense_flash(q, k, v, scale: float, causal: bool = False):
-    """``prefill.dense_flash``: ``(out fp32, lse)`` of ``q`` over every key of ``k/v``, or causally over a chunk's own."""
+    """``prefill.dense_flash``: ``(out, lse)`` of ``q`` over every key of ``k/v``, or causally over a chunk's own."""
     return _pre.dense_flash(q, k, v, scale, causal)
 
 

@@ -259,7 +259,9 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     return sc, xr
 
 
-@triton.jit
+# Not specialized on the token count, the first slot or the tile counts: they change with every prefill chunk, and
+# each new divisibility class would be another compile of seconds (the stores' alignment comes from the strides).
+@triton.jit(do_not_specialize=["N", "start", "n_tiles", "n_items"])
 def _encode_kernel(
     X, stride_xb, stride_xh, stride_xn,  # [B, Hkv, N, D] fp16/bf16/fp32 new tokens
     R, RS,  # [D, D0+D1] fp32 rotation (rows in original channel order; ±1 when PIECES ≥ 1), [2] post-scales
@@ -460,15 +462,27 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # A call like an earlier one — same codec state, the same shapes, strides, dtypes and alignments of x and of
     # every field, the same options — reuses that call's checks, constants and launch (one per layer and decode
     # step, where the host binds): only the slot range is checked again.
-    key = (codec_key(codec, x.device), x.dtype, x.shape, x.stride(), x.data_ptr() & 15,
-           tuple((n, t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device) for n, t in fields.items()),
+    # The key leaves out the token count, the capacity and the stride values — a prefill chunk's window slice has
+    # new ones every time — keeping only what Triton specializes on (each stride's int_spec); the kernel does not
+    # specialize on N, start and the tile counts at all.
+    key = (codec_key(codec, x.device), x.dtype, x.shape[:2], x.shape[3:], tuple(int_spec(st) for st in x.stride()),
+           x.data_ptr() & 15,
+           tuple((n, t.dtype, t.shape[:2], t.shape[3:], tuple(int_spec(st) for st in t.stride()), t.data_ptr() & 15,
+                  t.device) for n, t in fields.items()),
            block_t, programs_per_sm, num_warps, num_stages, exact)
     plan = _PLANS.get(codec, key)
     if plan is not None:
-        N, cap, grid, meta, consts, counts = plan
+        bt, max_programs, meta, consts, qjl = plan
+        N = x.shape[2]
+        cap = min(t.shape[2] for t in fields.values())
         if start < 0 or start + N > cap:
             raise ValueError(f"fields have capacity {cap}, cannot write slots [{start}, {start + N})")
-        _ENCODE((key, int_spec(int(start))), grid, _encode_args(x, fields, start, consts, *counts), meta)
+        if N == 0:
+            return
+        n_tiles = -(-N // bt)
+        n_items = x.shape[0] * x.shape[1] * n_tiles
+        _ENCODE((key, int_spec(int(start)) & 4), (min(n_items, max_programs),),
+                _encode_args(x, fields, start, consts, qjl, n_tiles, n_items), meta)
         return
     why = encode_unsupported_reason(codec, x)
     if why:
@@ -548,17 +562,16 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # SMs idle while others finish their extra program), or programs_per_sm per SM if that is fewer.
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         per_sm = _resident_per_sm(args, meta, x.device)
-        programs = min(n_items, sms * min(per_sm, programs_per_sm or per_sm))
+        max_programs = sms * min(per_sm, programs_per_sm or per_sm)
     else:
-        programs = min(n_items, programs_per_sm or 4)  # the interpreter: a few programs, each looping
+        max_programs = programs_per_sm or 4  # the interpreter: a few programs, each looping
     key = (codec_key(codec, x.device),) + key[1:]  # the codec's state after any calibration above
-    _ENCODE((key, int_spec(int(start))), (programs,), args, meta)
-    _PLANS.put(codec, key, (N, min(t.shape[2] for t in fields.values()), (programs,), meta, consts,
-                            (bool(codec.qjl), n_tiles, n_items)))
+    _ENCODE((key, int_spec(int(start)) & 4), (min(n_items, max_programs),), args, meta)
+    _PLANS.put(codec, key, (bt, max_programs, meta, consts, bool(codec.qjl)))
 
 
-# Per codec, call key -> (N, capacity, grid, constexprs and options, constant tensors, (QJL, tiles, items)); the key
-# is built in encode_into from everything the checks and the constants depend on.
+# Per codec, call key -> (tokens per tile, programs at most, constexprs and options, constant tensors, QJL); the key is
+# built in encode_into from everything the checks, the constants and Triton's specialization depend on.
 _PLANS = Plans()
 _ENCODE = Replay(_encode_kernel)
 

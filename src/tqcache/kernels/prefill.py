@@ -26,11 +26,15 @@ queries on a CUDA GPU. :func:`prefill_reason` says why not; ``kernels.attend`` t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
 
+from ._codec_key import codec_key
 from ._compat import patch_interpreter
+from ._launch import Replay, int_spec
 from .attention import _cdiv, _unpack_codes
 
 __all__ = ["attend_prefill", "dense_flash", "dense_flash_reason", "dequantize_rotated", "prefill_reason",
@@ -43,7 +47,9 @@ PREFILL_MIN_ROWS = 256
 _BUDGET = 1 << 16  # prefix tokens × sequences decoded at once (bounds the transient fp16 K̂, V̂)
 
 
-@triton.jit
+# N is not specialized on: a chunk's prefix length is any number, and each new divisibility class would otherwise be
+# one more compile (seconds) in the middle of a chat.
+@triton.jit(do_not_specialize=["N"])
 def _dequant_kernel(
     C, stride_cb, stride_ch, stride_ct,  # codes [B, H, N, W] uint8
     NRM, stride_nb, stride_nh, stride_nt,  # norms [B, H, N, S] fp16
@@ -106,6 +112,35 @@ def prefill_reason(q: torch.Tensor, k_codec, v_codec) -> str | None:
     return None
 
 
+_CONSTS: dict = {}
+
+
+def _codec_consts(codec, device) -> tuple:
+    """Per codec state (weakly cached like the encode's matrices; a changed codec state is a new key):
+    ``(levels [2, 256] fp32, segments ((d_s, b_s, norm column), ...), A, U)`` with ``A = rotate_query(I)``
+    (``[d, d]``, or ``[Hkv, d, d]`` with per-head channel scales) and ``U = unrotate(I)`` ``[d, d]`` fp32: the
+    query map and the unrotation as one product each instead of the codec's chain of torch ops per call (a
+    prefill chunk's host time is what its cost is, docs/performance.md)."""
+    key = codec_key(codec, device)
+    hit = _CONSTS.get(key)
+    if hit is not None and hit[0]() is codec:
+        return hit[1]
+    lv = torch.zeros(2, 256, device=device, dtype=torch.float32)
+    segs = []
+    for s, (d_s, b_s) in enumerate(codec.segments):
+        lv[s, : 1 << b_s] = getattr(codec, f"levels{s}").float()
+        segs.append((d_s, b_s, codec._block_of(s)))
+    eye = torch.eye(codec.dim, device=device)
+    out = (lv, tuple(segs), codec.rotate_query(eye).contiguous(), codec.unrotate(eye).contiguous())
+    if len(_CONSTS) > 64:
+        _CONSTS.clear()
+    _CONSTS[key] = (weakref.ref(codec), out)
+    return out
+
+
+_DEQUANT = Replay(_dequant_kernel)
+
+
 def dequantize_rotated(codec, fields: dict, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """``codec.rotated(packed)`` in ``dtype``: ``[B, H, N, d]`` from the packed fields ``[B, H, N, width]``
     (views of a cache's storage are fine). Triton on the GPU (and under ``TRITON_INTERPRET=1``); the product
@@ -117,16 +152,16 @@ def dequantize_rotated(codec, fields: dict, dtype: torch.dtype = torch.float16) 
         return out
     if codes.device.type == "cpu":
         patch_interpreter()
-    lv = torch.zeros(2, 256, device=codes.device, dtype=torch.float32)
-    segs = []
-    for s, (d_s, b_s) in enumerate(codec.segments):
-        lv[s, : 1 << b_s] = getattr(codec, f"levels{s}").float()
-        segs.append((d_s, b_s, codec._block_of(s)))
+    lv, segs, _, _ = _codec_consts(codec, codes.device)
     (d0, b0, nb0), (d1, b1, nb1) = segs[0], (segs[1] if len(segs) > 1 else (0, 1, 0))
     block = 64 if codec.dim <= 128 else 32
-    grid = (B * H, _cdiv(N, block))
-    _dequant_kernel[grid](codes, *codes.stride()[:3], norms, *norms.stride()[:3], lv, out, *out.stride()[:3], N,
-                          H=H, D0=d0, B0=b0, NB0=nb0, D1=d1, B1=b1, NB1=nb1, BLOCK_N=block, num_warps=4)
+    args = (codes, *codes.stride()[:3], norms, *norms.stride()[:3], lv, out, *out.stride()[:3], N)
+    meta = dict(H=H, D0=d0, B0=b0, NB0=nb0, D1=d1, B1=b1, NB1=nb1, BLOCK_N=block, num_warps=4)
+    # Everything Triton specializes on (_launch's contract): dtypes, alignments, the strides' classes, N's width.
+    key = (codes.dtype, norms.dtype, dtype, codes.data_ptr() & 15, norms.data_ptr() & 15, out.data_ptr() & 15,
+           lv.data_ptr() & 15, tuple(int_spec(a) for a in args if isinstance(a, int) and a is not N),
+           int_spec(N) & 4, tuple(meta.items()))
+    _DEQUANT(key, (B * H, _cdiv(N, block)), args, meta)
     return out
 
 
@@ -153,9 +188,20 @@ def attend_prefill(q: torch.Tensor, k_codec, k_fields: dict, v_codec, v_fields: 
     Hkv, T = k_fields["codes"].shape[1], k_fields["codes"].shape[2]
     G = Hq // Hkv
     work = torch.float16 if q.device.type == "cuda" else torch.float32
-    # Rows g·Lq + i of KV head h: query head h·G + g, token i. Per-head key scales ([Hkv, 1, d]) broadcast here.
-    qr = k_codec.rotate_query(q.reshape(B, Hkv, G * Lq, d).float()).to(work)
+    # Rows g·Lq + i of KV head h: query head h·G + g, token i. Per-head key scales ([Hkv, d, d] maps) broadcast here.
+    qr = torch.matmul(q.reshape(B, Hkv, G * Lq, d).float(), _codec_consts(k_codec, q.device)[2]).to(work)
+    U = _codec_consts(v_codec, q.device)[3]
     starts = [0] * B if kv_start is None else [max(0, int(s)) for s in kv_start.tolist()]
+    step0 = chunk or max(1024, _BUDGET // B)
+    if starts.count(starts[0]) == B and T - starts[0] <= step0:
+        # One run of sequences and one decode (a plain chunk: B = 1, or no padding): no staging buffers.
+        if starts[0] >= T:
+            return (torch.zeros(B, Hq, Lq, d, device=q.device),
+                    torch.full((B, Hq, Lq), float("-inf"), device=q.device))
+        kf = {n: t[:, :, starts[0]:] for n, t in k_fields.items()}
+        vf = {n: t[:, :, starts[0]:] for n, t in v_fields.items()}
+        o, s = _flash(qr, dequantize_rotated(k_codec, kf, work), dequantize_rotated(v_codec, vf, work), scale)
+        return torch.matmul(o.float(), U).reshape(B, Hq, Lq, d), s.float().reshape(B, Hq, Lq)
     out = torch.zeros(B, Hkv, G * Lq, d, device=q.device, dtype=torch.float32)
     lse = torch.full((B, Hkv, G * Lq), float("-inf"), device=q.device, dtype=torch.float32)
     b = 0
@@ -178,8 +224,7 @@ def attend_prefill(q: torch.Tensor, k_codec, k_fields: dict, v_codec, v_fields: 
 
             out[b:e], lse[b:e] = merge_partials(parts)
         b = e
-    out = v_codec.unrotate(out)
-    return out.reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
+    return torch.matmul(out, U).reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
 
 
 # The full-precision parts of a prefill chunk (sinks, the fp window, the chunk itself) through flash attention too:
@@ -205,7 +250,8 @@ def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     attention: every key visible (``causal=False``; the GQA group rides as query rows), or the chunk over its own
     keys (``causal=True``: ``k/v`` are exactly the chunk's ``Lq`` tokens, query ``i`` sees keys ``≤ i``; the KV heads
     are repeated for the group). ``q [B, Hq, Lq, d]``, ``k/v [B, Hkv, T, d]`` in q's dtype; returns ``(out [B, Hq,
-    Lq, d] fp32, lse [B, Hq, Lq] fp32)``. Products in the inputs' dtype with fp32 accumulation, as SDPA's."""
+    Lq, d] in q's dtype, lse [B, Hq, Lq] fp32)`` — :func:`~tqcache.codec.attention.merge_partials` promotes the
+    parts it stacks, so no fp32 copy is made here. Products in the inputs' dtype with fp32 accumulation, as SDPA's."""
     B, Hq, Lq, d = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -214,7 +260,6 @@ def dense_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
             raise ValueError(f"causal dense_flash takes the chunk's own {Lq} keys, got {T}")
         if G > 1:
             k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
-        o, lse = _flash(q, k, v, scale, causal=True)
-        return o.float(), lse.float()
+        return _flash(q, k, v, scale, causal=True)
     o, lse = _flash(q.reshape(B, Hkv, G * Lq, d), k, v, scale)
-    return o.float().reshape(B, Hq, Lq, d), lse.float().reshape(B, Hq, Lq)
+    return o.reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
