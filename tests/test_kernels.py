@@ -1104,6 +1104,28 @@ def test_encode_plan_takes_any_chunk():
         encode_into(c, x[:, :, :9], fields, 120)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="counts compiled kernels: the interpreter compiles nothing")
+def test_split_count_compiles_nothing_new():
+    """A decode loop at a short context meets a new split count every 128 tokens: the decode kernel must not be
+    compiled again for it (it was: ~1 s per 128 generated tokens), and every split count stays exact."""
+    from tqcache.kernels import attention as A
+    from tqcache.kernels import decode_gluon as G
+
+    kc, vc = TurboQuantizer(128, 4, seed=8).to(DEV), TurboQuantizer(128, 4, seed=9).to(DEV)
+    kp = kc.quantize(torch.randn(2, 2, 700, 128, generator=_gen(29)).to(DEV))
+    vp = vc.quantize(torch.randn(2, 2, 700, 128, generator=_gen(30)).to(DEV))
+    q = torch.randn(2, 8, 1, 128, generator=_gen(31)).to(DEV, torch.bfloat16)
+
+    def variants():
+        return sum(len(c[0]) for fn in (A._attn_fwd_kernel, G._gluon_decode_kernel) for c in fn.device_caches.values())
+
+    _check(q, kc, kp, vc, vp, splits=2)
+    before = variants()
+    for splits in (3, 5, 6, 7, 11):
+        _check(q, kc, kp, vc, vp, splits=splits)
+    assert variants() == before
+
+
 def test_encode_plan_sees_calibration():
     c = TurboQuantizer(64, 4, seed=6, channel_scale=True).to(DEV)  # needs calibration: scales from the data
     x = torch.randn(1, 2, 8, 64, generator=_gen(26)).to(DEV)

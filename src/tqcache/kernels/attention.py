@@ -362,7 +362,11 @@ def _store_seg(pa, mvalid, a0, a1, a2, a3, OFF: tl.constexpr, P: tl.constexpr, D
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-@triton.jit
+# The split count is a runtime value the kernels do not specialize on: at short contexts it grows with T (one more
+# split per 128 tokens), and as a constexpr it compiled the decode and merge kernels again every 128 generated
+# tokens (~1 s each on the H100). T keeps its specialization (two classes, compiled once): without it the kernels
+# ran 2–3 % slower (its divisibility by 16 lets the per-token loads of norms vectorize under their masks).
+@triton.jit(do_not_specialize=["SPLITS"])
 def _attn_fwd_kernel(
     Q, stride_qb, stride_qh, stride_qm,  # [B, Hkv, M, DQ] rotated, pre-scaled queries (dot dtype)
     KC, stride_kcb, stride_kch, stride_kct,  # [B, Hkv, T, wK] uint8 key codes
@@ -375,7 +379,7 @@ def _attn_fwd_kernel(
     LUTK, LUTV,  # [2, 4] int32 register tables per codec segment (FAST only; see _ASM_LUT4/3/2)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies when the flags are off)
     PACC, PM, PL,  # partials: [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2
-    T, M, Lq, window, qjl_c,
+    T, M, Lq, window, qjl_c, SPLITS,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
     # Up to three kernel segments per side (_kernel_segments): channels, bits, planes, byte offset in the
     # code row, table row (codec segment), norm column. A codec segment of 48/96/192 channels is read as two.
@@ -387,8 +391,7 @@ def _attn_fwd_kernel(
     VD2: tl.constexpr, VB2: tl.constexpr, VP2: tl.constexpr, VO2: tl.constexpr, VT2: tl.constexpr, VN2: tl.constexpr,
     K_QJL: tl.constexpr, HAS_START: tl.constexpr, HAS_END: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, FAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -559,15 +562,15 @@ def _query_map_kernel(
     tl.store(out + (c0 + offs_c)[None, :], r.to(QK.dtype.element_ty), mask=mvalid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _attn_merge_kernel(
     PACC, PM, PL,  # partials as written by _attn_fwd_kernel
     U,  # [D, D] fp32: row j = unrotate(e_j), so out = acc @ U
     OUT, stride_ob, stride_oh, stride_ol,  # [B, Hq, Lq, D] fp32
     LSE, stride_lb, stride_lh,  # [B, Hq, Lq] fp32 (contiguous last dim)
-    M,
+    M, SPLITS,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr,
+    SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr,
 ):
     """Log-sum-exp merge of the ``SPLITS`` partials of one output row ``(batch·KV head, m)``, normalise, rotate back.
 
@@ -1142,14 +1145,16 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         first = m is None  # first call with this split count: record its configuration and compiled kernel
         if first:
             c = dict(cfg, SPLITS=SPL)
-            m = metas[SPL] = ({**(gmeta if use_gluon else tmeta), "SPLITS": SPL},
-                              dict(HKV=Hkv, G=G, D=d, SPLITS=SPL, SPLITS_P2=_p2(SPL),
+            m = metas[SPL] = (gmeta if use_gluon else tmeta,
+                              dict(HKV=Hkv, G=G, D=d, SPLITS_P2=_p2(SPL),
                                    SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), num_warps=8))
             if len(LAUNCH_CONFIGS) < 256:
                 LAUNCH_CONFIGS[f"{shape_key} T={T}"] = c
         dmeta, mmeta = m
         wspec = int_spec(int(window)) if window is not None else 0
-        dkey, mkey = (key, SPL, int_spec(T), wspec), (key, SPL)
+        # (SPL is not specialized on, only its int width matters; the merge's tiles follow its power of 2)
+        wide = int_spec(SPL) & 4
+        dkey, mkey = (key, wspec, int_spec(T), wide), (key, _p2(SPL), wide)
         n_part = B * Hkv * SPL * M
         buf = torch.empty(qk_bytes + 4 * n_part * (d + 2), device=dev, dtype=torch.uint8)
         if _QMAP.ready((key,)) and decode.ready(dkey) and _MERGE.ready(mkey):
@@ -1172,7 +1177,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         if use_gluon:
             args = assemble(qk, kc, kn, vc, vn, kf.get("qjl_signs"), kf.get("qjl_norms"),
                             st if st is not None else dummy, en if en is not None else dummy,
-                            qp if qp is not None else dummy, pacc, pm, pl, T, window)
+                            qp if qp is not None else dummy, pacc, pm, pl, T, window, SPL)
         else:
             ks, kg = (kf["qjl_signs"], kf["qjl_norms"]) if k_qjl else (kc, kn)  # (unused without QJL)
             args = (qk, *qk_strides,
@@ -1185,13 +1190,13 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
                     lvk, lvv, lutk, lutv,
                     st if st is not None else dummy, en if en is not None else dummy, qp if qp is not None else dummy,
                     pacc, pm, pl,
-                    T, M, Lq, int(window) if window is not None else 0, qjl_scale)
+                    T, M, Lq, int(window) if window is not None else 0, qjl_scale, SPL)
         grid = (B * Hkv, SPL) if use_gluon else (B * Hkv, SPL, m_tiles)
         ck = decode(dkey, grid, args, dmeta)
         if first:
             _record_compile(ck, c, bits, fast and not use_gluon)
         _MERGE(mkey, (B * Hkv, M),
-               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M), mmeta)
+               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M, SPL), mmeta)
         return out, lse
 
     return run

@@ -513,7 +513,7 @@ def _store_acc(pa, sm, a0, a1, a2, a3, OFF: gl.constexpr, VP: gl.constexpr, VW: 
         gl.store(ptr + 3 * VW, a3, mask=sm)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["SPLITS"])  # (it grows with T at short contexts: attention._attn_fwd_kernel's note)
 def _gluon_decode_kernel(
     Q, stride_qb, stride_qh, stride_qm,  # [B, Hkv, M, D] fp16 rotated, pre-scaled; columns in kernel_order
     # Codes per segment: the whole [B, Hkv, T, W] row buffer as uint8, or as int32 words for a 3-bit segment, and the
@@ -532,14 +532,14 @@ def _gluon_decode_kernel(
     LUTK0, LUTK1, LUTV0, LUTV1, LUTK2,  # int32 [4] register tables per segment (8-bit keys: LUTK0 = the fp16 table)
     KV_START, KV_END, QPOS,  # int32 [B] (or dummies)
     PACC, PM, PL,  # partials [B·Hkv, SPLITS, M, D] fp32, [B·Hkv, SPLITS, M] fp32 ×2 (the merge kernel's input)
-    T, M, window, qjl_c,  # qjl_c: √(π/2)/d, the sketch's inner-product scale
+    T, M, window, qjl_c, SPLITS,  # qjl_c: √(π/2)/d, the sketch's inner-product scale
     HKV: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
     KO0: gl.constexpr, KO1: gl.constexpr, VO0: gl.constexpr, VO1: gl.constexpr,  # segment starts (elements)
     KB0: gl.constexpr, KB1: gl.constexpr, VB0: gl.constexpr, VB1: gl.constexpr, KS: gl.constexpr, VS: gl.constexpr,
     KD0: gl.constexpr, KD1: gl.constexpr, KR0: gl.constexpr, KR1: gl.constexpr,  # key containers, real row widths
     KO2: gl.constexpr, KB2: gl.constexpr, KD2: gl.constexpr,  # a third key segment (KB2 > 0), norm = segment 1's
     QJL: gl.constexpr, HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr,
-    HAS_WINDOW: gl.constexpr, SPLITS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+    HAS_WINDOW: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
     STAGES: gl.constexpr,
 ):
     """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
@@ -1050,8 +1050,8 @@ def words_ok(codes: torch.Tensor, codec) -> bool:
 def gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, *, k_codec, v_codec, M, Hkv, G, d, block_n, stages=2, lvk=None,
                qjl=None, given=(False, False, False, False)):
     """What a launch of :func:`_gluon_decode_kernel` derives from the codecs and the layouts of its buffers — not from
-    their addresses, the token count or the split count — as ``(assemble, meta)``. ``meta``: every constexpr but
-    ``SPLITS``, and the launch options. ``assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window)``:
+    their addresses, the token count or the split count — as ``(assemble, meta)``. ``meta``: every constexpr and the
+    launch options. ``assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window, splits)``:
     the runtime arguments in order, for buffers laid out as the ones given here (same shapes but T, strides and
     dtypes; ``ks``/``kg`` the QJL fields or None; ``st``/``en``/``qp`` the int32 [B] tensors or a dummy; grid
     ``(B·Hkv, SPLITS)``). ``lutk``/``lutv``: the ``[2, 4]`` register tables, one row per segment; ``lvk``: the
@@ -1088,7 +1088,7 @@ def gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, *, k_codec, v_codec, M, Hkv, G, d
     def words(t, as_words: bool):  # a code or sign buffer as the kernel reads it: int32 words, or bytes
         return t.view(torch.int32) if as_words and isinstance(t, torch.Tensor) else t
 
-    def assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window):
+    def assemble(qk, kc, kn, vc, vn, ks, kg, st, en, qp, pacc, pm, pl, T, window, splits):
         if not has_qjl:
             ks, kg = words(kc, kw0), kn  # (unused)
         return (
@@ -1100,7 +1100,7 @@ def gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, *, k_codec, v_codec, M, Hkv, G, d
             words(ks, has_qjl), *swords, kg, *kgs,
             *tables, st, en, qp,
             pacc, pm, pl,
-            T, M, int(window) if window is not None else 0, qjl_c,
+            T, M, int(window) if window is not None else 0, qjl_c, splits,
         )
 
     has_start, has_end, causal, has_window = given

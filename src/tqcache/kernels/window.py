@@ -29,7 +29,8 @@ from .attention import _p2
 __all__ = ["window_unsupported_reason", "check_window", "launch_window", "attend_window_triton"]
 
 
-@triton.jit
+# The window lengths change every decode step: not specialized on (each divisibility class was another compile).
+@triton.jit(do_not_specialize=["N1", "N2"])
 def _window_kernel(
     Q, sqb, sqh,  # [B, Hq, 1, D]
     K1, s1b, s1h, s1t, V1, t1b, t1h, t1t, N1,  # dense part 1 (the sinks; N1 = 0: none)
@@ -184,6 +185,6 @@ def launch_window(q: torch.Tensor, parts, out_c, lse_c, scale: float, sig: tuple
     meta = dict(HKV=Hkv, G=G, GP=max(16, _p2(G)), D=d, BW=32 if d <= 128 else 16, HAS_C=has_c,
                 num_warps=4)
     # The key: the signature (strides, dtypes, alignments of every tensor but out, which torch allocates 512-byte
-    # aligned, with the same strides each call) and the two token counts' specialization.
-    _WINDOW((sig, int_spec(n1), int_spec(n2)), (B * Hkv,), args, meta)
+    # aligned, with the same strides each call) and the two token counts' int width (they are not specialized on).
+    _WINDOW((sig, (int_spec(n1) | int_spec(n2)) & 4), (B * Hkv,), args, meta)
     return out
