@@ -155,12 +155,12 @@ def dequantize_rotated(codec, fields: dict, dtype: torch.dtype = torch.float16) 
     lv, segs, _, _ = _codec_consts(codec, codes.device)
     (d0, b0, nb0), (d1, b1, nb1) = segs[0], (segs[1] if len(segs) > 1 else (0, 1, 0))
     block = 64 if codec.dim <= 128 else 32
-    args = (codes, *codes.stride()[:3], norms, *norms.stride()[:3], lv, out, *out.stride()[:3], N)
+    strides = (*codes.stride()[:3], *norms.stride()[:3], *out.stride()[:3])
+    args = (codes, *strides[:3], norms, *strides[3:6], lv, out, *strides[6:], N)
     meta = dict(H=H, D0=d0, B0=b0, NB0=nb0, D1=d1, B1=b1, NB1=nb1, BLOCK_N=block, num_warps=4)
     # Everything Triton specializes on (_launch's contract): dtypes, alignments, the strides' classes, N's width.
     key = (codes.dtype, norms.dtype, dtype, codes.data_ptr() & 15, norms.data_ptr() & 15, out.data_ptr() & 15,
-           lv.data_ptr() & 15, tuple(int_spec(a) for a in args if isinstance(a, int) and a is not N),
-           int_spec(N) & 4, tuple(meta.items()))
+           lv.data_ptr() & 15, tuple(int_spec(st) for st in strides), int_spec(N) & 4, tuple(meta.items()))
     _DEQUANT(key, (B * H, _cdiv(N, block)), args, meta)
     return out
 
