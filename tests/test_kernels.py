@@ -251,6 +251,26 @@ def test_self_test_runs_every_probe_under_the_dispatch_keys():
         K.self_test(DEV, "none")
 
 
+def test_attend_probes_the_layout_it_runs(monkeypatch):
+    """The first-use probe of kernels.attend runs the call's own compile-time layout (its KV heads, group, decode or
+    chunk, which of kv_start / kv_end / q_pos / window it passes), so what the probe compiles is what the call
+    launches; a call with another layout gets a probe of its own, and both agree with the reference."""
+    from tqcache.codec.attention import attend_packed
+    from tqcache.kernels._launch import Plans
+
+    monkeypatch.setattr(K, "_PROBES", {})  # (only this test's probes)
+    monkeypatch.setattr(K, "_CHECKS", Plans(per_codec=256))
+    kc, vc, kp, vp = _make(64, 4, 4, T=40)
+    q = torch.randn(2, 4 * kp.lead_shape[1], 1, 64, generator=_gen(32)).to(DEV)
+    for kw in ({}, {"kv_end": torch.tensor([40, 23], device=DEV)}):
+        out, _ = K.attend(q, kc, kp, vc, vp, scale=0.125, **kw)
+        ref, _ = attend_packed(q.float(), kc, kp, vc, vp, scale=0.125, **kw)
+        assert (out - ref).abs().max() < 1e-3
+    hkv = kp.lead_shape[1]
+    keys = [k for k in K.info()["probes"] if k.startswith("attend ")]
+    assert len(keys) == 2 and keys[0].endswith(f"Hkv={hkv} G=4 decode") and keys[1].endswith("G=4 decode kv_end"), keys
+
+
 def test_attend_haar_rotation():
     kc, vc, kp, vp = _make(64, 3.5, 2.5, T=37, rotation="haar")
     q = torch.randn(2, 4, 1, 64, generator=_gen(3)).to(DEV)

@@ -16,7 +16,9 @@ Public surface::
 
 Dispatch rules: CUDA tensors use the kernels when Triton imports, the GPU is sm_80+, the configuration is
 covered (see ``attention.unsupported_reason``) and a small self-test against the torch reference passed for
-this (device, configuration) — run once, on first use, result and reason recorded. CPU tensors always use
+this (device, configuration) — run once, on first use, result and reason recorded; a configuration includes the
+call's compile-time layout (KV heads, group, which optional arguments it passes), which the probe runs, so the
+kernels it compiles are the ones the call launches. CPU tensors always use
 the torch reference unless ``TRITON_INTERPRET=1`` is set in the environment (tests), then the kernels run
 in Triton's interpreter. Everything else runs the torch reference, and ``info()`` says why.
 """
@@ -129,23 +131,51 @@ def _verdict(out, lse, ref, rlse, dtype) -> tuple[bool, str]:
     return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
 
 
-def _probe_attend(q, k_codec, v_codec, causal: bool) -> tuple[bool, str]:
+def _attend_layout(q, k_packed, kw) -> tuple:
+    """What of a call fixes the kernels' compile-time configuration: ``(KV heads, group size, decode (Lq = 1),
+    kv_start, kv_end, q_pos, window given)``. The probe of a configuration runs this layout, so the kernels it
+    compiles are the ones the call itself then launches (a probe of its own layout compiled every kernel twice,
+    seconds of a first decode step)."""
+    codes = k_packed.fields.get("codes")
+    hkv = codes.shape[1] if codes is not None and codes.dim() == 4 else None
+    g = q.shape[1] // hkv if hkv and q.dim() == 4 and q.shape[1] % hkv == 0 else None
+    return (hkv, g, q.dim() == 4 and q.shape[2] == 1,
+            *(kw.get(n) is not None for n in ("kv_start", "kv_end", "q_pos", "window")))
+
+
+def _layout_name(layout: tuple) -> str:
+    """A layout as the probe keys show it (``tqcache info``): ``"Hkv=8 G=4 decode"``, ``"... chunk q_pos window"``."""
+    hkv, g, decode, *flags = layout
+    names = [n for n, on in zip(("kv_start", "kv_end", "q_pos", "window"), flags) if on]
+    return " ".join([f"Hkv={hkv} G={g}", "decode" if decode else "chunk", *names])
+
+
+def _probe_attend(q, k_codec, v_codec, layout: tuple) -> tuple[bool, str]:
+    """The split-K / Gluon decode step against the torch reference at a small T, in the call's ``layout``
+    (:func:`_attend_layout`): ragged starts and ends where the call passes them, a causal chunk of 3 (or one
+    decode query) with ``q_pos``, a window of 40 where it has one."""
     from ..codec.attention import attend_packed
 
+    hkv, g, decode, has_start, has_end, causal, has_window = layout
     dev = q.device
     gen = torch.Generator().manual_seed(1234)
     d = q.shape[-1]
-    # Per-head key scales fix the KV head count; otherwise two heads suffice.
-    Hkv = k_codec.channel_scale.shape[0] if k_codec.channel_scale.dim() == 3 else 2
-    B, G = 2, 4
-    Lq = 3 if causal else 1
+    Hkv = hkv or (k_codec.channel_scale.shape[0] if k_codec.channel_scale.dim() == 3 else 2)
+    B, G = 2, g or 4
+    Lq = 1 if decode else 3
     T = 150
     kp = _random_packed(k_codec, B, Hkv, T, dev, gen)
     vp = _random_packed(v_codec, B, Hkv, T, dev, gen)
     qq = torch.randn(B, Hkv * G, Lq, d, generator=gen).to(dev, q.dtype)
-    kw = dict(scale=1.0 / math.sqrt(d), kv_start=torch.tensor([0, 7], device=dev), kv_end=torch.tensor([T, 101], device=dev))
+    kw = dict(scale=1.0 / math.sqrt(d))
+    if has_start:
+        kw["kv_start"] = torch.tensor([0, 7], device=dev)
+    if has_end:
+        kw["kv_end"] = torch.tensor([T, 101], device=dev)
     if causal:
         kw["q_pos"] = torch.tensor([T - Lq, 90], device=dev)
+    if has_window:
+        kw["window"] = 40
     out, lse = _attn.attend_packed_triton(qq, k_codec, kp, v_codec, vp, splits=3, **kw)
     ref, rlse = attend_packed(qq.float(), k_codec, kp, v_codec, vp, **kw)
     return _verdict(out, lse, ref, rlse, q.dtype)
@@ -254,7 +284,7 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
         return _pre.attend_prefill(q, k_codec, k_packed.fields, v_codec, v_packed.fields, scale=kw["scale"],
                                    kv_start=kw.get("kv_start"))
 
-    causal = kw.get("q_pos") is not None
+    layout = _attend_layout(q, k_packed, kw)
 
     def check():
         if kw.get("mask") is not None:
@@ -263,15 +293,14 @@ def attend(q, k_codec, k_packed, v_codec, v_packed, **kw):
             return _why_unavailable(q.device)
         reason = _attn.unsupported_reason(q, k_codec, v_codec, k_packed)
         if reason is None:
-            key = ("attend", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec), causal)
-            rec = _probe(key, lambda: _probe_attend(q, k_codec, v_codec, causal))
+            key = ("attend", str(q.device), q.dtype, _codec_sig(k_codec), _codec_sig(v_codec), _layout_name(layout))
+            rec = _probe(key, lambda: _probe_attend(q, k_codec, v_codec, layout))
             if not rec["passed"]:
                 reason = f"self-test failed: {rec['reason']}"
         return reason
 
-    heads = k_packed.fields["codes"].shape[1] if "codes" in k_packed.fields else None
-    reason = _checked(("attend", q.device, _interpreting(), q.dtype, q.shape[-1], id(k_codec), id(v_codec), heads,
-                       causal, kw.get("mask") is not None), (k_codec, v_codec), check)
+    reason = _checked(("attend", q.device, _interpreting(), q.dtype, q.shape[-1], id(k_codec), id(v_codec), layout,
+                       kw.get("mask") is not None), (k_codec, v_codec), check)
     if reason is not None:
         _fallback(reason)
         return attend_packed(q, k_codec, k_packed, v_codec, v_packed, **kw)
@@ -292,9 +321,12 @@ def window_reference(q, parts, out_c, lse_c, scale):
     return out.to(q.dtype).transpose(1, 2).contiguous()
 
 
-def _probe_window(q, n_parts: int, has_c: bool) -> tuple[bool, str]:
+def _probe_window(q, n_parts: int, has_c: bool, hkv: int = 2) -> tuple[bool, str]:
+    """The window kernel against its torch twin, with the call's KV heads and group (its compile-time constants, so
+    the call reuses what the probe compiled)."""
     gen = torch.Generator().manual_seed(99)
-    B, Hkv, G, d = 2, 2, 4, q.shape[-1]
+    B, Hkv, d = 2, hkv, q.shape[-1]
+    G = q.shape[1] // Hkv
     dev, dt = q.device, q.dtype
     qq = torch.randn(B, Hkv * G, 1, d, generator=gen).to(dev, dt)
     parts = [(torch.randn(B, Hkv, n, d, generator=gen).to(dev, dt), torch.randn(B, Hkv, n, d, generator=gen).to(dev, dt))
@@ -318,8 +350,10 @@ def attend_window(q, parts, out_c, lse_c, scale):
     if reason is None:
         q, sig, reason = _win.check_window(q, parts, out_c, lse_c)
     if reason is None:
-        key = ("window", str(q.device), q.dtype, q.shape[-1], len(parts), out_c is not None)
-        rec = _probe(key, lambda: _probe_window(q, len(parts), out_c is not None))
+        hkv = parts[-1][0].shape[1]
+        key = ("window", str(q.device), q.dtype, q.shape[-1], len(parts), out_c is not None,
+               f"Hkv={hkv} G={q.shape[1] // hkv}")
+        rec = _probe(key, lambda: _probe_window(q, len(parts), out_c is not None, hkv))
         if not rec["passed"]:
             reason = f"self-test failed: {rec['reason']}"
     if reason is not None:
@@ -404,13 +438,16 @@ def self_test(device, scheme: str = "turbo4", head_dim: int = 128, heads: int = 
     out = {}
     kp = _random_packed(kc, 1, heads, 4, device, torch.Generator().manual_seed(0))  # (tells the check the heads)
     if _attn.unsupported_reason(q, kc, vc, kp) is None:
-        for causal in (False, True):
-            key = ("attend", dev, dt, _codec_sig(kc), _codec_sig(vc), causal)
-            out["attend causal" if causal else "attend"] = _probe(key, lambda c=causal: _probe_attend(q, kc, vc, c))
+        # The layouts a decode step and a short causal chunk of a model without padding have.
+        for name, layout in (("attend", (heads, 4, True, False, False, False, False)),
+                             ("attend causal", (heads, 4, False, False, False, True, False))):
+            key = ("attend", dev, dt, _codec_sig(kc), _codec_sig(vc), _layout_name(layout))
+            out[name] = _probe(key, lambda lay=layout: _probe_attend(q, kc, vc, lay))
     for name, c in (("encode keys", kc), ("encode values", vc)):
         if _enc.encode_unsupported_reason(c, x) is None:
             out[name] = _probe(("encode", dev, dt, _codec_sig(c)), lambda c=c: _probe_encode(c, x))
-    out["window"] = _probe(("window", dev, dt, head_dim, 2, True), lambda: _probe_window(q, 2, True))
+    out["window"] = _probe(("window", dev, dt, head_dim, 2, True, f"Hkv={heads} G=4"),
+                           lambda: _probe_window(q, 2, True, heads))
     if _pre.prefill_reason(q, kc, vc) is None:
         key = ("prefill", dev, dt, _codec_sig(kc), _codec_sig(vc))
         out["prefill"] = _probe(key, lambda: _probe_prefill(q, kc, vc))
