@@ -131,6 +131,9 @@ def _verdict(out, lse, ref, rlse, dtype) -> tuple[bool, str]:
     return ok, f"rel err out {e_out:.2e}, max |Δlse| {e_lse:.2e} (tol {tol:g})"
 
 
+_LAYOUT_ARGS = ("kv_start", "kv_end", "q_pos", "window")  # the optional arguments that are constexpr switches
+
+
 def _attend_layout(q, k_packed, kw) -> tuple:
     """What of a call fixes the kernels' compile-time configuration: ``(KV heads, group size, decode (Lq = 1),
     kv_start, kv_end, q_pos, window given)``. The probe of a configuration runs this layout, so the kernels it
@@ -140,13 +143,13 @@ def _attend_layout(q, k_packed, kw) -> tuple:
     hkv = codes.shape[1] if codes is not None and codes.dim() == 4 else None
     g = q.shape[1] // hkv if hkv and q.dim() == 4 and q.shape[1] % hkv == 0 else None
     return (hkv, g, q.dim() == 4 and q.shape[2] == 1,
-            *(kw.get(n) is not None for n in ("kv_start", "kv_end", "q_pos", "window")))
+            *(kw.get(n) is not None for n in _LAYOUT_ARGS))
 
 
 def _layout_name(layout: tuple) -> str:
     """A layout as the probe keys show it (``tqcache info``): ``"Hkv=8 G=4 decode"``, ``"... chunk q_pos window"``."""
     hkv, g, decode, *flags = layout
-    names = [n for n, on in zip(("kv_start", "kv_end", "q_pos", "window"), flags) if on]
+    names = [n for n, on in zip(_LAYOUT_ARGS, flags) if on]
     return " ".join([f"Hkv={hkv} G={g}", "decode" if decode else "chunk", *names])
 
 

@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - no Triton: nothing is launched
     _driver = None
 
-__all__ = ["Plans", "Replay", "enabled", "int_spec", "set_enabled"]
+__all__ = ["Plans", "Replay", "enabled", "int_spec", "int_width", "set_enabled"]
 
 # Replays call Triton's compiled-kernel launcher as ``JITFunction.run`` does in the Triton versions checked here (the
 # argument order of ``CompiledKernel.run`` is internal and has changed before); other versions keep Triton's path.
@@ -65,6 +65,12 @@ def int_spec(x: int) -> int:
     if x == 1:
         return 1
     return (2 if x % 16 == 0 else 0) | (0 if -0x80000000 <= x < 0x80000000 else 4)
+
+
+def int_width(*xs: int) -> int:
+    """What Triton still keys on for int arguments it does not specialize on (``do_not_specialize``): whether any
+    lies outside int32 (4) or not (0)."""
+    return 4 if any(not -0x80000000 <= x < 0x80000000 for x in xs) else 0
 
 
 def _device() -> int | None:

@@ -57,9 +57,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._codec_key import codec_key
+from ._codec_key import cached, codec_key, remember
 from ._compat import patch_interpreter
-from ._launch import Plans, Replay, int_spec
+from ._launch import Plans, Replay, int_spec, int_width
 from .encode import aligned4
 
 __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
@@ -927,9 +927,9 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
     and U's rows in its value column order (zero run-time cost).
     """
     key = (codec_key(k_codec, device), codec_key(v_codec, device), dot_dtype, planes, gluon)
-    hit = _MAT_CACHE.get(key)
-    if hit is not None and hit[0]() is k_codec and hit[1]() is v_codec:  # (weak: the cache keeps no codec alive)
-        return hit[2]
+    hit = cached(_MAT_CACHE, key, (k_codec, v_codec))
+    if hit is not None:
+        return hit
     d = k_codec.dim
     eye = torch.eye(d, device=device, dtype=torch.float32)
     with torch.no_grad():
@@ -950,20 +950,20 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
             a = torch.cat([a, sk[..., kernel_qjl_order(d)] if gluon else sk], dim=-1)
         u = v_codec.unrotate(eye)[pv].contiguous()
 
-        def table(c):
-            t = torch.zeros(2, 256, device=device, dtype=torch.float32)
-            for s, (_, b_s) in enumerate(c.segments):
-                t[s, : 1 << b_s] = getattr(c, f"levels{s}")
-            return t.to(dot_dtype).contiguous()
-
         lk, fk = _register_tables(k_codec)
         lv, fv = _register_tables(v_codec)
-        out = (a.contiguous(), u, table(k_codec), table(v_codec), lk.to(device), lv.to(device), fk and fv,
+        out = (a.contiguous(), u, level_table(k_codec, device).to(dot_dtype).contiguous(),
+               level_table(v_codec, device).to(dot_dtype).contiguous(), lk.to(device), lv.to(device), fk and fv,
                _segment_args(k_codec, v_codec, planes))
-    if len(_MAT_CACHE) > 64:
-        _MAT_CACHE.clear()
-    _MAT_CACHE[key] = (weakref.ref(k_codec), weakref.ref(v_codec), out)
-    return out
+    return remember(_MAT_CACHE, key, (k_codec, v_codec), out)
+
+
+def level_table(codec, device) -> torch.Tensor:
+    """``[2, 256]`` fp32: row s = segment s's Lloyd–Max levels, zero past its ``2^b`` (the kernels' centroid table)."""
+    t = torch.zeros(2, 256, device=device, dtype=torch.float32)
+    for s, (_, b_s) in enumerate(codec.segments):
+        t[s, : 1 << b_s] = getattr(codec, f"levels{s}")
+    return t
 
 
 def _fields_sig(f) -> tuple:
@@ -1153,8 +1153,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         dmeta, mmeta = m
         wspec = int_spec(int(window)) if window is not None else 0
         # (SPL is not specialized on, only its int width matters; the merge's tiles follow its power of 2)
-        wide = int_spec(SPL) & 4
-        dkey, mkey = (key, wspec, int_spec(T), wide), (key, _p2(SPL), wide)
+        dkey, mkey = (key, wspec, int_spec(T), int_width(SPL)), (key, _p2(SPL), int_width(SPL))
         n_part = B * Hkv * SPL * M
         buf = torch.empty(qk_bytes + 4 * n_part * (d + 2), device=dev, dtype=torch.uint8)
         if _QMAP.ready((key,)) and decode.ready(dkey) and _MERGE.ready(mkey):

@@ -36,15 +36,13 @@ rule to the bit.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
-from ._codec_key import codec_key
+from ._codec_key import cached, codec_key, remember
 from ._compat import patch_interpreter
-from ._launch import Plans, Replay, int_spec
+from ._launch import Plans, Replay, int_spec, int_width
 
 __all__ = ["encode_into", "encode_unsupported_reason"]
 
@@ -377,9 +375,9 @@ _ENC_CACHE: dict = {}
 
 def _enc_matrices(codec, device):
     key = codec_key(codec, device)
-    hit = _ENC_CACHE.get(key)
-    if hit is not None and hit[0]() is codec:  # (weak: the cache keeps no codec alive)
-        return hit[1]
+    hit = cached(_ENC_CACHE, key, (codec,))
+    if hit is not None:
+        return hit
     d = codec.dim
     perm = codec.perm.to(device)
     ncol = sum(d_s for d_s, _ in codec.segments)
@@ -427,10 +425,7 @@ def _enc_matrices(codec, device):
         sk[perm] = codec.sketch.to(device).T
     out = (R.contiguous(), rs, seg, (1.0 / codec.channel_scale.to(device).float()).reshape(-1, d).contiguous(), lv, bd,
            E.contiguous(), sk.contiguous(), signs_only, sym_consts if sym else None)
-    if len(_ENC_CACHE) > 64:
-        _ENC_CACHE.clear()
-    _ENC_CACHE[key] = (weakref.ref(codec), out)
-    return out
+    return remember(_ENC_CACHE, key, (codec,), out)
 
 
 def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: int | None = None,
@@ -481,7 +476,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
             return
         n_tiles = -(-N // bt)
         n_items = x.shape[0] * x.shape[1] * n_tiles
-        _ENCODE((key, int_spec(int(start)) & 4), (min(n_items, max_programs),),
+        _ENCODE((key, int_width(start)), (min(n_items, max_programs),),
                 _encode_args(x, fields, start, consts, qjl, n_tiles, n_items), meta)
         return
     why = encode_unsupported_reason(codec, x)
@@ -566,7 +561,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     else:
         max_programs = programs_per_sm or 4  # the interpreter: a few programs, each looping
     key = (codec_key(codec, x.device),) + key[1:]  # the codec's state after any calibration above
-    _ENCODE((key, int_spec(int(start)) & 4), (min(n_items, max_programs),), args, meta)
+    _ENCODE((key, int_width(start)), (min(n_items, max_programs),), args, meta)
     _PLANS.put(codec, key, (bt, max_programs, meta, consts, bool(codec.qjl)))
 
 

@@ -26,16 +26,14 @@ queries on a CUDA GPU. :func:`prefill_reason` says why not; ``kernels.attend`` t
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
-from ._codec_key import codec_key
+from ._codec_key import cached, codec_key, remember
 from ._compat import patch_interpreter
-from ._launch import Replay, int_spec
-from .attention import _cdiv, _unpack_codes
+from ._launch import Replay, int_spec, int_width
+from .attention import _cdiv, _unpack_codes, level_table
 
 __all__ = ["attend_prefill", "dense_flash", "dense_flash_reason", "dequantize_rotated", "prefill_reason",
            "PREFILL_MIN_ROWS"]
@@ -122,20 +120,13 @@ def _codec_consts(codec, device) -> tuple:
     query map and the unrotation as one product each instead of the codec's chain of torch ops per call (a
     prefill chunk's host time is what its cost is, docs/performance.md)."""
     key = codec_key(codec, device)
-    hit = _CONSTS.get(key)
-    if hit is not None and hit[0]() is codec:
-        return hit[1]
-    lv = torch.zeros(2, 256, device=device, dtype=torch.float32)
-    segs = []
-    for s, (d_s, b_s) in enumerate(codec.segments):
-        lv[s, : 1 << b_s] = getattr(codec, f"levels{s}").float()
-        segs.append((d_s, b_s, codec._block_of(s)))
+    hit = cached(_CONSTS, key, (codec,))
+    if hit is not None:
+        return hit
+    segs = tuple((d_s, b_s, codec._block_of(s)) for s, (d_s, b_s) in enumerate(codec.segments))
     eye = torch.eye(codec.dim, device=device)
-    out = (lv, tuple(segs), codec.rotate_query(eye).contiguous(), codec.unrotate(eye).contiguous())
-    if len(_CONSTS) > 64:
-        _CONSTS.clear()
-    _CONSTS[key] = (weakref.ref(codec), out)
-    return out
+    out = (level_table(codec, device), segs, codec.rotate_query(eye).contiguous(), codec.unrotate(eye).contiguous())
+    return remember(_CONSTS, key, (codec,), out)
 
 
 _DEQUANT = Replay(_dequant_kernel)
@@ -160,7 +151,7 @@ def dequantize_rotated(codec, fields: dict, dtype: torch.dtype = torch.float16) 
     meta = dict(H=H, D0=d0, B0=b0, NB0=nb0, D1=d1, B1=b1, NB1=nb1, BLOCK_N=block, num_warps=4)
     # Everything Triton specializes on (_launch's contract): dtypes, alignments, the strides' classes, N's width.
     key = (codes.dtype, norms.dtype, dtype, codes.data_ptr() & 15, norms.data_ptr() & 15, out.data_ptr() & 15,
-           lv.data_ptr() & 15, tuple(int_spec(st) for st in strides), int_spec(N) & 4, tuple(meta.items()))
+           lv.data_ptr() & 15, tuple(int_spec(st) for st in strides), int_width(N), tuple(meta.items()))
     _DEQUANT(key, (B * H, _cdiv(N, block)), args, meta)
     return out
 
@@ -192,38 +183,39 @@ def attend_prefill(q: torch.Tensor, k_codec, k_fields: dict, v_codec, v_fields: 
     qr = torch.matmul(q.reshape(B, Hkv, G * Lq, d).float(), _codec_consts(k_codec, q.device)[2]).to(work)
     U = _codec_consts(v_codec, q.device)[3]
     starts = [0] * B if kv_start is None else [max(0, int(s)) for s in kv_start.tolist()]
-    step0 = chunk or max(1024, _BUDGET // B)
-    if starts.count(starts[0]) == B and T - starts[0] <= step0:
-        # One run of sequences and one decode (a plain chunk: B = 1, or no padding): no staging buffers.
-        if starts[0] >= T:
-            return (torch.zeros(B, Hq, Lq, d, device=q.device),
-                    torch.full((B, Hq, Lq), float("-inf"), device=q.device))
-        kf = {n: t[:, :, starts[0]:] for n, t in k_fields.items()}
-        vf = {n: t[:, :, starts[0]:] for n, t in v_fields.items()}
-        o, s = _flash(qr, dequantize_rotated(k_codec, kf, work), dequantize_rotated(v_codec, vf, work), scale)
-        return torch.matmul(o.float(), U).reshape(B, Hq, Lq, d), s.float().reshape(B, Hq, Lq)
-    out = torch.zeros(B, Hkv, G * Lq, d, device=q.device, dtype=torch.float32)
-    lse = torch.full((B, Hkv, G * Lq), float("-inf"), device=q.device, dtype=torch.float32)
+
+    def attend_span(b: int, e: int, c0: int, c1: int):  # sequences [b, e) over prefix tokens [c0, c1)
+        kf = {n: t[b:e, :, c0:c1] for n, t in k_fields.items()}
+        vf = {n: t[b:e, :, c0:c1] for n, t in v_fields.items()}
+        o, s = _flash(qr[b:e], dequantize_rotated(k_codec, kf, work), dequantize_rotated(v_codec, vf, work), scale)
+        return o.float(), s.float()
+
+    def staging():  # the output buffers, made only when several runs must be put together (or nothing ran)
+        return (torch.zeros(B, Hkv, G * Lq, d, device=q.device, dtype=torch.float32),
+                torch.full((B, Hkv, G * Lq), float("-inf"), device=q.device, dtype=torch.float32))
+
+    out = lse = None
     b = 0
     while b < B:  # runs of sequences with the same first visible slot share the decode and the products
         e = b + 1
         while e < B and starts[e] == starts[b]:
             e += 1
-        parts = []
         step = chunk or max(1024, _BUDGET // (e - b))
-        for c0 in range(starts[b], T, step):
-            c1 = min(T, c0 + step)
-            kf = {n: t[b:e, :, c0:c1] for n, t in k_fields.items()}
-            vf = {n: t[b:e, :, c0:c1] for n, t in v_fields.items()}
-            o, s = _flash(qr[b:e], dequantize_rotated(k_codec, kf, work), dequantize_rotated(v_codec, vf, work), scale)
-            parts.append((o.float(), s.float()))
-        if len(parts) == 1:
-            out[b:e], lse[b:e] = parts[0]
-        elif parts:
+        parts = [attend_span(b, e, c0, min(T, c0 + step)) for c0 in range(starts[b], T, step)]
+        if len(parts) > 1:
             from ..codec.attention import merge_partials
 
-            out[b:e], lse[b:e] = merge_partials(parts)
+            parts = [merge_partials(parts)]
+        if parts and e - b == B:  # one run (B = 1, or no padding): nothing to stage
+            o, s = parts[0]
+            return torch.matmul(o, U).reshape(B, Hq, Lq, d), s.reshape(B, Hq, Lq)
+        if out is None:
+            out, lse = staging()
+        if parts:
+            out[b:e], lse[b:e] = parts[0]
         b = e
+    if out is None:  # (B = 0)
+        out, lse = staging()
     return torch.matmul(out, U).reshape(B, Hq, Lq, d), lse.reshape(B, Hq, Lq)
 
 

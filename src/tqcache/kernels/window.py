@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._compat import patch_interpreter
-from ._launch import Replay, int_spec
+from ._launch import Replay, int_width
 from .attention import _p2
 
 __all__ = ["window_unsupported_reason", "check_window", "launch_window", "attend_window_triton"]
@@ -186,5 +186,5 @@ def launch_window(q: torch.Tensor, parts, out_c, lse_c, scale: float, sig: tuple
                 num_warps=4)
     # The key: the signature (strides, dtypes, alignments of every tensor but out, which torch allocates 512-byte
     # aligned, with the same strides each call) and the two token counts' int width (they are not specialized on).
-    _WINDOW((sig, (int_spec(n1) | int_spec(n2)) & 4), (B * Hkv,), args, meta)
+    _WINDOW((sig, int_width(n1, n2)), (B * Hkv,), args, meta)
     return out
