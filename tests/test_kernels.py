@@ -960,6 +960,61 @@ def test_bf16_working_space():
     assert not TurboQuantizer(64, 4).bf16_working
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_encode_grid_level_search(bits, monkeypatch):
+    """The estimate-and-correct level search (one quadratic, one comparison, two table reads) at every width it
+    covers — the GPU takes it from 4 bits, the comparison chain below — must write the codec's codes; zero rows
+    (every coordinate a tie at 0) must take the lower middle level, as torch does."""
+    import importlib
+
+    enc = importlib.import_module("tqcache.kernels.encode")
+    monkeypatch.setattr(enc, "GRID_MIN_BITS", 1)
+    enc._ENC_CACHE.clear()
+    try:
+        c = TurboQuantizer(128, bits, seed=13).to(DEV)
+        assert enc._enc_matrices(c, DEV)[-1].get("G0") is not None
+        g = _gen(500 + bits)
+        x = (torch.randn(1, 2, 33, 128, generator=g) * (0.5 + 3 * torch.rand(128, generator=g))).to(DEV)
+        x[0, 1, 7] = 0
+        fields = {n: torch.zeros(1, 2, 33, w, dtype=t, device=DEV) for n, (w, t) in c.field_widths().items()}
+        encode_into(c, x, fields, 0, exact=False)
+        ref = c.quantize(x)
+        from tqcache.codec.packing import unpack_bits
+
+        diff = unpack_bits(fields["codes"], bits, 128) != unpack_bits(ref["codes"], bits, 128)
+        assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ"
+        assert torch.equal(fields["codes"][0, 1, 7], ref["codes"][0, 1, 7])
+        dn = (fields["norms"].float() - ref["norms"].float()).abs()
+        assert torch.all(dn <= ref["norms"].float() * 2.0**-10 + 1e-7)
+    finally:
+        enc._ENC_CACHE.clear()
+
+
+def test_grid_map_covers_the_codebooks_and_declines_what_it_cannot_fit():
+    """Every Lloyd–Max codebook of 2–5 bits from d = 16 to 256 gets a map whose estimate is #{pb < a} or one more
+    for every a (checked here independently of the finder's own check, in float64 around each bound); bounds
+    that no increasing quadratic can separate — a tight pair beside a wide gap — get None (the chain)."""
+    import numpy as np
+
+    from tqcache.kernels.encode import grid_map
+
+    for d in (16, 32, 64, 128, 256):
+        for bits in (2, 3, 4, 5):
+            c = TurboQuantizer(d, bits, seed=1)
+            bounds = c._seg(0)[2].double()
+            pb = bounds[1 << (bits - 1) :].numpy()
+            got = grid_map(tuple(pb.tolist()))
+            assert got is not None, (d, bits)
+            c1, c2, ga = got
+            a = np.concatenate([np.linspace(0, 1.5, 30001), pb * (1 - 1e-6), pb * (1 + 1e-6)])
+            am = np.minimum(a, ga)
+            m0 = np.floor(am * (c1 + c2 * am) + 0.5)
+            m = np.searchsorted(pb, a, side="left")
+            assert np.all((m0 == m) | (m0 == m + 1)), (d, bits)
+    assert grid_map((0.1, 0.101, 0.9)) is None
+    assert grid_map(()) is None
+
+
 @pytest.mark.parametrize("exact", ENC_EXACT)
 def test_encode_general_codebook(exact):
     """A codebook that is not symmetric about 0 (e.g. loaded from elsewhere) takes the binary-search path;

@@ -14,14 +14,16 @@ The permutation and the channel scale (one vector, or one per KV head) are folde
 multiplies by, so it reads ``x`` in its original channel order once. Bytes per token (d = 128, bf16 in, 4 bits
 out): 256 read + 66 written.
 
-How (v11). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1 rotation
-blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile: one
-tensor-core product for the rotation, the norm from the rotated row, the level index from comparisons against
-the codebook's positive bounds baked in as compile-time constants (the Lloyd–Max codebooks are symmetric, so
-|y| and its sign suffice: 7 ``set`` ops per value at 4 bits whose 0/1 results the FMA pipe sums into the level
-and its square, no gathers), and packing as two more tensor-core products per 32-bit word (``_half_dot``: the
-word's low and high 16 bits are ``Σ idx_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32), stored whole so a
-warp writes whole sectors. Codebooks that are not symmetric take a binary search over the bounds in memory.
+How (v11, v16). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1
+rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile:
+one tensor-core product for the rotation, the norm from the rotated row, the level index — the Lloyd–Max codebooks
+are symmetric, so |y| and its sign suffice — and packing as two more tensor-core products per 32-bit word
+(``_half_dot``: the word's low and high 16 bits are ``Σ idx_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32),
+stored whole so a warp writes whole sectors. The level index: below 4 bits from comparisons against the positive
+bounds baked in as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe
+sums into the level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic
+lands within one level, one comparison settles it, warp shuffles read the bound and the squared level). Codebooks
+that are not symmetric take a binary search over the bounds in memory.
 
 Exactness. Codes must equal the torch codec's (``torch.equal``) up to ties. With a Hadamard rotation every
 matrix entry is ``±1/√d_s``, so the kernel multiplies by the exact ±1 matrix on the bf16 tensor cores — one
@@ -193,6 +195,81 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
 
 
 @triton.jit
+def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.constexpr, HALF: tl.constexpr,
+                 WANT_MAG: tl.constexpr, ASM: tl.constexpr):
+    """Level index, squared level and |level| of each normalised coordinate for a symmetric codebook, in a fixed
+    handful of operations whatever the bit width (the GPU's path; :func:`grid_map` finds the constants).
+
+    ``m = #{pb < |y|}`` is first estimated as ``m0 = ⌊f(|y|) + ½⌋`` with the monotone quadratic ``f(a) = GC1·a +
+    GC2·a²``, which puts every positive bound ``pb_j`` inside ``(j + ½, j + 3/2)``: so ``m0`` is ``m`` or ``m + 1``,
+    and one exact comparison against ``pb[m0 − 1]`` settles it (``|y|`` is clamped to ``GA`` for the estimate only,
+    so that ``m0 ≤ HALF``). ``m0`` is computed as the low bits of ``f(a) + 2^23`` (one fma rounds it to a whole
+    number), and ``pb[m0 − 1]`` and ``levels²[m]`` are read from the segment's ``TG`` row — ``[0, 32)``: ``−inf,
+    pb_0 .. pb_{P−1}, +inf``; ``[32, 64)``: levels²; ``[64, 96)``: |levels| — addressed by those bits directly.
+    7 bounds (4 bits) cost 21 ``set``/add/fma per value on the comparison path, 15 (5 bits) 45; this costs ~9.
+    Ties and the returned types are those of :func:`_levels_sym` (non-EXACT): the comparison is exact, and the
+    squared level is the table's, bit-identical to ``levels[idx]²``.
+    """
+    tab = TG - 0x4B000000  # the bits of 2^23 + k, as an offset, address entry k
+    if len(ASM) > 0:  # the same steps in PTX, the table read by a warp shuffle: lane k holds entry k of each row
+        # (loaded per row of the tile — two per thread — with the row norm ``nrow`` only fixing the layout)
+        t1, t2, t3 = tl.inline_asm_elementwise(_LANE_TABLE, "=f,=f,=f,l,f", [TG.to(tl.int64), nrow[:, None]],
+                                               dtype=(tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        if WANT_MAG:
+            mf, msq, mag = tl.inline_asm_elementwise(ASM, "=f,=f,=f,f,f,f,f", [y, t1, t2, t3],
+                                                     dtype=(tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            mf, msq = tl.inline_asm_elementwise(ASM, "=f,=f,f,f,f", [y, t1, t2],
+                                                dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+            mag = msq
+    else:
+        a = tl.abs(y)
+        am = tl.minimum(a, GA)
+        ub = tl.fma(am, tl.fma(am, GC2, GC1), 8388608.0).to(tl.int32, bitcast=True)  # 2^23 + m0, as fp32 bits
+        mi = ub - (a <= tl.load(tab + ub)).to(tl.int32)  # 2^23 + m
+        msq = tl.load(tab + 32 + mi)
+        mf = mi.to(tl.float32, bitcast=True)
+        mag = msq
+        if WANT_MAG:
+            mag = tl.load(tab + 64 + mi)
+    idx = tl.where(y > 0, mf + (HALF - 8388608.0), (HALF - 1 + 8388608.0) - mf)
+    return idx, msq, mag
+
+
+# Lane k of the warp loads entry k of the three table rows (32 fp32 each).
+_LANE_TABLE = tl.constexpr("{\n.reg .u32 l;\n.reg .u64 ad;\nmov.u32 l, %laneid;\nmad.wide.u32 ad, l, 4, $3;\n"
+                           "ld.global.nc.f32 $0, [ad];\nld.global.nc.f32 $1, [ad+128];\n"
+                           "ld.global.nc.f32 $2, [ad+256];\n}")
+
+# The shuffles run on the shared-memory pipe, one warp-wide per clock per SM: two per value cost ~9 µs per 32K × 8
+# heads, so below 4 bits the comparison chain (3 bounds or fewer) stays faster. H100, bf16 in, same process
+# (lab A/B, benchmarks/results/encode_h100_v16_grid.json), µs chain -> grid: 4-bit values 65.4 -> 53.3, keys 69.7
+# -> 55.3; 5-bit keys 117.3 -> 58.7; 3-bit values 47.7 -> 53.5, 2-bit 40.6 -> 52.4.
+GRID_MIN_BITS = 4
+
+
+def grid_asm(g: tuple[float, float, float], want_mag: bool) -> str:
+    """PTX of :func:`_levels_grid`'s steps for one value: ``$0`` = 2^23 + m (fp32), ``$1`` = levels² [, ``$2`` =
+    |level|] from the inputs y and the lane's table entries (``_LANE_TABLE``); the constants are fp32
+    immediates, and ``shfl.sync.idx`` takes the source lane from the low 5 bits of 2^23 + m0's bits. (Reading
+    levels²[m0] and levels²[m0 − 1] beside the bound instead of levels²[m] after it — three shuffles, a shorter
+    chain — measured slower: 4-bit values 53.3 -> 63.0 µs.)"""
+    import struct
+
+    c1, c2, ga = ("0f%08X" % struct.unpack("<I", struct.pack("<f", v))[0] for v in g)
+    n = 3 if want_mag else 2
+    y, t1, t2, t3 = (f"${n + i}" for i in range(4))
+    return ("{\n.reg .f32 a, am, t, u, p;\n.reg .pred q;\n.reg .u32 ub;\n"
+            f"abs.f32 a, {y};\nmin.f32 am, a, {ga};\nfma.rn.f32 t, am, {c2}, {c1};\n"
+            "fma.rn.f32 u, am, t, 0f4B000000;\nmov.b32 ub, u;\n"
+            f"shfl.sync.idx.b32 p, {t1}, ub, 0x1f, 0xffffffff;\n"
+            "setp.le.f32 q, a, p;\n@q sub.u32 ub, ub, 1;\n"
+            f"shfl.sync.idx.b32 $1, {t2}, ub, 0x1f, 0xffffffff;\n"
+            + (f"shfl.sync.idx.b32 $2, {t3}, ub, 0x1f, 0xffffffff;\n" if want_mag else "")
+            + "mov.b32 $0, ub;\n}")
+
+
+@triton.jit
 def _levels_search(y, LV, BD, BITS: tl.constexpr):
     """General codebooks: binary search for ``#{k : bounds[k] < y}`` over the sorted bounds (gathers)."""
     idx = tl.zeros_like(y.to(tl.int32))
@@ -209,7 +286,8 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
                    PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, E, oc_row, tmask,
                    D: tl.constexpr, DS: tl.constexpr, BITS: tl.constexpr, NCOL: tl.constexpr,
                    PIECES: tl.constexpr, NORM_CORR: tl.constexpr, QJL: tl.constexpr, DC: tl.constexpr,
-                   HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr = False):
+                   HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr,
+                   TG, G: tl.constexpr, GASM: tl.constexpr):
     """Quantize + pack one segment of the tile ``xin [T, D]`` (input dtype, channel-scaled).
 
     HOIST: ``r`` is the segment's rotation block ``[D, DS]``, loaded once per program, and the segment is one
@@ -236,7 +314,9 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             yn = (y * rs) / nc[:, None]
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
             yn = y * inv[:, None]
-        if SYM:
+        if len(G) > 0 and not EXACT:  # G = (GC1, GC2, GA): the estimate-and-correct path
+            idx, csq_e, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
+        elif SYM:
             idx, csq_e, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL)
         else:
             idx, csq_e, mag = _levels_search(yn, LV, BD, BITS)
@@ -265,6 +345,7 @@ def _encode_kernel(
     R, RS,  # [D, D0+D1] fp32 rotation (rows in original channel order; ±1 when PIECES ≥ 1), [2] post-scales
     SEG, CS, stride_csh,  # [D] int32 segment of each original channel; [Hkv or 1, D] fp32 1 / channel scale
     LV, BD,  # [2, 256] fp32 levels, bounds (row = segment)
+    TG,  # [2, 96] fp32 per segment: shifted positive bounds, levels², |levels| (see _levels_grid)
     E, SK,  # QJL: [D0+D1, D] fp32 unrotation to original order, [D, D] fp32 sketchᵀ with permuted rows
     OC, stride_ocb, stride_och, stride_oct,  # codes   [B, Hkv, cap, wC] uint8
     ON, stride_onb, stride_onh, stride_ont,  # norms   [B, Hkv, cap, S] fp16
@@ -279,6 +360,8 @@ def _encode_kernel(
     # SYM: per segment, positive bounds, levels and levels² (fp32; see _levels_sym)
     PB0: tl.constexpr = (), LS0: tl.constexpr = (), LQ0: tl.constexpr = (),
     PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (),
+    # per segment, the (GC1, GC2, GA) of _levels_grid, or () for the comparison chain, and its PTX (GPU) or ""
+    G0: tl.constexpr = (), G1: tl.constexpr = (), GASM0: tl.constexpr = "", GASM1: tl.constexpr = "",
 ):
     """Persistent grid: program p encodes tiles p, p + P, ... of the ``n_items = B·Hkv·n_tiles`` token tiles,
     so the rotation blocks (HOIST) are read from L2 once per program, not once per tile."""
@@ -319,13 +402,13 @@ def _encode_kernel(
 
         DC0: tl.constexpr = DC if DC < D0 else D0
         sc0, xr0 = _quant_segment(x, seg == 0, r0, R, 0, rs0, LV, BD, PB0, LS0, LQ0, E, oc_row, tmask,
-                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT, WORDS)
+                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT, WORDS, TG, G0, GASM0)
         tl.store(on_row, sc0, mask=tmask)
         if D1 > 0:
             DC1: tl.constexpr = DC if DC < D1 else D1
             sc1, xr1 = _quant_segment(x, seg == 1, r1, R, D0, rs1, LV + 256, BD + 256, PB1, LS1, LQ1, E,
                                       oc_row + D0 * B0 // 8, tmask, D, D1, B1, NCOL, PIECES, NORM_CORR, QJL, DC1,
-                                      HOIST, SYM, EXACT, WORDS)
+                                      HOIST, SYM, EXACT, WORDS, TG + 96, G1, GASM1)
             tl.store(on_row + 1, sc1, mask=tmask)
 
         if QJL:
@@ -370,6 +453,65 @@ def encode_unsupported_reason(codec, x: torch.Tensor | None = None) -> str | Non
     return None
 
 
+def grid_map(pb: tuple[float, ...]) -> tuple[float, float, float] | None:
+    """Constants ``(GC1, GC2, GA)`` of :func:`_levels_grid` for the sorted positive bounds ``pb`` of a symmetric
+    codebook, or None when no quadratic fits (the kernel then compares against every bound).
+
+    Wanted: ``f(a) = GC1·a + GC2·a²`` increasing on ``[0, GA]`` with ``j + ½ < f(pb_j) < j + 3/2`` for every j —
+    then ``⌊f(a) + ½⌋`` is ``#{pb < a}`` or one more — and ``f(GA) < P + 3/2``, which caps the estimate at
+    ``P + 1``. For fixed GC2 the conditions bound GC1 from both sides; a scan over GC2 keeps the widest margin
+    (the Lloyd–Max bounds of 2–5 bits at d = 32..256 leave 0.28–0.5 of a cell). The fp32 constants are then
+    checked as the kernel evaluates them, around every bound and on a fine grid over ``[0, 1]``.
+    """
+    import numpy as np
+
+    P = len(pb)
+    if P == 0 or P > 30 or pb[0] <= 0:
+        return None
+    b = np.asarray(pb, dtype=np.float64)
+    j = np.arange(P, dtype=np.float64)
+    best = None
+    for c2 in np.linspace(-1.5, 1.5, 1201) * (P + 1) / b[-1] ** 2:
+        lo = np.max((j + 0.5 - c2 * b * b) / b)
+        hi = np.min((j + 1.5 - c2 * b * b) / b)
+        if hi <= max(lo, 0.0):
+            continue
+        c1 = 0.5 * (lo + hi)
+        f = c1 * b + c2 * b * b
+        margin = float(np.min(np.minimum(f - (j + 0.5), (j + 1.5) - f)))
+        # GA: where f reaches P + 1.4 (the estimate's cap is then P + 1), or f's vertex if it peaks below that;
+        # past the last bound, with f increasing up to it.
+        top = P + 1.4
+        vertex = -c1 / (2 * c2) if c2 < 0 else np.inf
+        disc = c1 * c1 + 4 * c2 * top
+        ga = top / c1 if c2 == 0 else (vertex if disc < 0 else (-c1 + np.sqrt(disc)) / (2 * c2))
+        ga = min(ga, vertex)
+        if not b[-1] < ga < np.inf:
+            continue
+        if best is None or margin > best[0]:
+            best = (margin, c1, c2, ga)
+    if best is None or best[0] < 0.05:
+        return None
+    c1, c2, ga = (float(np.float32(v)) for v in best[1:])
+    # The kernel's arithmetic in fp32 (fma: an exact product, one rounding) on every bound ± 4 ulps and a grid.
+    b32 = b.astype(np.float32)
+    near = [np.nextafter(b32, np.float32(np.inf if k > 0 else 0), dtype=np.float32) for k in (-1, 1)]
+    a = np.concatenate([np.linspace(0, 1, 200001, dtype=np.float32), b32, *near, np.float32([0, ga, 1, 4])])
+    for k in range(2, 5):
+        a = np.concatenate([a, np.nextafter(near[0], np.float32(0)), np.nextafter(near[1], np.float32(np.inf))])
+        near = [a[-2 * P : -P], a[-P:]]
+    am = np.minimum(a, np.float32(ga)).astype(np.float64)
+    t = (am * c2 + c1).astype(np.float32).astype(np.float64)
+    m0 = np.rint(am * t).astype(np.int64)  # = bits of fl(am·t + 2^23) − 2^23 (ties: measure zero, margins)
+    tab = np.concatenate([[-np.inf], b32, [np.inf]])
+    if m0.min() < 0 or m0.max() > P + 1:
+        return None
+    m = m0 - (a <= tab[m0])
+    if not np.array_equal(m, np.searchsorted(b32, a, side="left")):
+        return None
+    return c1, c2, ga
+
+
 _ENC_CACHE: dict = {}
 
 
@@ -386,6 +528,7 @@ def _enc_matrices(codec, device):
     seg = torch.zeros(d, dtype=torch.int32, device=device)
     lv = torch.zeros(2, 256, device=device)
     bd = torch.full((2, 256), float("inf"), device=device)
+    tg = torch.full((2, 96), float("inf"), device=device)
     rs = torch.ones(2, device=device)
     signs_only = True
     sym = True
@@ -409,6 +552,15 @@ def _enc_matrices(codec, device):
             sym_consts[f"LS{s}"] = tuple(pos_lv.tolist())
             sq = pos_lv * pos_lv
             sym_consts[f"LQ{s}"] = tuple(sq.tolist())
+            g = grid_map(sym_consts[f"PB{s}"]) if b_s >= GRID_MIN_BITS else None
+            if g is not None:
+                # the GPU reads the table through inline PTX; the interpreter (which runs no PTX) with tl.load
+                sym_consts[f"G{s}"] = g
+                sym_consts[f"GASM{s}"] = grid_asm(g, bool(codec.qjl)) if device.type == "cuda" else ""
+                tg[s, 0] = float("-inf")
+                tg[s, 1 : half] = bounds.float()[half:]
+                tg[s, 32 : 32 + half] = sq.to(device)
+                tg[s, 64 : 64 + half] = pos_lv.to(device)
         mag = rot.abs()
         if torch.all(mag == mag[0, 0]):
             rs[s] = mag[0, 0]
@@ -424,7 +576,7 @@ def _enc_matrices(codec, device):
     if codec.qjl:
         sk[perm] = codec.sketch.to(device).T
     out = (R.contiguous(), rs, seg, (1.0 / codec.channel_scale.to(device).float()).reshape(-1, d).contiguous(), lv, bd,
-           E.contiguous(), sk.contiguous(), signs_only, sym_consts if sym else None)
+           tg, E.contiguous(), sk.contiguous(), signs_only, sym_consts if sym else None)
     return remember(_ENC_CACHE, key, (codec,), out)
 
 
@@ -507,7 +659,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     if on_cpu:
         patch_interpreter()
     exact = on_cpu if exact is None else bool(exact)
-    R, rs, seg, cs, lv, bd, E, sk, signs_only, sym_consts = _enc_matrices(codec, x.device)
+    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, sym_consts = _enc_matrices(codec, x.device)
     if not signs_only or on_cpu:
         # Haar rotations, and the CPU interpreter (its tl.dot mishandles bf16 operands): plain fp32 products.
         pieces = 0
@@ -538,7 +690,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
         aligned4(oc, (D0 * B0) // 8)
     words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and aligned4(os_)
-    consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, E, sk)
+    consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
         HKV=H, D=d, D0=D0, B0=B0, D1=D1, B1=B1,
