@@ -146,7 +146,7 @@ def _rot_dot(x, r, PIECES: tl.constexpr):
 
 @triton.jit
 def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: tl.constexpr,
-                WANT_MAG: tl.constexpr):
+                WANT_MAG: tl.constexpr, SC):
     """Level index and squared level of each normalised coordinate, for a codebook symmetric about 0.
 
     With L = 2^b levels the middle bound is 0, ``bounds[L/2 + j] = −bounds[L/2 − 2 − j]`` and
@@ -161,8 +161,10 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
     ``LQ[j+1] − LQ[j]``, to levels² — one ALU op per bound instead of a compare and a select (the ALU pipe bound
     the select chains: 4-bit values 74 → 66 µs, H100). The sum of steps differs from levels² by a few fp32
     ulps, far below the fp16 norm it feeds; an exact tie on a negative bound is one of the boundary ties the
-    module docstring allows. Returns ``(idx, levels[idx]², |levels[idx]|)`` (idx int32 with EXACT, else a
-    whole-number fp32; the last only when WANT_MAG).
+    module docstring allows. GPU: ``y`` may come unnormalised, with ``SC [T, 1]`` the factor that normalises it
+    back (n / rs): the bounds are scaled per row instead of every value per element (one multiply per value
+    fewer; the product's rounding moves only boundary ties). Returns ``(idx, levels[idx]², |levels[idx]|)``
+    (idx int32 with EXACT, else a whole-number fp32; the last only when WANT_MAG).
     """
     HALF: tl.constexpr = len(LS)
     pos = y > 0
@@ -182,7 +184,7 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
         m = tl.zeros(y.shape, tl.float32)
         msq = tl.zeros(y.shape, tl.float32) + LQ[0]
         for j in tl.static_range(HALF - 1):
-            s = tl.where(a > PB[j], 1.0, 0.0)
+            s = tl.where(a > PB[j] * SC, 1.0, 0.0)
             m += s
             msq = tl.fma(s, LQ[j + 1] - LQ[j], msq)
         idx = tl.where(pos, HALF + m, (HALF - 1) - m)
@@ -316,8 +318,10 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             yn = y * inv[:, None]
         if len(G) > 0 and not EXACT:  # G = (GC1, GC2, GA): the estimate-and-correct path
             idx, csq_e, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
+        elif SYM and not EXACT:  # |y| against the bounds times n / rs: a multiply per row and bound, not per value
+            idx, csq_e, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
         elif SYM:
-            idx, csq_e, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL)
+            idx, csq_e, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
         else:
             idx, csq_e, mag = _levels_search(yn, LV, BD, BITS)
         csq += tl.sum(csq_e, 1)
@@ -326,7 +330,7 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         code = idx if BITS == 8 else idx.to(tl.float32 if EXACT else tl.float16)
         _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
         if QJL:
-            c = tl.where(yn > 0, mag, -mag) if SYM else mag
+            c = tl.where(y > 0, mag, -mag) if SYM else mag
             e = tl.load(E + (col0 + c0 + tl.arange(0, DC))[:, None] * D + tl.arange(0, D)[None, :])
             xr += tl.dot(c, e, input_precision="tf32x3")
     if NORM_CORR:
