@@ -161,10 +161,10 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
     ``LQ[j+1] − LQ[j]``, to levels² — one ALU op per bound instead of a compare and a select (the ALU pipe bound
     the select chains: 4-bit values 74 → 66 µs, H100). The sum of steps differs from levels² by a few fp32
     ulps, far below the fp16 norm it feeds; an exact tie on a negative bound is one of the boundary ties the
-    module docstring allows. GPU: ``y`` may come unnormalised, with ``SC [T, 1]`` the factor that normalises it
+    module docstring allows; the squared levels enter as their row sum. GPU: ``y`` may come unnormalised, with ``SC [T, 1]`` the factor that normalises it
     back (n / rs): the bounds are scaled per row instead of every value per element (one multiply per value
-    fewer; the product's rounding moves only boundary ties). Returns ``(idx, levels[idx]², |levels[idx]|)``
-    (idx int32 with EXACT, else a whole-number fp32; the last only when WANT_MAG).
+    fewer; the product's rounding moves only boundary ties). Returns ``(idx, Σ_row levels[idx]² [T],
+    |levels[idx]|)`` (idx int32 with EXACT, else a whole-number fp32; the last only when WANT_MAG).
     """
     HALF: tl.constexpr = len(LS)
     pos = y > 0
@@ -180,20 +180,24 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
             m = tl.where(p, j + 1, m)
             msq = tl.where(p, LQ[j + 1], msq)
         idx = tl.where(pos, HALF + m, (HALF - 1) - m)
+        csq = tl.sum(msq, 1)
     else:
+        # Σ levels² of a row = Σ_j (LQ[j+1] − LQ[j]) · #{values past bound j} + width · LQ[0]: the per-bound counts
+        # are row sums of the 0/1 steps (one add per value and bound), not a squared level per value (a multiply-
+        # add per value and bound, then a row sum) — exact integers, one rounding per bound and row.
         m = tl.zeros(y.shape, tl.float32)
-        msq = tl.zeros(y.shape, tl.float32) + LQ[0]
+        csq = tl.zeros((y.shape[0],), tl.float32) + LQ[0] * y.shape[1]
         for j in tl.static_range(HALF - 1):
             s = tl.where(a > PB[j] * SC, 1.0, 0.0)
             m += s
-            msq = tl.fma(s, LQ[j + 1] - LQ[j], msq)
+            csq = tl.fma(tl.sum(s, 1), LQ[j + 1] - LQ[j], csq)
         idx = tl.where(pos, HALF + m, (HALF - 1) - m)
-    mag = msq
+    mag = csq
     if WANT_MAG:
         mag = tl.zeros(y.shape, tl.float32) + LS[0]
         for j in tl.static_range(HALF - 1):
             mag = tl.where(m > j, LS[j + 1], mag)
-    return idx, msq, mag
+    return idx, csq, mag
 
 
 @triton.jit
@@ -318,13 +322,16 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             yn = y * inv[:, None]
         if len(G) > 0 and not EXACT:  # G = (GC1, GC2, GA): the estimate-and-correct path
             idx, csq_e, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
+            csq += tl.sum(csq_e, 1)
         elif SYM and not EXACT:  # |y| against the bounds times n / rs: a multiply per row and bound, not per value
-            idx, csq_e, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
+            idx, csq_r, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
+            csq += csq_r
         elif SYM:
-            idx, csq_e, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
+            idx, csq_r, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
+            csq += csq_r
         else:
             idx, csq_e, mag = _levels_search(yn, LV, BD, BITS)
-        csq += tl.sum(csq_e, 1)
+            csq += tl.sum(csq_e, 1)
         # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter;
         # 8-bit codes are stored as they are.
         code = idx if BITS == 8 else idx.to(tl.float32 if EXACT else tl.float16)
