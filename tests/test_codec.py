@@ -444,7 +444,8 @@ def test_channel_scale_rotated_space_matches_dequantize(bits):
     p = q.quantize(x)
     x_sq = x.pow(2).mean(0)
     expect = (x_sq + 1e-6 * x_sq.mean()).pow(0.25)  # isotropic queries: s = E[x²]^(1/4) (+ε), RMS-normalised
-    torch.testing.assert_close(q.channel_scale, expect / expect.pow(2).mean().sqrt(), rtol=1e-4, atol=0)
+    # (each scale then moves to the nearest one whose reciprocal is exact in bf16: ≤ 3 bf16 steps)
+    torch.testing.assert_close(q.channel_scale, expect / expect.pow(2).mean().sqrt(), rtol=1.3e-2, atol=0)
     via_rot = (q.rotate_query(y) * q.rotated(p)).sum(-1).double()
     via_deq = (y.double() * q.dequantize(p).double()).sum(-1)
     scale = (y.abs() @ x.abs().T).diagonal().double()  # magnitude of the sums, for a relative tolerance
@@ -832,7 +833,11 @@ def test_query_aware_channel_scale_per_head_lowers_score_error():
     assert scaled.channel_scale.shape == (H, 1, d)
     k_sq = k.pow(2).mean(dim=(0, 2)).unsqueeze(1)
     s = ((k_sq + 1e-6 * k_sq.mean(-1, keepdim=True)) / (q_sq + 1e-6 * q_sq.mean(-1, keepdim=True))).pow(0.25)
-    torch.testing.assert_close(scaled.channel_scale, s / s.pow(2).mean(-1, keepdim=True).sqrt(), rtol=1e-3, atol=0)
+    # within a few bf16 steps of the formula: the calibration moves each scale to the nearest one whose fp32
+    # reciprocal is exact in bf16 (the encode kernel's one-multiply scaling of bf16 keys)
+    torch.testing.assert_close(scaled.channel_scale, s / s.pow(2).mean(-1, keepdim=True).sqrt(), rtol=1.3e-2, atol=0)
+    inv = 1.0 / scaled.channel_scale
+    assert torch.equal(inv, inv.to(torch.bfloat16).float())
     plain = TurboQuantizer(d, 3, seed=4)
     exact = (q * k).sum(-1)
     err = {}

@@ -1201,6 +1201,28 @@ def test_split_count_compiles_nothing_new():
     assert variants() == before
 
 
+def test_encode_with_scales_from_before_v16():
+    """A key codec whose 1/s is not exact in bf16 (saved before calibration chose such scales) still encodes what
+    the codec does: the kernel keeps the fp32 product and rounding for it."""
+    c = TurboQuantizer(128, 4, channel_scale=True, heads=2, seed=8).to(DEV)
+    g = _gen(808)
+    x = (torch.randn(1, 2, 40, 128, generator=g) * (0.5 + 3 * torch.rand(128, generator=g))).to(DEV, torch.bfloat16)
+    c.calibrate(x)
+    inv = 1.0 / c.channel_scale
+    assert torch.equal(inv, inv.to(torch.bfloat16).float())  # calibrated now: exact
+    with torch.no_grad():  # an older codec's scales: arbitrary fp32
+        c.channel_scale.mul_(1.0 + 0.003 * torch.rand(c.channel_scale.shape, generator=g).to(DEV))
+    inv = 1.0 / c.channel_scale
+    assert not torch.equal(inv, inv.to(torch.bfloat16).float())
+    fields = {n: torch.zeros(1, 2, 40, w, dtype=t, device=DEV) for n, (w, t) in c.field_widths().items()}
+    encode_into(c, x, fields, 0)
+    ref = c.quantize(x)
+    from tqcache.codec.packing import unpack_bits
+
+    diff = unpack_bits(fields["codes"], 4, 128) != unpack_bits(ref["codes"], 4, 128)
+    assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ"
+
+
 def test_encode_plan_sees_calibration():
     c = TurboQuantizer(64, 4, seed=6, channel_scale=True).to(DEV)  # needs calibration: scales from the data
     x = torch.randn(1, 2, 8, 64, generator=_gen(26)).to(DEV)

@@ -65,6 +65,23 @@ _FP16_MAX = 65504.0
 _SPLITS = ("halves", "outliers", "rotated")
 
 
+def bf16_reciprocal_scale(s: torch.Tensor) -> torch.Tensor:
+    """The fp32 scales nearest ``s`` (within a few bf16 steps of 1/s) whose fp32 reciprocal ``1/s`` is exact in
+    bf16. Then ``x · (1/s)`` of a bf16 ``x`` is exact in fp32, and its bf16 rounding — the codec's working space —
+    is one bf16x2 multiply in the encode kernel. (``1/(1/c)`` returns ``c`` for ~80 % of bf16 values ``c``; the
+    rest take the nearest bf16 value that does, ≤ 3 steps of 2^-8 away, moving a scale by ≤ 1.2 %: the scale is
+    a calibration heuristic, and the decode side multiplies by the same stored ``s``.)"""
+    c0 = (1.0 / s.float()).to(torch.bfloat16)
+    bits = c0.view(torch.int16).to(torch.int32)
+    out = torch.full_like(s, float("nan"), dtype=torch.float32)
+    for step in (0, 1, -1, 2, -2, 3, -3, 4, -4):
+        c = (bits + step).to(torch.int16).view(torch.bfloat16).float()
+        t = 1.0 / c
+        fits = torch.isnan(out) & ((1.0 / t) == c) & (c > 0) & torch.isfinite(t)
+        out = torch.where(fits, t, out)
+    return torch.where(torch.isnan(out), s.float(), out)
+
+
 def derive_seed(seed: int, *tags: int) -> int:
     """Mix ``seed`` with integer tags (splitmix64), giving independent 63-bit seeds per layer/segment/role."""
     z = int(seed) & 0xFFFFFFFFFFFFFFFF
@@ -276,7 +293,10 @@ class TurboQuantizer(torch.nn.Module):
                 q_sq = q_sq.detach().float().to(x_sq.device).expand_as(x_sq)
                 ratio = x_sq / (q_sq + 1e-6 * q_sq.mean(-1, keepdim=True) + _TINY)
             s = ratio.pow(0.25)
-            self.channel_scale.copy_(s / s.pow(2).mean(-1, keepdim=True).sqrt())
+            s = s / s.pow(2).mean(-1, keepdim=True).sqrt()
+            if self.bf16_working:  # 1/s exact in bf16: the encode kernel's one-multiply scaling
+                s = bf16_reciprocal_scale(s)
+            self.channel_scale.copy_(s)
         if self.split == "outliers" and len(self.segments) > 1:
             rms = xf.reshape(-1, self.dim).pow(2).mean(0)
             d0 = self.segments[0][0]

@@ -365,7 +365,8 @@ def _encode_kernel(
     N, start, n_tiles, n_items,
     HKV: tl.constexpr, D: tl.constexpr,
     D0: tl.constexpr, B0: tl.constexpr, D1: tl.constexpr, B1: tl.constexpr,
-    QJL: tl.constexpr, NORM_CORR: tl.constexpr, HAS_CS: tl.constexpr, CS_BF16: tl.constexpr, PIECES: tl.constexpr,
+    QJL: tl.constexpr, NORM_CORR: tl.constexpr, HAS_CS: tl.constexpr, CS_BF16: tl.constexpr, CS_MUL16: tl.constexpr,
+    PIECES: tl.constexpr,
     HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_T: tl.constexpr, DC: tl.constexpr, WORDS: tl.constexpr, WORDS_QJL: tl.constexpr,
     # SYM: per segment, positive bounds, levels and levels² (fp32; see _levels_sym)
@@ -397,7 +398,12 @@ def _encode_kernel(
 
         x = tl.load(X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_d[None, :],
                     mask=tmask[:, None], other=0.0)
-        if HAS_CS:  # the reciprocal channel scale: one shared vector (stride_csh = 0) or one per KV head
+        if HAS_CS and CS_MUL16:  # bf16 x and a bf16-exact 1/s: their product is exact in fp32, so one bf16x2
+            # multiply (rounded once) gives the fp32 path's bf16(x · (1/s)) bit for bit, at a quarter of its ops
+            c = tl.load(CS + h * stride_csh + offs_d).to(tl.bfloat16)
+            x = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, c[None, :]], dtype=tl.bfloat16,
+                                          is_pure=True, pack=2)
+        elif HAS_CS:  # the reciprocal channel scale: one shared vector (stride_csh = 0) or one per KV head
             x = x.to(tl.float32) * tl.load(CS + h * stride_csh + offs_d)[None, :]
             if CS_BF16:  # the codec's bf16 working space (TurboQuantizer.bf16_working): one exact piece
                 if PIECES == 0:  # fp32 products (and the interpreter, whose bf16 casts truncate): RNE by hand
@@ -586,8 +592,12 @@ def _enc_matrices(codec, device):
     sk = torch.zeros(d, d, device=device)
     if codec.qjl:
         sk[perm] = codec.sketch.to(device).T
-    out = (R.contiguous(), rs, seg, (1.0 / codec.channel_scale.to(device).float()).reshape(-1, d).contiguous(), lv, bd,
-           tg, E.contiguous(), sk.contiguous(), signs_only, sym_consts if sym else None)
+    cs = (1.0 / codec.channel_scale.to(device).float()).reshape(-1, d).contiguous()
+    # 1/s exact in bf16 (codecs calibrated since v16 choose their scales so; older saved ones may not be): the
+    # kernel may then scale bf16 input with one bf16x2 multiply (CS_MUL16)
+    cs_mul16 = device.type == "cuda" and bool(torch.equal(cs, cs.to(torch.bfloat16).float()))
+    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, E.contiguous(), sk.contiguous(), signs_only, cs_mul16,
+           sym_consts if sym else None)
     return remember(_ENC_CACHE, key, (codec,), out)
 
 
@@ -670,7 +680,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     if on_cpu:
         patch_interpreter()
     exact = on_cpu if exact is None else bool(exact)
-    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, sym_consts = _enc_matrices(codec, x.device)
+    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, sym_consts = _enc_matrices(codec, x.device)
     if not signs_only or on_cpu:
         # Haar rotations, and the CPU interpreter (its tl.dot mishandles bf16 operands): plain fp32 products.
         pieces = 0
@@ -707,6 +717,11 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         HKV=H, D=d, D0=D0, B0=B0, D1=D1, B1=B1,
         QJL=bool(codec.qjl), NORM_CORR=bool(codec.norm_correction), HAS_CS=bool(codec.use_channel_scale),
         CS_BF16=codec.bf16_working,
+        # (the interpreter runs no PTX: it keeps the fp32 product and rounds by hand). Not with a quadratic level
+        # search: there the bf16x2 scaling measured slower (H100, 4-bit keys 55.2 -> 56.4 µs, 5-bit 60.1 -> 61.6;
+        # 3-bit keys 50.0 -> 47.6).
+        CS_MUL16=bool(codec.bf16_working and x.dtype == torch.bfloat16 and pieces == 1 and cs_mul16
+                      and not any(k in (sym_consts or {}) for k in ("G0", "G1"))),
         PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), EXACT=exact, BLOCK_T=bt,
         # Two or three stages prefetch the next tiles' x: three for 64-token tiles of one piece (turbo4 values
         # 92 -> 66 µs, turbo3 72 -> 47, H100), two for three pieces (their registers: turbo3 keys 116 -> 105 µs);
