@@ -787,22 +787,30 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
     """Launch configuration of the Gluon decode kernel: one warp per program, ``BLOCK_N`` 32 tokens per step,
     a 2-deep cp.async ring, splits for about ``GLUON_PER_SM`` programs per SM (each split keeps ≥ 4 blocks,
     ≤ 256 splits). H100 sweep at 128K (docs/kernel-notes.md, v5): 12 per SM — one full wave at 168 registers —
-    for B·Hkv < 32, 16 from 32 on (1600 programs would spill 16 into a second wave). At head_dim 128 up to 32K
+    for B·Hkv < 32; from 32 on, two full waves (at most 24 per SM, rounded down: v16 A/B against the 16 per SM of
+    v5–v15, which left 1.3–1.4 waves, µs: B = 16 +8–14 %, B = 4 and 8 −2 … +5.5 %, mostly +1 %;
+    `attention_h100_v16_two_waves.json`). At head_dim 128 up to 32K
     tokens and under 2^20 token-heads (B·Hkv·T), 8 per SM: an A/B over B ∈ {1, 2, 4, 8} × 4K–32K (turbo4, turbo3,
     turbo3.5, buffers rotated past L2) gained 2–8 % there (B = 1, 32K: 31.3 → 29.4 µs) and lost up to 18 % beyond
     it (B = 8, 32K; docs/kernel-notes.md, v11). head_dim 256 takes 16-token
     blocks (32 spill at 255 registers; 16 need ~221) and 6 / 27 programs per SM (H100 sweep, turbo4, 16 / 8 heads,
     64K: 107.5 µs at B = 1 against 121.5–139.9 for 9–12, 659.9 at B = 8 against 686–887 for 6–18)."""
     block_n = 16 if d > 128 else 32
+    two_waves = False
     if GLUON_PER_SM:
         per_sm = GLUON_PER_SM
     elif d > 128:
         per_sm = 6 if B * Hkv < 32 else 27
     elif d == 128 and T <= 32768 and B * Hkv * T < 1 << 20:
         per_sm = 8  # short contexts, small batches: fewer, longer splits (v11 A/B: +2–8 %, none slower)
+    elif B * Hkv < 32:
+        per_sm = 12  # one full wave
     else:
-        per_sm = 12 if B * Hkv < 32 else 16
-    splits = max(1, min(_cdiv(per_sm * _num_sms(device), B * Hkv), _cdiv(T, 4 * block_n), 256))
+        per_sm, two_waves = 24, True
+    if two_waves:  # at most two full waves of 12 resident: no partial wave (16 per SM left 1.3–1.4 waves)
+        splits = max(1, min(per_sm * _num_sms(device) // (B * Hkv), _cdiv(T, 4 * block_n), 256))
+    else:
+        splits = max(1, min(_cdiv(per_sm * _num_sms(device), B * Hkv), _cdiv(T, 4 * block_n), 256))
     return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2)
 
 
