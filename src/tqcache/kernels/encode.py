@@ -157,12 +157,11 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
 
     EXACT (the CPU interpreter): bit-identical to torch — |y| is nudged up one ulp for y < 0 (torch counts
     "≤" there; no float lies in between) and m and levels² come from select chains. GPU: each bound is one
-    ``set`` (1.0 if |y| > pb, an ALU op) whose result the FMA pipe adds to m and, times the step
-    ``LQ[j+1] − LQ[j]``, to levels² — one ALU op per bound instead of a compare and a select (the ALU pipe bound
-    the select chains: 4-bit values 74 → 66 µs, H100). The sum of steps differs from levels² by a few fp32
-    ulps, far below the fp16 norm it feeds; an exact tie on a negative bound is one of the boundary ties the
-    module docstring allows; the squared levels enter as their row sum. GPU: ``y`` may come unnormalised, with ``SC [T, 1]`` the factor that normalises it
-    back (n / rs): the bounds are scaled per row instead of every value per element (one multiply per value
+    ``set`` (1.0 if |y| > pb, an ALU op) whose result the FMA pipe adds to m and to the row's count of values
+    past that bound; the row's Σ levels² is then ``width · LQ[0] + Σ_j (LQ[j+1] − LQ[j]) · count_j`` (v11 summed
+    the steps per value, one multiply-add per bound more). An exact tie on a negative bound is one of the
+    boundary ties the module docstring allows. ``y`` may come unnormalised (GPU), with ``SC [T, 1]`` the factor
+    that normalises it back (n / rs): the bounds are scaled per row instead of every value (one multiply per value
     fewer; the product's rounding moves only boundary ties). Returns ``(idx, Σ_row levels[idx]² [T],
     |levels[idx]|)`` (idx int32 with EXACT, else a whole-number fp32; the last only when WANT_MAG).
     """
@@ -249,7 +248,7 @@ _LANE_TABLE = tl.constexpr("{\n.reg .u32 l;\n.reg .u64 ad;\nmov.u32 l, %laneid;\
 
 # The shuffles run on the shared-memory pipe, one warp-wide per clock per SM: two per value cost ~9 µs per 32K × 8
 # heads, so below 4 bits the comparison chain (3 bounds or fewer) stays faster. H100, bf16 in, same process
-# (lab A/B, benchmarks/results/encode_h100_v16_grid.json), µs chain -> grid: 4-bit values 65.4 -> 53.3, keys 69.7
+# (benchmarks/results/encode_h100_v16_grid_ab.json), µs chain -> grid: 4-bit values 65.4 -> 53.3, keys 69.7
 # -> 55.3; 5-bit keys 117.3 -> 58.7; 3-bit values 47.7 -> 53.5, 2-bit 40.6 -> 52.4.
 GRID_MIN_BITS = 4
 
