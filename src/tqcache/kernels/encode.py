@@ -38,6 +38,8 @@ rule to the bit.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -469,6 +471,7 @@ def encode_unsupported_reason(codec, x: torch.Tensor | None = None) -> str | Non
     return None
 
 
+@functools.lru_cache(maxsize=256)  # ~15–20 ms per call; every layer's codec of one width shares its codebook
 def grid_map(pb: tuple[float, ...]) -> tuple[float, float, float] | None:
     """Constants ``(GC1, GC2, GA)`` of :func:`_levels_grid` for the sorted positive bounds ``pb`` of a symmetric
     codebook, or None when no quadratic fits (the kernel then compares against every bound).
