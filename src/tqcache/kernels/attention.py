@@ -796,7 +796,7 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
     blocks (32 spill at 255 registers; 16 need ~221) and 6 / 27 programs per SM (H100 sweep, turbo4, 16 / 8 heads,
     64K: 107.5 µs at B = 1 against 121.5–139.9 for 9–12, 659.9 at B = 8 against 686–887 for 6–18)."""
     block_n = 16 if d > 128 else 32
-    two_waves = False
+    two_waves = False  # per_sm is then a cap, rounded down, not a target rounded up
     if GLUON_PER_SM:
         per_sm = GLUON_PER_SM
     elif d > 128:
@@ -807,10 +807,10 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
         per_sm = 12  # one full wave
     else:
         per_sm, two_waves = 24, True
-    if two_waves:  # at most two full waves of 12 resident: no partial wave (16 per SM left 1.3–1.4 waves)
-        splits = max(1, min(per_sm * _num_sms(device) // (B * Hkv), _cdiv(T, 4 * block_n), 256))
-    else:
-        splits = max(1, min(_cdiv(per_sm * _num_sms(device), B * Hkv), _cdiv(T, 4 * block_n), 256))
+    programs = per_sm * _num_sms(device)
+    # two waves: at most two full waves of 12 resident, no partial one (16 per SM left 1.3–1.4 waves)
+    want = programs // (B * Hkv) if two_waves else _cdiv(programs, B * Hkv)
+    splits = max(1, min(want, _cdiv(T, 4 * block_n), 256))
     return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2)
 
 

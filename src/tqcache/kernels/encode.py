@@ -204,7 +204,7 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
 @triton.jit
 def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.constexpr, HALF: tl.constexpr,
                  WANT_MAG: tl.constexpr, ASM: tl.constexpr):
-    """Level index, squared level and |level| of each normalised coordinate for a symmetric codebook, in a fixed
+    """Level index, the row's Σ levels² and |level| of normalised coordinates for a symmetric codebook, in a fixed
     handful of operations whatever the bit width (the GPU's path; :func:`grid_map` finds the constants).
 
     ``m = #{pb < |y|}`` is first estimated as ``m0 = ⌊f(|y|) + ½⌋`` with the monotone quadratic ``f(a) = GC1·a +
@@ -217,7 +217,6 @@ def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.const
     Ties and the returned types are those of :func:`_levels_sym` (non-EXACT): the comparison is exact, and the
     squared level is the table's, bit-identical to ``levels[idx]²``.
     """
-    tab = TG - 0x4B000000  # the bits of 2^23 + k, as an offset, address entry k
     if len(ASM) > 0:  # the same steps in PTX, the table read by a warp shuffle: lane k holds entry k of each row
         # (loaded per row of the tile — two per thread — with the row norm ``nrow`` only fixing the layout)
         t1, t2, t3 = tl.inline_asm_elementwise(_LANE_TABLE, "=f,=f,=f,l,f", [TG.to(tl.int64), nrow[:, None]],
@@ -230,6 +229,7 @@ def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.const
                                                 dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
             mag = msq
     else:
+        tab = TG - 0x4B000000  # the bits of 2^23 + k, as an offset, address entry k
         a = tl.abs(y)
         am = tl.minimum(a, GA)
         ub = tl.fma(am, tl.fma(am, GC2, GC1), 8388608.0).to(tl.int32, bitcast=True)  # 2^23 + m0, as fp32 bits
@@ -240,7 +240,7 @@ def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.const
         if WANT_MAG:
             mag = tl.load(tab + 64 + mi)
     idx = tl.where(y > 0, mf + (HALF - 8388608.0), (HALF - 1 + 8388608.0) - mf)
-    return idx, msq, mag
+    return idx, tl.sum(msq, 1), mag
 
 
 # Lane k of the warp loads entry k of the three table rows (32 fp32 each).
@@ -278,14 +278,15 @@ def grid_asm(g: tuple[float, float, float], want_mag: bool) -> str:
 
 @triton.jit
 def _levels_search(y, LV, BD, BITS: tl.constexpr):
-    """General codebooks: binary search for ``#{k : bounds[k] < y}`` over the sorted bounds (gathers)."""
+    """General codebooks: binary search for ``#{k : bounds[k] < y}`` over the sorted bounds (gathers). Returns
+    ``(idx, Σ_row levels[idx]², levels[idx])``."""
     idx = tl.zeros_like(y.to(tl.int32))
     for step in tl.static_range(BITS):
         cand = idx + (1 << (BITS - 1 - step))
         bk = tl.load(BD + cand - 1)
         idx = tl.where(bk < y, cand, idx)
     c = tl.load(LV + idx)
-    return idx, c * c, c
+    return idx, tl.sum(c * c, 1), c
 
 
 @triton.jit
@@ -321,18 +322,16 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             yn = (y * rs) / nc[:, None]
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
             yn = y * inv[:, None]
+        # Each returns the level index, the row's Σ levels² and (QJL) |level| per value.
         if len(G) > 0 and not EXACT:  # G = (GC1, GC2, GA): the estimate-and-correct path
-            idx, csq_e, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
-            csq += tl.sum(csq_e, 1)
+            idx, csq_r, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
         elif SYM and not EXACT:  # |y| against the bounds times n / rs: a multiply per row and bound, not per value
             idx, csq_r, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
-            csq += csq_r
         elif SYM:
             idx, csq_r, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
-            csq += csq_r
         else:
-            idx, csq_e, mag = _levels_search(yn, LV, BD, BITS)
-            csq += tl.sum(csq_e, 1)
+            idx, csq_r, mag = _levels_search(yn, LV, BD, BITS)
+        csq += csq_r
         # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter;
         # 8-bit codes are stored as they are.
         code = idx if BITS == 8 else idx.to(tl.float32 if EXACT else tl.float16)
@@ -514,11 +513,13 @@ def grid_map(pb: tuple[float, ...]) -> tuple[float, float, float] | None:
     c1, c2, ga = (float(np.float32(v)) for v in best[1:])
     # The kernel's arithmetic in fp32 (fma: an exact product, one rounding) on every bound ± 4 ulps and a grid.
     b32 = b.astype(np.float32)
-    near = [np.nextafter(b32, np.float32(np.inf if k > 0 else 0), dtype=np.float32) for k in (-1, 1)]
-    a = np.concatenate([np.linspace(0, 1, 200001, dtype=np.float32), b32, *near, np.float32([0, ga, 1, 4])])
-    for k in range(2, 5):
-        a = np.concatenate([a, np.nextafter(near[0], np.float32(0)), np.nextafter(near[1], np.float32(np.inf))])
-        near = [a[-2 * P : -P], a[-P:]]
+    samples = [np.linspace(0, 1, 200001, dtype=np.float32), b32, np.float32([0, ga, 1, 4])]
+    for toward in (np.float32(0), np.float32(np.inf)):  # 1..4 ulps below and above every bound
+        v = b32
+        for _ in range(4):
+            v = np.nextafter(v, toward)
+            samples.append(v)
+    a = np.concatenate(samples)
     am = np.minimum(a, np.float32(ga)).astype(np.float64)
     t = (am * c2 + c1).astype(np.float32).astype(np.float64)
     m0 = np.rint(am * t).astype(np.int64)  # = bits of fl(am·t + 2^23) − 2^23 (ties: measure zero, margins)
