@@ -19,6 +19,7 @@ from tqcache.codec import (
     AffineQuantizer,
     Packed,
     TurboQuantizer,
+    code_order,
     codebook,
     expected_mse,
     fwht,
@@ -357,9 +358,30 @@ def test_rotated_split_mse_is_the_mix_of_the_two_codebooks(dim, bits):
     assert mse == pytest.approx(f * expected_mse(dim, b + 1) + (1 - f) * expected_mse(dim, b), rel=0.03)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
+def test_codes_are_sign_magnitude(bits):
+    """Stored codes (format version 2): code L/2 + m is the m-th level above the middle, code m the m-th below it,
+    so for these symmetric codebooks the top bit is the sign and the low bits index |level|."""
+    q = TurboQuantizer(64, bits, seed=3)
+    L, half = 1 << bits, 1 << (bits - 1)
+    idx = torch.arange(L)
+    assert torch.equal(code_order(code_order(idx, bits), bits), idx)  # its own inverse
+    assert sorted(code_order(idx, bits).tolist()) == idx.tolist()  # a permutation
+    t = q.code_levels(0)
+    assert torch.equal(t[half:], q.levels0[half:]) and torch.equal(t[:half], q.levels0[:half].flip(0))
+    assert torch.equal(t[:half], -t[half:])  # |level| by the low bits
+    x = torch.randn(40, 64, generator=gen(bits))
+    p = q.quantize(x)
+    codes = unpack_bits(p["codes"], bits, 64)
+    y = q.rotated(p)
+    assert torch.equal(codes >= half, y > 0)  # the top bit is the sign of the coordinate's level
+    assert torch.equal(y, p["norms"].float() * t[codes])
+
+
 def test_rotated_split_storage_contract():
     # What the kernels rely on: segments, codes = segment 0's stream then segment 1's, ONE fp16 norm for both,
-    # levels{s} = each segment's centroids, rotated() = norm·c[idx], ⟨q, x̂⟩ = norm·Σ_s ⟨rotate_query(q)_s, c_s⟩.
+    # code_levels(s) = each segment's centroids in code order, rotated() = norm·c[code],
+    # ⟨q, x̂⟩ = norm·Σ_s ⟨rotate_query(q)_s, c_s⟩.
     g = gen(43)
     q = TurboQuantizer(64, 3.5, split="rotated", seed=5)
     assert q.segments == [(32, 4), (32, 3)]
@@ -369,7 +391,7 @@ def test_rotated_split_storage_contract():
     p = q.quantize(x)
     idx0 = unpack_bits(p["codes"][..., :16], 4, 32)
     idx1 = unpack_bits(p["codes"][..., 16:], 3, 32)
-    c = torch.cat([q.levels0[idx0], q.levels1[idx1]], -1)
+    c = torch.cat([q.code_levels(0)[idx0], q.code_levels(1)[idx1]], -1)
     norm = p["norms"].float()
     torch.testing.assert_close(q.rotated(p), norm * c)
     # Norm correction over the whole concatenated reconstruction: ‖x̂‖ = ‖x‖ (fp16 norm).

@@ -69,7 +69,7 @@ def test_lut4_decodes_every_byte(d):
     words, ok = _register_tables(c)
     assert ok
     w = [x & _M for x in words[0].tolist()]
-    lv = _bits16(c.levels0)
+    lv = _bits16(c.code_levels(0))
     gen = torch.Generator().manual_seed(d)
     for start in range(0, 256, 4):
         b = [start, start + 1, start + 2, start + 3]  # every byte value, in every lane over the sweep
@@ -83,14 +83,14 @@ def test_lut4_decodes_every_byte(d):
 
 def test_lut4_refuses_asymmetric_tables():
     c = TurboQuantizer(128, 4)
-    c.levels0[3] += 1e-2  # no longer c[15 - n] = -c[n]
+    c.levels0[3] += 1e-2  # no longer c[15 - n] = -c[n] (in code order: c[m] = -c[8 + m])
     assert not _register_tables(c)[1]
 
 
 def test_lut2_decodes_every_byte():
     c = TurboQuantizer(128, 2)
     w = [x & _M for x in _register_tables(c)[0][0].tolist()]
-    lv = _bits16(c.levels0)
+    lv = _bits16(c.code_levels(0))
     for start in range(0, 256, 4):
         b = [start, start + 1, start + 2, start + 3]
         regs = {"$8": sum(x << 8 * i for i, x in enumerate(b))}
@@ -104,7 +104,7 @@ def test_lut2_decodes_every_byte():
 def test_lut3_decodes_every_half_word(d):
     c = TurboQuantizer(d, 3)
     w = [x & _M for x in _register_tables(c)[0][0].tolist()]
-    lv = _bits16(c.levels0)
+    lv = _bits16(c.code_levels(0))
     gen = torch.Generator().manual_seed(3)
     noise = torch.randint(0, 1 << 24, (4, 4096), generator=gen).tolist()
     for v in range(4096):  # every 12-bit half in lane 0, random ones (with bits above 12 set) in lanes 1-3
@@ -122,7 +122,7 @@ def _lut3_setup(key: bool, d: int):
     from tqcache.kernels.decode_gluon import kernel_order
 
     c = TurboQuantizer(d, 3)
-    return ([x & _M for x in _register_tables(c)[0][0].tolist()], _bits16(c.levels0), kernel_order(c, key=key),
+    return ([x & _M for x in _register_tables(c)[0][0].tolist()], _bits16(c.code_levels(0)), kernel_order(c, key=key),
             torch.Generator().manual_seed(5 + key + d))
 
 
@@ -215,7 +215,7 @@ def test_gluon_codes5_put_each_channel_where_kernel_order_says():
     from tqcache.kernels.decode_gluon import _ASM_CODES5, fragment_columns, kernel_order, sigma
 
     c = TurboQuantizer(128, 5, seed=3)
-    lv = _bits16(c.levels0)
+    lv = _bits16(c.code_levels(0))
     shfl = {"shfl": lambda a, b, c_, m: lv[b & 31] * 0x10001}  # a lane's register: its entry in both halves
     perm = kernel_order(c, key=True)
     gen = torch.Generator().manual_seed(11)

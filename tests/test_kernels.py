@@ -894,6 +894,7 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
     if torch.equal(got["codes"], ref["codes"]) and all(torch.equal(got[n], ref[n]) for n in ref.fields):
         return
     # Not bit-identical: every differing code must sit within 1e-5 of a decision boundary.
+    from tqcache.codec import code_order
     from tqcache.codec.packing import unpack_bits
 
     dist = _boundary_distance(c, x)
@@ -901,8 +902,9 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
     tie_rows = torch.zeros(got["codes"].shape[:-1], dtype=torch.bool, device=DEV)
     for s, (d_s, b_s) in enumerate(c.segments):
         w = d_s * b_s // 8
-        a = unpack_bits(got["codes"][..., byte : byte + w], b_s, d_s)
-        r = unpack_bits(ref["codes"][..., byte : byte + w], b_s, d_s)
+        # as sorted level indices (codes are sign-magnitude: a tie at 0 is codes 0 and L/2, levels L/2 − 1 and L/2)
+        a = code_order(unpack_bits(got["codes"][..., byte : byte + w], b_s, d_s), b_s)
+        r = code_order(unpack_bits(ref["codes"][..., byte : byte + w], b_s, d_s), b_s)
         byte += w
         diff = a != r
         assert torch.all(dist[s][diff] < 1e-5), f"segment {s}: codes differ away from a boundary"

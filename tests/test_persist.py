@@ -152,7 +152,7 @@ def test_file_holds_only_used_slots_and_documented_metadata(tmp_path):
         md, names = f.metadata(), list(f.keys())
         assert f.get_slice("layers.0.k.codes").get_shape() == [2, 2, 26, 16]
         assert f.get_slice("layers.0.win_k").get_shape() == [2, 2, 4, 32]
-    assert md["format"] == "tqcache.kvcache" and md["format_version"] == "1" and len(md["sha256"]) == 64
+    assert md["format"] == "tqcache.kvcache" and md["format_version"] == "2" and len(md["sha256"]) == 64
     meta = json.loads(md["meta"])
     import tqcache
 
@@ -305,7 +305,8 @@ def test_newer_format_version_asks_to_upgrade(tmp_path):
         return meta, tensors
 
     newer = _rewrite(path, tmp_path / "newer.tqc", persist.FORMAT_VERSION + 1, future)
-    with pytest.raises(CacheFileError, match=r"format version 2 \(written by tqcache 9.0.0\).*upgrade tqcache"):
+    with pytest.raises(CacheFileError,
+                       match=rf"format version {persist.FORMAT_VERSION + 1} \(written by tqcache 9.0.0\).*upgrade tqcache"):
         load_cache(newer, model)
 
     def new_field(meta, tensors):
@@ -313,7 +314,7 @@ def test_newer_format_version_asks_to_upgrade(tmp_path):
         return meta, tensors
 
     with pytest.raises(CacheFileError, match="key.dither.*upgrade tqcache"):
-        load_cache(_rewrite(path, tmp_path / "field.tqc", 1, new_field), model)
+        load_cache(_rewrite(path, tmp_path / "field.tqc", persist.FORMAT_VERSION, new_field), model)
 
 
 def test_cache_for_another_model_names_the_difference(tmp_path):
@@ -338,7 +339,7 @@ def test_codec_identity_mismatch_is_refused(tmp_path):
         return meta, tensors
 
     with pytest.raises(CacheFileError, match="layer 1 value codec: rot0 regenerated from seed"):
-        load_cache(_rewrite(path, tmp_path / "t.tqc", 1, tamper), model)
+        load_cache(_rewrite(path, tmp_path / "t.tqc", persist.FORMAT_VERSION, tamper), model)
 
 
 def test_older_version_migrates(tmp_path, monkeypatch):
@@ -347,6 +348,7 @@ def test_older_version_migrates(tmp_path, monkeypatch):
     model, cache, ids, path = small_file(tmp_path)
 
     def to_v0(meta, tensors):
+        meta, tensors = _sorted_codes(meta, tensors)  # version 1's codes
         for lm in meta["layers"]:
             lm["window_len"] = lm.pop("window_tokens")
         renamed = {k.replace(".win_k", ".window_keys").replace(".win_v", ".window_values"): v for k, v in tensors.items()}
@@ -363,7 +365,44 @@ def test_older_version_migrates(tmp_path, monkeypatch):
 
     monkeypatch.setitem(persist._MIGRATIONS, 0, migrate_0_to_1)
     loaded, meta = load_cache(v0, model)
-    assert meta["format_version"] == 1
+    assert meta["format_version"] == persist.FORMAT_VERSION
+    assert_same_state(state(cache), state(loaded))
+
+
+def _sorted_codes(meta, tensors):
+    """A version-2 file's TurboQuant codes as version 1 stored them: the sorted index of each code's level
+    (code L/2 + m -> L/2 + m, code m -> L/2 − 1 − m; written out here, not through the library's mapping)."""
+    from tqcache.codec import pack_bits, unpack_bits
+
+    cfg = persist._config_from_dict(meta["config"])
+    for lm in meta["layers"]:
+        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
+            name = f"layers.{lm['index']}.{kind}.codes"
+            if name not in tensors:
+                continue
+            b, d = int(ccfg.bits), lm["head_dim"]
+            assert ccfg.kind == "turbo" and b == ccfg.bits and not ccfg.qjl  # one segment
+            c = unpack_bits(tensors[name], b, d)
+            half = 1 << (b - 1)
+            tensors[name] = pack_bits(torch.where(c >= half, c, half - 1 - c), b)
+    return meta, tensors
+
+
+@pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2"])
+def test_version_1_sorted_codes_migrate_to_sign_magnitude(tmp_path, scheme):
+    """Version 1 stored each TurboQuant code as its level's sorted index; version 2 stores sign-magnitude codes
+    (the decode kernels' 4-bit lookup reads |level| from the low bits). A version-1 file loads into the same cache,
+    and its codes were really different on disk (a migration that did nothing would fail the state check)."""
+    model, cache, ids, path = small_file(tmp_path, scheme=scheme)
+    v1 = _rewrite(path, tmp_path / "v1.tqc", 1, _sorted_codes)
+    _, _, t2 = persist._read_verified(path)
+    version, _, t1 = persist._read_verified(v1)
+    assert version == 1
+    names = [n for n in t2 if n.endswith(".codes")]
+    assert names and all(t1[n].shape == t2[n].shape for n in names)
+    assert any(not torch.equal(t1[n], t2[n]) for n in names)
+    loaded, meta = load_cache(v1, model)
+    assert meta["format_version"] == persist.FORMAT_VERSION
     assert_same_state(state(cache), state(loaded))
 
 

@@ -6,7 +6,7 @@ JSON in the safetensors header's ``__metadata__`` (strings only)::
 
     __metadata__ = {
         "format":         "tqcache.kvcache",
-        "format_version": "1",
+        "format_version": "2",
         "meta":           "<JSON: scheme, config, seeds, per-layer state, codec identity hashes, model, token ids>",
         "sha256":         "<hex digest over format_version, meta and every tensor's name, dtype, shape and bytes>",
     }
@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 FORMAT = "tqcache.kvcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: TurboQuant codes are sign-magnitude (codec.code_order); 1 stored sorted level indices
 # Codec buffers that depend on the data first seen (outlier split, channel scaling): saved exactly when the codec
 # calibrates. Every other buffer (rotations, codebooks, QJL sketch; these too when the codec does not calibrate)
 # is regenerated from the config and seed and checked against a stored SHA-256.
@@ -71,7 +71,7 @@ _DTYPES = {str(dt).replace("torch.", ""): dt for dt in (torch.float32, torch.flo
 
 Migration = Callable[[dict, "dict[str, torch.Tensor]"], "tuple[dict, dict[str, torch.Tensor]]"]
 # format version v -> function upgrading (meta, tensors) of a version-v file to version v + 1. Applied in
-# order after the checksum of the file as written is verified. Version 1 is the first format: empty for now.
+# order after the checksum of the file as written is verified (registered below, after _migrate).
 _MIGRATIONS: dict[int, Migration] = {}
 
 
@@ -475,6 +475,36 @@ def _migrate(path: Path, version: int, meta: dict, tensors: dict) -> tuple[dict,
         version += 1
         meta["format_version"] = version
     return meta, tensors
+
+
+def _codes_to_sign_magnitude(meta: dict, tensors: dict) -> tuple[dict, dict]:
+    """Version 1 -> 2: TurboQuant codes were sorted level indices; version 2 stores them sign-magnitude
+    (:func:`tqcache.codec.code_order`, its own inverse). Each compressed layer's key and value code bytes are
+    unpacked per segment (the segments follow from the file's config and head_dim), mapped and packed again;
+    nothing else changes, so the loaded cache decodes exactly as the version-1 file did."""
+    from .codec import code_order, pack_bits, segments_for, unpack_bits
+
+    cfg = _config_from_dict(meta["config"])
+    for lm in meta["layers"]:
+        if not lm.get("initialized") or not lm.get("has_store"):
+            continue
+        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
+            name = f"layers.{lm['index']}.{kind}.codes"
+            if ccfg.kind != "turbo" or name not in tensors:
+                continue
+            codes, parts, byte = tensors[name], [], 0
+            for d_s, b_s in segments_for(int(lm["head_dim"]), ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
+                w = d_s * b_s // 8
+                parts.append(pack_bits(code_order(unpack_bits(codes[..., byte : byte + w], b_s, d_s), b_s), b_s))
+                byte += w
+            if byte != codes.shape[-1]:
+                raise CacheFileError(f"layer {lm['index']}: {name} holds {codes.shape[-1]} bytes per token, its "
+                                     f"codec {byte}")
+            tensors[name] = torch.cat(parts, -1)
+    return meta, tensors
+
+
+_MIGRATIONS[1] = _codes_to_sign_magnitude
 
 
 def _rebuild(path: Path, meta: dict, tensors: dict, model, device, dense) -> TurboQuantCache:

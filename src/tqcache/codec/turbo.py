@@ -2,8 +2,9 @@
 
 **MSE stage, b bits.** For a vector ``x ∈ R^d``: ``n = ‖x‖``, ``y = R·x/n`` (R a seeded random rotation),
 ``idx_j = argmin_k |y_j − c_k|`` with ``c`` the Lloyd–Max levels for the coordinate density of a rotated
-unit vector (codebook.py). Store the b-bit ``idx`` (packing.py) and one fp16 scale: ``n``, or with norm
-correction ``n/‖c[idx]‖`` so that ``x̂ = scale·Rᵀc[idx]`` keeps ``‖x̂‖ = ‖x‖`` exactly.
+unit vector (codebook.py). Store the b-bit code of ``idx`` (packing.py; codes are sign-magnitude,
+:func:`code_order`) and one fp16 scale: ``n``, or with norm correction ``n/‖c[idx]‖`` so that
+``x̂ = scale·Rᵀc[idx]`` keeps ``‖x̂‖ = ‖x‖`` exactly.
 
 **QJL stage (TurboQuant-prod).** With ``qjl=True`` and b total bits, the MSE stage gets b−1 bits; the
 residual ``r = x − x̂`` is stored as ``sign(S·r)`` (1 bit per coordinate, S a d×d standard Gaussian matrix
@@ -58,7 +59,7 @@ from .codebook import codebook
 from .packing import pack_bits, packed_width, unpack_bits
 from .rotation import rotation_matrix
 
-__all__ = ["TurboQuantizer", "derive_seed", "segments_for"]
+__all__ = ["TurboQuantizer", "code_order", "derive_seed", "segments_for"]
 
 _TINY = 1e-30
 _FP16_MAX = 65504.0
@@ -91,6 +92,19 @@ def derive_seed(seed: int, *tags: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         z ^= z >> 31
     return z & 0x7FFFFFFFFFFFFFFF
+
+
+def code_order(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored code of each sorted level index ``idx`` — and back: the map is its own inverse.
+
+    Codes are sign-magnitude: with ``L = 2^bits`` levels, code ``L/2 + m`` is the m-th level above the middle (its
+    sorted index kept) and code ``m`` the m-th level below it (sorted index ``L/2 − 1 − m``). For a codebook
+    symmetric about 0 the top bit is then the sign and the low bits index ``|level|`` directly, which saves the
+    decode kernels' 4-bit register lookup a fold per code (``kernels/attention.py``, ``_ASM_LUT4``). Storage
+    format version 2 (``persist.py`` converts version-1 files, which stored ``idx``).
+    """
+    half = 1 << (bits - 1)
+    return torch.where(idx >= half, idx, half - 1 - idx)
 
 
 def segments_for(dim: int, mse_bits: float) -> list[tuple[int, int]]:
@@ -253,6 +267,12 @@ class TurboQuantizer(torch.nn.Module):
         """The rotation block / norm group segment ``s`` belongs to."""
         return 0 if len(self.blocks) == 1 else s
 
+    def code_levels(self, s: int) -> torch.Tensor:
+        """Segment ``s``'s levels in stored-code order, ``[2^b_s]`` fp32: entry ``c`` is the level code ``c``
+        stands for (:func:`code_order`) — the table every kernel looks codes up in."""
+        levels = getattr(self, f"levels{s}")
+        return levels[code_order(torch.arange(levels.numel(), device=levels.device), self.segments[s][1])]
+
     def _seg(self, s: int):
         """``(rotation of segment s's block, levels, bounds)``; with ``split="rotated"`` the rotation is the
         full ``[dim, dim]`` one, shared by both segments."""
@@ -361,7 +381,7 @@ class TurboQuantizer(torch.nn.Module):
             _, levels, bounds = self._seg(s)
             # bucketize(right=False) counts boundaries strictly below y: ties go to the lower level.
             idx = torch.bucketize(ys.contiguous(), bounds)
-            codes.append(pack_bits(idx, b_s))
+            codes.append(pack_bits(code_order(idx, b_s), b_s))
             cs.append(levels[idx])
         scales, rot_parts = [], []
         for cb, n in zip(torch.cat(cs, -1).split(self.blocks, -1), norms):
@@ -400,7 +420,7 @@ class TurboQuantizer(torch.nn.Module):
         for s, (d_s, b_s) in enumerate(self.segments):
             _, levels, _ = self._seg(s)
             w = packed_width(d_s, b_s)
-            idx = unpack_bits(codes[..., byte : byte + w], b_s, d_s)
+            idx = code_order(unpack_bits(codes[..., byte : byte + w], b_s, d_s), b_s)
             byte += w
             blk = self._block_of(s)
             parts.append(norms[..., blk : blk + 1] * levels[idx])

@@ -144,22 +144,17 @@ def _plane(bt, lv_ptr, BITS: tl.constexpr, P: tl.constexpr, I: tl.constexpr):
 
 
 # Centroid lookup without memory: the table lives in four registers and `prmt` (byte permute) picks from it.
-# 4 bits (Lloyd–Max levels are symmetric, c[15−n] = −c[n]): the 3-bit magnitude index m (n ≥ 8: n − 8,
-# else 7 − n) selects the low and the high byte of |c| from two 8-byte tables (TL = words 0–1, TH = 2–3),
-# and two more prmt interleave them into fp16 pairs. The sign goes into the high bytes before that: prmt's
-# sign-replicate mode turns bit 3 of each nibble (the top bit of a byte of x or of x << 4) into a 0x00 / 0xFF byte
-# mask, and one lop3 flips bit 7 of the high bytes of the codes below 8. Per 4 code bytes (8 values, both planes)
-# ~18 instructions (v4–v6: ~25, the sign moved bit by bit after the interleave) instead of 8 × (shift, mask,
-# 64-bit address, gather, pack).
+# 4 bits (Lloyd–Max levels are symmetric, and codes are sign-magnitude — codec.turbo.code_order: code 8 + m is
+# +|c_m|, code m is −|c_m|): the code's low 3 bits m select the low and the high byte of |c_m| from two 8-byte
+# tables (TL = words 0–1, TH = 2–3), and two more prmt interleave them into fp16 pairs. The sign goes into the
+# high bytes before that: prmt's sign-replicate mode turns bit 3 of each nibble (the top bit of a byte of x or of
+# x << 4) into a 0x00 / 0xFF byte mask, and one lop3 flips bit 7 of the high bytes of the codes below 8. Per 4 code
+# bytes (8 values, both planes) 15 instructions (v4–v6: ~25, the sign moved bit by bit after the interleave; v7–v16:
+# 18, when codes were sorted level indices and m needed a fold, n ≥ 8: n − 8, else 7 − n).
 _ASM_LUT4 = tl.constexpr("""
 {
-.reg .b32 t, nf, mk, m, m2, l0, h0, l1, h1, y, s0, s1;
-shr.b32 t, $4, 3;
-and.b32 t, t, 0x11111111;
-xor.b32 nf, t, 0x11111111;
-mul.lo.u32 mk, nf, 7;
-xor.b32 m, $4, mk;
-and.b32 m, m, 0x77777777;
+.reg .b32 m, m2, l0, h0, l1, h1, y, s0, s1;
+and.b32 m, $4, 0x77777777;
 shr.b32 m2, m, 16;
 prmt.b32 l0, $5, $9, m;
 prmt.b32 h0, $13, $17, m;
@@ -892,15 +887,16 @@ def _i32(words) -> list[int]:
 
 
 def _register_tables(codec) -> tuple[torch.Tensor, bool]:
-    """``([2, 4] int32 words, usable)``: each codec segment's fp16 centroid table in the register form of
-    ``_ASM_LUT4`` (low bytes of ``|c[8..15]|`` in words 0–1, high bytes in 2–3), ``_ASM_LUT3`` (low bytes of
-    ``c[0..7]`` in words 0–1, high bytes in 2–3) or ``_ASM_LUT2`` (the 4 fp16 levels in words 0–1); zeros for
-    other bit widths. Not usable when a 4-bit table is not exactly sign-symmetric in fp16."""
+    """``([2, 4] int32 words, usable)``: each codec segment's fp16 centroid table, in code order
+    (``codec.code_levels``: ``c[n]`` is the level code n stands for), in the register form of ``_ASM_LUT4`` (low
+    bytes of ``|c[8..15]|`` in words 0–1, high bytes in 2–3), ``_ASM_LUT3`` (low bytes of ``c[0..7]`` in words
+    0–1, high bytes in 2–3) or ``_ASM_LUT2`` (the 4 fp16 levels in words 0–1); zeros for other bit widths. Not
+    usable when a 4-bit table is not exactly sign-symmetric in fp16 (``c[m] = −c[8 + m]``)."""
     words, ok = [[0] * 4, [0] * 4], True
     for s, (d_s, b_s) in enumerate(codec.segments):
         if b_s not in (2, 3, 4):
             continue
-        h = [x & 0xFFFF for x in getattr(codec, f"levels{s}").detach().cpu().half().view(torch.int16).tolist()]
+        h = [x & 0xFFFF for x in codec.code_levels(s).detach().cpu().half().view(torch.int16).tolist()]
         if b_s == 2:
             words[s][:2] = [h[0] | h[1] << 16, h[2] | h[3] << 16]
             continue
@@ -908,7 +904,7 @@ def _register_tables(codec) -> tuple[torch.Tensor, bool]:
             lo, hi = [x & 0xFF for x in h], [x >> 8 for x in h]
         else:
             mag = h[8:]
-            ok &= all(m < 0x8000 for m in mag) and all(h[7 - i] == mag[i] | 0x8000 for i in range(8))
+            ok &= all(m < 0x8000 for m in mag) and all(h[i] == mag[i] | 0x8000 for i in range(8))
             lo, hi = [m & 0xFF for m in mag], [m >> 8 for m in mag]
         words[s] = [sum(part[4 * k + i] << 8 * i for i in range(4)) for part in (lo, hi) for k in range(2)]
     return torch.tensor([_i32(w) for w in words], dtype=torch.int32), ok
@@ -967,10 +963,11 @@ def _matrices(k_codec, v_codec, device, dot_dtype, planes: bool = True, gluon: b
 
 
 def level_table(codec, device) -> torch.Tensor:
-    """``[2, 256]`` fp32: row s = segment s's Lloyd–Max levels, zero past its ``2^b`` (the kernels' centroid table)."""
+    """``[2, 256]`` fp32: row s = segment s's Lloyd–Max levels in code order (``codec.code_levels``), zero past its
+    ``2^b`` (the kernels' centroid table: entry n is the level code n stands for)."""
     t = torch.zeros(2, 256, device=device, dtype=torch.float32)
     for s, (_, b_s) in enumerate(codec.segments):
-        t[s, : 1 << b_s] = getattr(codec, f"levels{s}")
+        t[s, : 1 << b_s] = codec.code_levels(s)
     return t
 
 

@@ -7,6 +7,7 @@ working channels ``[o_s, o_s + d_s)``)::
     n_s   = ‖x_{w,s}‖
     y_s   = (x_{w,s} @ rot_sᵀ) / n_s
     idx_s = #{k : bounds_s[k] < y_s}                     (ties go to the lower level, as torch.bucketize)
+    code_s = code_order(idx_s): idx_s from L/2 up, else L/2 − 1 − idx_s      (sign-magnitude, L = 2^b_s)
     n̂_s   = n_s / ‖levels_s[idx_s]‖   (norm correction; else n_s), clamped to 65504 and stored as fp16
     QJL:   r = x_w − ⊕_s (n̂_s·levels_s[idx_s]) @ rot_s,  signs = [S·r > 0],  γ = ‖r‖ (fp16)
 
@@ -17,8 +18,8 @@ out): 256 read + 66 written.
 How (v11, v16). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1
 rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile:
 one tensor-core product for the rotation, the norm from the rotated row, the level index — the Lloyd–Max codebooks
-are symmetric, so |y| and its sign suffice — and packing as two more tensor-core products per 32-bit word
-(``_half_dot``: the word's low and high 16 bits are ``Σ idx_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32),
+are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2`` — and packing as two more tensor-core products per 32-bit word
+(``_half_dot``: the word's low and high 16 bits are ``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32),
 stored whole so a warp writes whole sectors. The level index: below 4 bits from comparisons against the positive
 bounds baked in as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe
 sums into the level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic
@@ -154,7 +155,7 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
     With L = 2^b levels the middle bound is 0, ``bounds[L/2 + j] = −bounds[L/2 − 2 − j]`` and
     ``levels[L/2 + m] = −levels[L/2 − 1 − m]``, so ``idx = #{k : bounds[k] < y}`` needs only the L/2 − 1
     positive bounds ``PB``: with ``m = #{pb < |y|}``, idx = L/2 + m for y > 0 and L/2 − 1 − m for y ≤ 0 (±0 take
-    the lower level, as in torch). ``PB``, the positive levels ``LS`` and their fp32 squares ``LQ`` are
+    the lower level, as in torch), so the stored (sign-magnitude) code is L/2 + m or m. ``PB``, the positive levels ``LS`` and their fp32 squares ``LQ`` are
     compile-time constants: comparisons against immediates, no gathers, no registers.
 
     EXACT (the CPU interpreter): bit-identical to torch — |y| is nudged up one ulp for y < 0 (torch counts
@@ -164,8 +165,8 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
     the steps per value, one multiply-add per bound more). An exact tie on a negative bound is one of the
     boundary ties the module docstring allows. ``y`` may come unnormalised (GPU), with ``SC [T, 1]`` the factor
     that normalises it back (n / rs): the bounds are scaled per row instead of every value (one multiply per value
-    fewer; the product's rounding moves only boundary ties). Returns ``(idx, Σ_row levels[idx]² [T],
-    |levels[idx]|)`` (idx int32 with EXACT, else a whole-number fp32; the last only when WANT_MAG).
+    fewer; the product's rounding moves only boundary ties). Returns ``(code, Σ_row levels[idx]² [T],
+    |levels[idx]|)`` (code int32 with EXACT, else a whole-number fp32; the last only when WANT_MAG).
     """
     HALF: tl.constexpr = len(LS)
     pos = y > 0
@@ -180,7 +181,7 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
             p = a > PB[j]
             m = tl.where(p, j + 1, m)
             msq = tl.where(p, LQ[j + 1], msq)
-        idx = tl.where(pos, HALF + m, (HALF - 1) - m)
+        code = tl.where(pos, HALF + m, m)
         csq = tl.sum(msq, 1)
     else:
         # Σ levels² of a row = Σ_j (LQ[j+1] − LQ[j]) · #{values past bound j} + width · LQ[0]: the per-bound counts
@@ -192,19 +193,19 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
             s = tl.where(a > PB[j] * SC, 1.0, 0.0)
             m += s
             csq = tl.fma(tl.sum(s, 1), LQ[j + 1] - LQ[j], csq)
-        idx = tl.where(pos, HALF + m, (HALF - 1) - m)
+        code = tl.where(pos, HALF + m, m)
     mag = csq
     if WANT_MAG:
         mag = tl.zeros(y.shape, tl.float32) + LS[0]
         for j in tl.static_range(HALF - 1):
             mag = tl.where(m > j, LS[j + 1], mag)
-    return idx, csq, mag
+    return code, csq, mag
 
 
 @triton.jit
 def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.constexpr, HALF: tl.constexpr,
                  WANT_MAG: tl.constexpr, ASM: tl.constexpr):
-    """Level index, the row's Σ levels² and |level| of normalised coordinates for a symmetric codebook, in a fixed
+    """Code, the row's Σ levels² and |level| of normalised coordinates for a symmetric codebook, in a fixed
     handful of operations whatever the bit width (the GPU's path; :func:`grid_map` finds the constants).
 
     ``m = #{pb < |y|}`` is first estimated as ``m0 = ⌊f(|y|) + ½⌋`` with the monotone quadratic ``f(a) = GC1·a +
@@ -239,8 +240,8 @@ def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.const
         mag = msq
         if WANT_MAG:
             mag = tl.load(tab + 64 + mi)
-    idx = tl.where(y > 0, mf + (HALF - 8388608.0), (HALF - 1 + 8388608.0) - mf)
-    return idx, tl.sum(msq, 1), mag
+    code = tl.where(y > 0, mf + (HALF - 8388608.0), mf - 8388608.0)  # sign-magnitude: L/2 + m or m
+    return code, tl.sum(msq, 1), mag
 
 
 # Lane k of the warp loads entry k of the three table rows (32 fp32 each).
@@ -278,15 +279,16 @@ def grid_asm(g: tuple[float, float, float], want_mag: bool) -> str:
 
 @triton.jit
 def _levels_search(y, LV, BD, BITS: tl.constexpr):
-    """General codebooks: binary search for ``#{k : bounds[k] < y}`` over the sorted bounds (gathers). Returns
-    ``(idx, Σ_row levels[idx]², levels[idx])``."""
+    """General codebooks: binary search for ``idx = #{k : bounds[k] < y}`` over the sorted bounds (gathers).
+    Returns ``(code_order(idx), Σ_row levels[idx]², levels[idx])``."""
     idx = tl.zeros_like(y.to(tl.int32))
     for step in tl.static_range(BITS):
         cand = idx + (1 << (BITS - 1 - step))
         bk = tl.load(BD + cand - 1)
         idx = tl.where(bk < y, cand, idx)
     c = tl.load(LV + idx)
-    return idx, tl.sum(c * c, 1), c
+    half: tl.constexpr = 1 << (BITS - 1)
+    return tl.where(idx >= half, idx, (half - 1) - idx), tl.sum(c * c, 1), c
 
 
 @triton.jit
@@ -322,19 +324,19 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             yn = (y * rs) / nc[:, None]
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
             yn = y * inv[:, None]
-        # Each returns the level index, the row's Σ levels² and (QJL) |level| per value.
+        # Each returns the stored code, the row's Σ levels² and (QJL) |level| per value.
         if len(G) > 0 and not EXACT:  # G = (GC1, GC2, GA): the estimate-and-correct path
-            idx, csq_r, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
+            code, csq_r, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
         elif SYM and not EXACT:  # |y| against the bounds times n / rs: a multiply per row and bound, not per value
-            idx, csq_r, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
+            code, csq_r, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
         elif SYM:
-            idx, csq_r, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
+            code, csq_r, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
         else:
-            idx, csq_r, mag = _levels_search(yn, LV, BD, BITS)
+            code, csq_r, mag = _levels_search(yn, LV, BD, BITS)
         csq += csq_r
         # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter;
         # 8-bit codes are stored as they are.
-        code = idx if BITS == 8 else idx.to(tl.float32 if EXACT else tl.float16)
+        code = code if BITS == 8 else code.to(tl.float32 if EXACT else tl.float16)
         _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
         if QJL:
             c = tl.where(y > 0, mag, -mag) if SYM else mag
