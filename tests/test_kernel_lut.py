@@ -6,7 +6,9 @@ reference on a CUDA GPU by test_kernels.py; the interpreter cannot run PTX.)"""
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,18 +41,29 @@ _OPS = {
 }
 
 
+def _imm(t: str) -> int:
+    """An immediate operand: an integer, or ``0fXXXXXXXX`` (the bits of an fp32 constant)."""
+    return int(t[2:], 16) if t.startswith("0f") else int(t, 0) & _M
+
+
 def _run(asm, regs: dict, ops: dict | None = None) -> dict:
-    """Run the PTX text of ``asm`` on the registers ``regs`` (``ops`` adds or replaces instructions)."""
+    """Run the PTX text of ``asm`` on the registers ``regs`` (``ops`` adds or replaces instructions; an ``@p``
+    guard runs a statement only where predicate register p is true)."""
     ops = {**_OPS, **(ops or {})}
     env = dict(regs)
-    for stmt in asm.value.replace("{", "").replace("}", "").split(";"):
+    text = asm if isinstance(asm, str) else asm.value
+    for stmt in text.replace("{", "").replace("}", "").split(";"):
         stmt = stmt.strip()
         if not stmt or stmt.startswith(".reg"):
             continue
+        if stmt.startswith("@"):
+            guard, stmt = stmt.split(None, 1)
+            if not env[guard[1:]]:
+                continue
         op, rest = stmt.split(None, 1)
         dst, *srcs = [t.strip() for t in rest.split(",")]
-        vals = [env[t] if re.match(r"^(\$\d+|[a-z]\w*)$", t) else int(t, 0) & _M for t in srcs]
-        env[dst] = ops[op.split(".")[0]](*vals)
+        vals = [env[t] if re.match(r"^(\$\d+|[a-z]\w*)$", t) else _imm(t) for t in srcs]
+        env[dst] = (ops.get(op) or ops[op.split(".")[0]])(*vals)  # a full name (setp.le.f32) first, then its stem
     return env
 
 
@@ -263,3 +276,76 @@ def test_gluon_qjl_signs_put_each_sketch_row_where_qjl_order_says(d):
                     got += [v & 0xFFFF, v >> 16]
                 cols = fragment_columns(t, W, key=True)
                 assert got == [0x3C00 if pos[perm[128 * p + c]] else 0xBC00 for c in cols], (t, p)
+
+
+# ------------------------------------------------------------------------- encode: the 4- and 5-bit level search
+def _f32(bits: int) -> float:
+    return float(np.uint32(bits).view(np.float32))
+
+
+def _bits32(x) -> int:
+    return int(np.float32(x).view(np.uint32))
+
+
+def _fma_f32(a: int, b: int, c: int) -> int:
+    """fma.rn.f32 on bit patterns: the exact a·b + c rounded once to the nearest fp32 (ties to even)."""
+    exact = Fraction(_f32(a)) * Fraction(_f32(b)) + Fraction(_f32(c))
+    near = np.float32(float(exact))  # within one fp32 ulp; settle the candidates exactly
+    cands = [near, np.nextafter(near, np.float32(-np.inf)), np.nextafter(near, np.float32(np.inf))]
+    best = min(cands, key=lambda v: (abs(Fraction(float(v)) - exact), int(v.view(np.uint32)) & 1))
+    return int(best.view(np.uint32))
+
+
+_F32_OPS = {
+    "abs": lambda a: a & 0x7FFFFFFF,
+    "min": lambda a, b: _bits32(min(_f32(a), _f32(b))),
+    "fma": _fma_f32,
+    "setp.le.f32": lambda a, b: _f32(a) <= _f32(b),
+    "sub": lambda a, b: (a - b) & _M,
+}
+
+
+@pytest.mark.parametrize("d,bits,qjl", [(128, 4, False), (128, 5, False), (64, 4, False), (256, 5, True)])
+def test_encode_level_search_ptx_finds_every_level(d, bits, qjl):
+    """The encode kernel's 4- and 5-bit level search (``grid_asm``: a fitted quadratic estimate, one exact
+    comparison, warp shuffles from the per-lane table of ``_LANE_TABLE``), run on the exact asm text with
+    fp32 arithmetic rounded as the GPU rounds it: for |y| 1–4 ulps around every bound, at the bounds, on a random
+    grid and past the last level, it must return 2^23 + #{pb < |y|} (the level's magnitude index, as fp32 bits),
+    that level's fp32 square and (QJL) |level| — bit for bit what the table holds. The GPU runs this PTX; the
+    interpreter runs its tl.load twin (test_kernels.py)."""
+    from tqcache.kernels.encode import grid_asm, grid_map
+
+    c = TurboQuantizer(d, bits, qjl=qjl, seed=4)
+    b = bits - qjl
+    half = 1 << (b - 1)
+    pos = c.levels0.float()[half:]
+    pb = c.bounds0.float()[half:]
+    g = grid_map(tuple(pb.tolist()))
+    assert g is not None
+    # The lane table's three rows (lane k holds entry k): −inf, bounds, +inf; levels²; |levels| (fp32 bits).
+    rows = [[_bits32(-np.inf)] + [_bits32(v) for v in pb.tolist()] + [_bits32(np.inf)],
+            [_bits32(v) for v in (pos * pos).tolist()], [_bits32(v) for v in pos.tolist()]]
+    rows = [r + [0] * (32 - len(r)) for r in rows]
+    b32 = pb.numpy()
+    ys = [b32, -b32, np.float32([0.0, -0.0, 1.0, -1.0, 4.0, float(pos[-1]) * 1.5])]
+    for toward in (np.float32(0), np.float32(np.inf)):
+        v = b32
+        for _ in range(4):
+            v = np.nextafter(v, toward)
+            ys += [v, -v]
+    gen = torch.Generator().manual_seed(d + bits)
+    ys.append((torch.randn(2000, generator=gen) * float(pos[-1]) / 2).numpy().astype(np.float32))
+    ys = np.concatenate(ys).astype(np.float32)
+    for want_mag in (False, True):
+        asm = grid_asm(g, want_mag)
+        n = 3 if want_mag else 2
+        # the table registers hold a row id; shfl.sync.idx reads that row's entry of the source lane (low 5 bits)
+        shfl = {"shfl": lambda row, lane, clamp, mask: rows[row][lane & 31]}
+        for y in ys.tolist():
+            regs = {f"${n}": _bits32(y), f"${n + 1}": 0, f"${n + 2}": 1, f"${n + 3}": 2}
+            env = _run(asm, regs, {**_F32_OPS, **shfl})
+            m = int(np.searchsorted(b32, np.float32(abs(y)), side="left"))
+            assert env["$0"] == _bits32(8388608.0 + m), (y, m, _f32(env["$0"]) - 8388608.0)
+            assert env["$1"] == rows[1][m], (y, m)
+            if want_mag:
+                assert env["$2"] == rows[2][m], (y, m)
