@@ -784,7 +784,8 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
     ≤ 256 splits). H100 sweep at 128K (docs/kernel-notes.md, v5): 12 per SM — one full wave at 168 registers —
     for B·Hkv < 32; from 32 on, two full waves (at most 24 per SM, rounded down: v16 A/B against the 16 per SM of
     v5–v15, which left 1.3–1.4 waves, µs: B = 16 +8–14 %, B = 4 and 8 −2 … +5.5 %, mostly +1 %;
-    `attention_h100_v16_two_waves.json`). At head_dim 128 up to 32K
+    `attention_h100_v16_two_waves.json`; at head_dim 64, where 16 fit at 128 registers, the same rule is within 1 %
+    of the best of 12 / 16 / 36 per SM and 1–13 % faster than 16: `attention_h100_v17_d64_splits.json`). At head_dim 128 up to 32K
     tokens and under 2^20 token-heads (B·Hkv·T), 8 per SM: an A/B over B ∈ {1, 2, 4, 8} × 4K–32K (turbo4, turbo3,
     turbo3.5, buffers rotated past L2) gained 2–8 % there (B = 1, 32K: 31.3 → 29.4 µs) and lost up to 18 % beyond
     it (B = 8, 32K; docs/kernel-notes.md, v11). head_dim 256 takes 16-token
