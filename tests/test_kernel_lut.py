@@ -1,7 +1,9 @@
-"""The register-table centroid lookups of the attention kernel (``_ASM_LUT2/3/4``), run through a small PTX
-emulator on the CPU: the exact asm text the GPU compiles, with the register tables ``_register_tables`` builds,
-must decode every code to the codec's fp16 centroid. (The kernel path itself is compared with the torch
-reference on a CUDA GPU by test_kernels.py; the interpreter cannot run PTX.)"""
+"""The inline PTX of the kernels, run through a small PTX emulator on the CPU: the register-table centroid lookups
+of the decode kernels (``_ASM_LUT2/3/4``, the Gluon kernel's 3- and 5-bit ones and QJL sign planes) must decode
+every code, with the tables ``_register_tables`` builds, to the codec's fp16 centroid in code order; the encode
+kernel's 4/5-bit level search (``grid_asm``) must find every level. The exact asm text the GPU compiles is run.
+(The kernel paths themselves are compared with the torch reference on a CUDA GPU by test_kernels.py; the
+interpreter cannot run PTX.)"""
 
 from __future__ import annotations
 
