@@ -657,7 +657,10 @@ def _gluon_decode_kernel(
                                         gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), qs)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
-    l_i = gl.zeros([BLOCK_M], gl.float32, QRY)
+    # Σ p per query row, kept as each lane's sum over its own tokens (tokens ≡ gid mod 8): adding a block's p then
+    # needs no cross-lane reduction; the lanes' partials are summed once after the loop.
+    LPART: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [1, 1], [1, 0])  # [token mod 8, BLOCK_M], lanes as MMA's
+    l_p = gl.zeros([8, BLOCK_M], gl.float32, LPART)
     a0 = gl.zeros([VW0, BLOCK_M], gl.float32, MMA)
     a1 = a0
     a2 = a0
@@ -851,7 +854,8 @@ def _gluon_decode_kernel(
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         p = gl.exp2(s - m_safe[None, :])
         alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, 0)
+        part = gl.convert_layout(gl.sum(gl.reshape(p, [BLOCK_N // 8, 8, BLOCK_M]), 0), LPART)
+        l_p = l_p * gl.convert_layout(alpha, gl.SliceLayout(0, LPART))[None, :] + part
         m_i = m_new
 
         # ---- values: a_pᵀ = a_pᵀ·alpha + plane_pᵀ (p · n^V)ᵀ per segment
@@ -868,7 +872,7 @@ def _gluon_decode_kernel(
     # ---- partials (rows past M are not stored); accumulator columns in kernel_order
     prow = (pid_bh * SPLITS + split) * M + offs_m
     gl.store(PM + prow, m_i, mask=mvalid)
-    gl.store(PL + prow, l_i, mask=mvalid)
+    gl.store(PL + prow, gl.convert_layout(gl.sum(l_p, 0), QRY), mask=mvalid)
     pa = PACC + prow[None, :] * D
     _store_acc(pa, mvalid[None, :], a0, a1, a2, a3, 0, VP0, VW0, TOK)
     if VB1 > 0:
