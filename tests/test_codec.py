@@ -20,6 +20,7 @@ from tqcache.codec import (
     Packed,
     TurboQuantizer,
     code_order,
+    code_order_packed,
     codebook,
     expected_mse,
     fwht,
@@ -376,6 +377,24 @@ def test_codes_are_sign_magnitude(bits):
     y = q.rotated(p)
     assert torch.equal(codes >= half, y > 0)  # the top bit is the sign of the coordinate's level
     assert torch.equal(y, p["norms"].float() * t[codes])
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_code_order_on_packed_streams(bits):
+    """code_order_packed maps every code of a packed stream as unpack -> code_order -> pack does, for every width
+    (word path for 1/2/4/8 bits, byte groups otherwise, and a width that is not a whole number of words)."""
+    for d in (128, 64, 8 * (5 if bits % 2 else 1)):
+        x = torch.randint(0, 256, (2, 3, 17, d * bits // 8), generator=gen(bits + d), dtype=torch.uint8)
+        want = pack_bits(code_order(unpack_bits(x, bits, d), bits), bits)
+        got = code_order_packed(x, bits)
+        assert torch.equal(got, want) and got.dtype == torch.uint8
+        assert torch.equal(code_order_packed(got, bits), x)
+    assert code_order_packed(x[:, :, :0], bits).shape == x[:, :, :0].shape
+    with pytest.raises(ValueError, match="got torch.int16"):
+        code_order_packed(x.to(torch.int16), bits)
+    if bits > 1:
+        with pytest.raises(ValueError, match=rf"multiple of {bits} bytes, got torch.uint8 \[\.\.\., 1\]"):
+            code_order_packed(x[..., :1], bits)
 
 
 def test_rotated_split_storage_contract():

@@ -13,13 +13,14 @@ from .base import Packed
 from .codebook import codebook, expected_mse, lloyd_max
 from .packing import pack_bits, packed_width, unpack_bits
 from .rotation import fwht, rotation_matrix
-from .turbo import TurboQuantizer, code_order, derive_seed, segments_for
+from .turbo import TurboQuantizer, code_order, code_order_packed, derive_seed, segments_for
 
 __all__ = [
     "AffineQuantizer",
     "Packed",
     "TurboQuantizer",
     "code_order",
+    "code_order_packed",
     "codebook",
     "derive_seed",
     "expected_mse",

@@ -59,7 +59,7 @@ from .codebook import codebook
 from .packing import pack_bits, packed_width, unpack_bits
 from .rotation import rotation_matrix
 
-__all__ = ["TurboQuantizer", "code_order", "derive_seed", "segments_for"]
+__all__ = ["TurboQuantizer", "code_order", "code_order_packed", "derive_seed", "segments_for"]
 
 _TINY = 1e-30
 _FP16_MAX = 65504.0
@@ -105,6 +105,35 @@ def code_order(idx: torch.Tensor, bits: int) -> torch.Tensor:
     """
     half = 1 << (bits - 1)
     return torch.where(idx >= half, idx, half - 1 - idx)
+
+
+def code_order_packed(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`code_order` applied to every code of a packed stream (``packing.pack_bits`` layout, uint8
+    ``[..., W]`` with ``W`` a multiple of ``bits``): the same bytes, each b-bit code below ``L/2`` mirrored.
+
+    Without unpacking: since ``L/2 − 1 − c = c XOR (L/2 − 1)`` for ``c < L/2``, a run of whole codes held in one
+    integer X becomes ``X XOR (T·(L/2 − 1))``, ``T`` = X's inverted top bits moved to the bottom of their fields.
+    The runs are int32 words for 1, 2, 4 and 8 bits (no code straddles a byte) and groups of ``bits`` bytes (8
+    codes) in an int64 otherwise. Its own inverse, like :func:`code_order`. (For loading version-1 cache files:
+    unpacking a 32K-token layer costs seconds.)"""
+    if packed.dtype != torch.uint8 or packed.shape[-1] % bits:
+        raise ValueError(f"expected uint8 codes whose width is a multiple of {bits} bytes, got "
+                         f"{packed.dtype} [..., {packed.shape[-1]}]")
+    packed = packed.contiguous()
+    lead, w = packed.shape[:-1], packed.shape[-1]
+    words = 8 % bits == 0 and w % 4 == 0
+    if words:
+        x, per = packed.view(torch.int32), 32 // bits  # little-endian words = the LSB-first stream
+    else:  # each group of `bits` bytes zero-padded to one little-endian int64
+        grouped = torch.nn.functional.pad(packed.reshape(*lead, w // bits, bits), (0, 8 - bits))
+        x, per = grouped.view(torch.int64), 8
+    fields = sum(1 << (bits * k) for k in range(per))  # the lowest bit of each field
+    if x.dtype == torch.int32 and fields >= 1 << 31:
+        fields -= 1 << 32
+    # (the arithmetic shift fills the top with copies of the sign bit; the mask keeps only field bits)
+    x = x ^ ((((~x) >> (bits - 1)) & fields) * ((1 << (bits - 1)) - 1))  # a wrapping multiply: bit pattern right
+    out = x.view(torch.uint8)
+    return out if words else out.reshape(*lead, w // bits, 8)[..., :bits].reshape(packed.shape)
 
 
 def segments_for(dim: int, mse_bits: float) -> list[tuple[int, int]]:
