@@ -526,9 +526,10 @@ def _query_map_kernel(
     Q, stride_qb, stride_qh, stride_ql,  # [B, Hq, Lq, D] queries (any float dtype)
     A, stride_ah,  # [(Hkv,) D, DA] fp32 query map (stride_ah = 0 when shared by the heads)
     QK, stride_kb, stride_kh, stride_km,  # [B, Hkv, M, DA] out, dot dtype
+    CNT,  # [B·Hkv·M] int32: the merge's arrival counts, zeroed here (ZERO; the step's first launch)
     M, c,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
-    BLOCK_M: tl.constexpr, DC: tl.constexpr,
+    BLOCK_M: tl.constexpr, DC: tl.constexpr, ZERO: tl.constexpr,
 ):
     """``q̃ = (q @ A)·c`` for the rows ``m = i·G + g`` of one (batch·KV head, row tile, DC-column chunk), in one launch.
 
@@ -555,6 +556,9 @@ def _query_map_kernel(
     a = tl.load(a_base + offs_d[:, None] * DA + (c0 + offs_c)[None, :])
     r = tl.dot(q, a, input_precision="tf32x3") * c
     tl.store(out + (c0 + offs_c)[None, :], r.to(QK.dtype.element_ty), mask=mvalid[:, None])
+    if ZERO:
+        if c0 == 0:
+            tl.store(CNT + pid_bh * M + offs_m, tl.zeros([BLOCK_M], tl.int32), mask=mvalid)
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
@@ -563,14 +567,18 @@ def _attn_merge_kernel(
     U,  # [D, D] fp32: row j = unrotate(e_j), so out = acc @ U
     OUT, stride_ob, stride_oh, stride_ol,  # [B, Hq, Lq, D] fp32
     LSE, stride_lb, stride_lh,  # [B, Hq, Lq] fp32 (contiguous last dim)
+    PO, CNT,  # NC > 1: [B·Hkv·M, NC, D] fp32 partial outputs, [B·Hkv·M] int32 arrival counts (zero at launch)
     M, SPLITS,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr,
+    SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr, NC: tl.constexpr,
 ):
     """Log-sum-exp merge of the ``SPLITS`` partials of one output row ``(batch·KV head, m)``, normalise, rotate back.
 
-    One program per row: the merge is latency-bound (a few KB per row), so it wants many small programs and no
-    load that waits on another — the maxima of all splits in one ``[SPLITS_P2]`` load, the accumulators ``SCH``
+    One program per row — or, with ``NC`` > 1 (:func:`merge_chunks`: small batches), NC per row, each merging
+    ``D/NC`` accumulator columns and multiplying them by their rows of U; the last of the row's programs to arrive
+    (an acq_rel counter the query map zeroed) adds the NC partial outputs in chunk order, so the result does not
+    depend on the arrival order. The merge is latency-bound (a few KB per row), so it wants many small programs
+    and no load that waits on another — the maxima of all splits in one ``[SPLITS_P2]`` load, the accumulators ``SCH``
     splits at a time as ``[SCH, D]`` tiles, the unrotation ``acc @ U`` as fp32 products over ``[D, DC]`` tiles of
     ``U`` (which stays in L2). The launcher makes the tiles as large as 8 warps hold (all 256 splits and all of U
     at d = 128: two dependent loads per row), which took the merge alone from 9.7 to 5.8 µs at 198 splits (H100,
@@ -583,15 +591,17 @@ def _attn_merge_kernel(
     b = pid_bh // HKV
     h = pid_bh % HKV
     offs_d = tl.arange(0, D)
+    DW: tl.constexpr = D // NC  # accumulator columns merged here (NC > 1: one chunk per program, axis 2)
+    offs_w = tl.program_id(2) * DW + tl.arange(0, DW)
 
     offs_s = tl.arange(0, SPLITS_P2)
     row0 = pid_bh * SPLITS * M + m
     ONE: tl.constexpr = SPLITS_P2 <= SCH  # one tile holds every split's accumulator
     if ONE:  # issue every load first: none depends on another, so their latencies overlap
-        a1 = tl.load(PACC + (row0 + offs_s * M)[:, None] * D + offs_d[None, :], mask=(offs_s < SPLITS)[:, None],
+        a1 = tl.load(PACC + (row0 + offs_s * M)[:, None] * D + offs_w[None, :], mask=(offs_s < SPLITS)[:, None],
                      other=0.0)
-    if DC == D:
-        u1 = tl.load(U + offs_d[:, None] * D + offs_d[None, :])
+    if DC == D or NC > 1:
+        u1 = tl.load(U + offs_w[:, None] * D + offs_d[None, :])  # rows of U for these columns: [DW, D]
     m_s = tl.load(PM + row0 + offs_s * M, mask=offs_s < SPLITS, other=float("-inf"))
     l_s = tl.load(PL + row0 + offs_s * M, mask=offs_s < SPLITS, other=0.0)
     m_g = tl.max(m_s, 0)
@@ -602,26 +612,37 @@ def _attn_merge_kernel(
     if ONE:
         acc = tl.sum(a1 * w_s[:, None], 0)
     else:
-        acc = tl.zeros([D], tl.float32)
+        acc = tl.zeros([DW], tl.float32)
         offs_c = tl.arange(0, SCH)
         for c0 in range(0, SPLITS, SCH):
             sp = c0 + offs_c
             ok = sp < SPLITS
             w = tl.math.exp2(tl.load(PM + row0 + sp * M, mask=ok, other=float("-inf")) - m_safe)
-            a = tl.load(PACC + (row0 + sp * M)[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+            a = tl.load(PACC + (row0 + sp * M)[:, None] * D + offs_w[None, :], mask=ok[:, None], other=0.0)
             acc += tl.sum(a * w[:, None], 0)
     acc = acc / tl.maximum(l_g, 1e-30)
     lse = tl.where(l_g > 0, (m_g + tl.log2(tl.maximum(l_g, 1e-30))) * 0.6931471805599453, float("-inf"))
 
     o_row = OUT + b * stride_ob + (h * G + m % G) * stride_oh + (m // G) * stride_ol
+    tl.store(LSE + b * stride_lb + (h * G + m % G) * stride_lh + m // G, lse)  # (every chunk: the same value)
     offs_o = tl.arange(0, DC)
-    if DC == D:
+    if NC > 1:
+        # out = Σ_chunks acc_chunk @ U[chunk rows]: each program stores its term; the last of the row's NC to arrive
+        # adds them in chunk order (the same sum whatever the arrival order) and writes the row.
+        row = pid_bh * M + m
+        tl.store(PO + (row * NC + tl.program_id(2)) * D + offs_d, tl.sum(acc[:, None] * u1, 0))
+        tl.debug_barrier()  # every thread's store precedes the (single-thread) release below
+        if tl.atomic_add(CNT + row, 1, sem="acq_rel") == NC - 1:
+            tot = tl.load(PO + row * NC * D + offs_d, cache_modifier=".cg")
+            for c in tl.static_range(1, NC):
+                tot += tl.load(PO + (row * NC + c) * D + offs_d, cache_modifier=".cg")
+            tl.store(o_row + offs_d, tot)
+    elif DC == D:
         tl.store(o_row + offs_o, tl.sum(acc[:, None] * u1, 0))
     else:
         for c0 in tl.static_range(0, D, DC):
             u = tl.load(U + offs_d[:, None] * D + (c0 + offs_o)[None, :])
             tl.store(o_row + c0 + offs_o, tl.sum(acc[:, None] * u, 0))
-    tl.store(LSE + b * stride_lb + (h * G + m % G) * stride_lh + m // G, lse)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
@@ -982,6 +1003,23 @@ def _tensor_sig(t) -> tuple | None:
     return None if t is None else (t.dtype, t.shape, t.stride(), t.data_ptr() & 15, t.device)
 
 
+MERGE_NC = 0  # 0: merge_chunks' rule; a number overrides it (A/B runs)
+
+
+def merge_chunks(rows: int, d: int) -> int:
+    """Programs per output row of the merge kernel (column chunks of the accumulator, each with its rows of U).
+
+    At B = 1 (32 rows: 8 KV heads × 4) the one-row programs leave 100 of 132 SMs idle, each of the 32 reading
+    its row's partials and all of U (~165 KB at 198 splits); 4 chunks spread that over 128 programs at the cost of
+    a second dependent step (the last to arrive adds the chunks' outputs). H100, turbo4, graph µs of the whole
+    step, same process (`attention_h100_v17_merge_chunks_ab.json`), 1 -> 4 chunks: B = 1 16K 20.2 -> 19.6, 64K
+    44.4 -> 43.6, 128K 73.3 -> 72.5; B = 8 (256 rows) 233.8 -> 244.0 at 64K: slower, so only for ≤ 32 rows
+    (between 32 and 256 unmeasured) and head_dim ≤ 128."""
+    if MERGE_NC:
+        return MERGE_NC
+    return 4 if rows <= 32 and d <= 128 else 1
+
+
 _PLANS = Plans()  # per key codec, call key -> (weakref to the value codec, run): see attend_packed_triton
 LAUNCH_CONFIGS: dict = {}  # "attend B=.. T=.." -> the launch configuration first used for it (kernels.info())
 _QMAP = Replay(_query_map_kernel)
@@ -1116,7 +1154,12 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
     # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
     DA = A.shape[-1]
     DCQ = 32  # query-map columns per program (DA is a multiple: d, 192 for quarter-bit key containers, + d for QJL)
-    qmeta = dict(HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, num_warps=4)
+    # The merge: one program per output row, or NC per row over column chunks (merge_chunks), whose partial
+    # outputs and arrival counts live in the scratch after the partials (the counts zeroed by the query map).
+    NC = merge_chunks(B * Hkv * M, d)
+    rows = B * Hkv * M
+    merge_bytes = 4 * rows * (NC * d + 1) if NC > 1 else 4
+    qmeta = dict(HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, ZERO=NC > 1, num_warps=4)
     a_stride = A.stride(0) if A.dim() == 3 else 0
     qk_strides = (Hkv * M * DA, M * DA, DA)
     esize = 4 if dot_dtype == torch.float32 else 2
@@ -1153,7 +1196,8 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
             c = dict(cfg, SPLITS=SPL)
             m = metas[SPL] = (gmeta if use_gluon else tmeta,
                               dict(HKV=Hkv, G=G, D=d, SPLITS_P2=_p2(SPL),
-                                   SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), num_warps=8))
+                                   SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), NC=NC,
+                                   num_warps=8))
             if len(LAUNCH_CONFIGS) < 256:
                 LAUNCH_CONFIGS[f"{shape_key} T={T}"] = c
         dmeta, mmeta = m
@@ -1161,22 +1205,27 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         # (SPL is not specialized on, only its int width matters; the merge's tiles follow its power of 2)
         dkey, mkey = (key, wspec, int_spec(T), int_width(SPL)), (key, _p2(SPL), int_width(SPL))
         n_part = B * Hkv * SPL * M
-        buf = torch.empty(qk_bytes + 4 * n_part * (d + 2), device=dev, dtype=torch.uint8)
+        part_end = qk_bytes + 4 * n_part * (d + 2)
+        buf = torch.empty(part_end + merge_bytes, device=dev, dtype=torch.uint8)
         if _QMAP.ready((key,)) and decode.ready(dkey) and _MERGE.ready(mkey):
             # Replays: the scratch as addresses (the compiled launchers take ints; no views to make).
             qk = buf.data_ptr()
             pacc = qk + qk_bytes
             pm = pacc + 4 * n_part * d
             pl = pm + 4 * n_part
+            po = qk + part_end
+            cnt = po + 4 * rows * NC * d
         else:  # Triton specializes on these calls: tensors
             qk = buf[: B * Hkv * M * DA * esize].view(dot_dtype).view(B, Hkv, M, DA)
             pacc = buf[qk_bytes : qk_bytes + 4 * n_part * d].view(torch.float32)
             pm = buf[qk_bytes + 4 * n_part * d : qk_bytes + 4 * n_part * (d + 1)].view(torch.float32)
-            pl = buf[qk_bytes + 4 * n_part * (d + 1) :].view(torch.float32)
+            pl = buf[qk_bytes + 4 * n_part * (d + 1) : part_end].view(torch.float32)
+            po = buf[part_end : part_end + 4 * rows * NC * d].view(torch.float32)
+            cnt = buf[part_end + 4 * rows * NC * d :].view(torch.int32)
         out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
         lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
         _QMAP((key,), (B * Hkv, m_tiles, DA // DCQ),
-              (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, M, float(scale * _LOG2E)),
+              (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, cnt, M, float(scale * _LOG2E)),
               qmeta)
         kc, kn, vc, vn = kf["codes"], kf["norms"], vf["codes"], vf["norms"]
         if use_gluon:
@@ -1200,8 +1249,8 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         ck = decode(dkey, grid, args, dmeta)
         if first:
             _record_compile(ck, c, bits, fast and not use_gluon)
-        _MERGE(mkey, (B * Hkv, M),
-               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, M, SPL), mmeta)
+        _MERGE(mkey, (B * Hkv, M, NC),
+               (pacc, pm, pl, U, out, Hq * Lq * d, Lq * d, d, lse, Hq * Lq, Lq, po, cnt, M, SPL), mmeta)
         return out, lse
 
     return run
