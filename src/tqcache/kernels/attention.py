@@ -19,7 +19,8 @@ Work decomposition: one program per (batch·KV head, split, query tile) covers a
 group, so each compressed K/V byte is read once per query tile — exactly once at decode, where
 ``M = G·Lq ≤ 16`` fits one tile. The GQA group is padded to ``BLOCK_M = 16`` rows so both products run on
 the tensor cores (``tl.dot``). Three launches per step: the query map, the split kernel, and a merge kernel
-with one program per output row (log-sum-exp over the splits, normalise, rotate back). Prefill chunks
+with one program per output row (log-sum-exp over the splits, normalise, rotate back; at small batches four per
+row over column chunks, :func:`merge_chunks`). Prefill chunks
 (``M > 16``) use 64-row query tiles and re-read the prefix once per tile.
 
 Decode steps that the Gluon kernel of :mod:`.decode_gluon` covers (``decode_gluon.gluon_reason``: every named
