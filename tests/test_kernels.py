@@ -321,6 +321,31 @@ def test_split_count_does_not_change_the_result():
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-6)
 
 
+def test_merge_column_chunks_match_one_program_per_row(monkeypatch):
+    """The merge over NC column chunks (merge_chunks: small batches; the last program of a row to arrive adds the
+    chunks' outputs) gives the one-program-per-row merge's output up to fp32 summation order and the same lse, and
+    the same bits on a second call (the chunks are added in chunk order, not arrival order)."""
+    from tqcache.kernels import attention as A
+    from tqcache.kernels._launch import Plans
+
+    kc, vc, kp, vp = _make(64, 4, 3, B=1, Hkv=2, T=150, seed=31)
+    q = torch.randn(1, 8, 1, 64, generator=_gen(32)).to(DEV)
+    assert A.merge_chunks(1 * 2 * 4, 64) > 1  # this shape takes the chunked merge by default
+    got = {}
+    for nc in (1, 2, 4):
+        monkeypatch.setattr(A, "MERGE_NC", nc)
+        monkeypatch.setattr(A, "_PLANS", Plans())  # plans fix NC when made
+        for r in (A._QMAP, A._MERGE, A._DECODE):
+            monkeypatch.setattr(r, "hits", {})
+        o, lse = attend_packed_triton(q, kc, kp, vc, vp, scale=0.125, splits=5)
+        o2, lse2 = attend_packed_triton(q, kc, kp, vc, vp, scale=0.125, splits=5)
+        assert torch.equal(o, o2) and torch.equal(lse, lse2)
+        got[nc] = (o, lse)
+    for nc in (2, 4):
+        torch.testing.assert_close(got[nc][0], got[1][0], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got[nc][1], got[1][1])
+
+
 def test_codebook_changed_in_place_is_not_served_stale():
     """The kernels cache constants derived from a codec (centroid tables, query map); editing the codec's
     buffers in place after a first call must rebuild them."""
