@@ -483,7 +483,7 @@ def _codes_to_sign_magnitude(meta: dict, tensors: dict) -> tuple[dict, dict]:
     mapped per segment (the segments follow from the file's config and head_dim) in place in the packed stream
     (:func:`tqcache.codec.code_order_packed`: ~20–80 ms per 32K-token layer); nothing else changes, so the loaded
     cache decodes exactly as the version-1 file did."""
-    from .codec import code_order_packed, segments_for
+    from .codec import code_order_packed, packed_width, segments_for
 
     cfg = _config_from_dict(meta["config"])
     for lm in meta["layers"]:
@@ -495,7 +495,7 @@ def _codes_to_sign_magnitude(meta: dict, tensors: dict) -> tuple[dict, dict]:
                 continue
             codes, parts, byte = tensors[name], [], 0
             for d_s, b_s in segments_for(int(lm["head_dim"]), ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
-                w = d_s * b_s // 8
+                w = packed_width(d_s, b_s)
                 parts.append(code_order_packed(codes[..., byte : byte + w], b_s))
                 byte += w
             if byte != codes.shape[-1]:

@@ -1157,8 +1157,8 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
     DCQ = 32  # query-map columns per program (DA is a multiple: d, 192 for quarter-bit key containers, + d for QJL)
     # The merge: one program per output row, or NC per row over column chunks (merge_chunks), whose partial
     # outputs and arrival counts live in the scratch after the partials (the counts zeroed by the query map).
-    NC = merge_chunks(B * Hkv * M, d)
     rows = B * Hkv * M
+    NC = merge_chunks(rows, d)
     merge_bytes = 4 * rows * (NC * d + 1) if NC > 1 else 4
     qmeta = dict(HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, ZERO=NC > 1, num_warps=4)
     a_stride = A.stride(0) if A.dim() == 3 else 0
