@@ -56,7 +56,7 @@ import torch
 
 from .base import Packed, check_input
 from .codebook import codebook
-from .packing import pack_bits, packed_width, unpack_bits
+from .packing import pack_bits, pack_codes, packed_width, unpack_bits, unpack_codes
 from .rotation import rotation_matrix
 
 __all__ = ["TurboQuantizer", "code_order", "code_order_packed", "derive_seed", "segments_for"]
@@ -410,7 +410,7 @@ class TurboQuantizer(torch.nn.Module):
             _, levels, bounds = self._seg(s)
             # bucketize(right=False) counts boundaries strictly below y: ties go to the lower level.
             idx = torch.bucketize(ys.contiguous(), bounds)
-            codes.append(pack_bits(code_order(idx, b_s), b_s))
+            codes.append(pack_codes(code_order(idx, b_s), b_s))
             cs.append(levels[idx])
         scales, rot_parts = [], []
         for cb, n in zip(torch.cat(cs, -1).split(self.blocks, -1), norms):
@@ -449,7 +449,7 @@ class TurboQuantizer(torch.nn.Module):
         for s, (d_s, b_s) in enumerate(self.segments):
             _, levels, _ = self._seg(s)
             w = packed_width(d_s, b_s)
-            idx = code_order(unpack_bits(codes[..., byte : byte + w], b_s, d_s), b_s)
+            idx = code_order(unpack_codes(codes[..., byte : byte + w], b_s, d_s), b_s)
             byte += w
             blk = self._block_of(s)
             parts.append(norms[..., blk : blk + 1] * levels[idx])
