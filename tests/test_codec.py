@@ -33,6 +33,7 @@ from tqcache.codec import (
     unpack_bits,
 )
 from tqcache.codec.attention import attend_packed, build_mask, merge_partials
+from tqcache.codec.packing import pack_codes, unpack_codes
 from tqcache.config import CodecConfig
 
 # Exact Lloyd–Max distortion of a unit vector at d = 128 (paper rounds to 0.36, 0.117, 0.03, 0.009).
@@ -211,6 +212,74 @@ def test_pack_rejects_partial_bytes_and_wrong_width():
         unpack_bits(torch.randint(0, 255, (4,), generator=gen(0)).to(torch.uint8), 3, 8)
 
 
+def _words(packed_row) -> list[int]:
+    """Little-endian uint32 words of a row of bytes."""
+    b = bytes(packed_row.tolist())
+    return [int.from_bytes(b[i : i + 4], "little") for i in range(0, len(b) - len(b) % 4, 4)]
+
+
+def test_pack_codes_3bit_unit_layout_by_hand():
+    """TurboQuant's 3-bit layout (cache format 3): units of 32 codes = words W0, W1, H. Code 32u + 8q + j keeps
+    its low two bits at bits 4j + 2(q%2), +1 of W_{q//2} and its top bit at bit 4j + (2, 3, 0, 1)[q] of H."""
+    for n in (32, 64):
+        for k in range(n):
+            u, q, j = k // 32, (k % 32) // 8, k % 8
+            for value in (7, 1, 2, 4):
+                c = torch.zeros(n, dtype=torch.int64)
+                c[k] = value
+                row = pack_codes(c, 3)
+                assert row.shape == (n * 3 // 8,) and row.dtype == torch.uint8
+                words = _words(row)
+                want = [0] * len(words)
+                lo = 4 * j + 2 * (q % 2)
+                want[3 * u + q // 2] |= (value & 3) << lo
+                want[3 * u + 2] |= (value >> 2) << (4 * j + (2, 3, 0, 1)[q])
+                assert words == want, (n, k, value)
+    # Every group q of a unit as the nibbles of one word: (W >> 2(q%2)) & 0x33333333 | rotl(H, (0, 31, 2, 1)[q])
+    # & 0x44444444 gives nibble j = code 8q + j (what the decode kernels compute).
+    c = torch.randint(0, 8, (32,), generator=gen(5), dtype=torch.int64)
+    w0, w1, h = _words(pack_codes(c, 3))
+    for q in range(4):
+        r = (0, 31, 2, 1)[q]
+        rotl = ((h << r) | (h >> (32 - r))) & 0xFFFFFFFF if r else h
+        nib = (((w0, w1)[q // 2] >> 2 * (q % 2)) & 0x33333333) | (rotl & 0x44444444)
+        assert [(nib >> 4 * j) & 0xF for j in range(8)] == c[8 * q : 8 * q + 8].tolist()
+
+
+@pytest.mark.parametrize("n", [8, 16, 24, 32, 48, 64, 96, 128, 200, 256])
+def test_pack_codes_round_trip_and_tail(n):
+    """pack_codes/unpack_codes round-trip at every width; at 3 bits the n // 32 whole units come first, then the
+    remaining n % 32 codes in pack_bits' dense stream; other widths (and rows shorter than a unit) are pack_bits."""
+    g = gen(n)
+    for bits in range(1, 9):
+        if (n * bits) % 8:
+            continue
+        c = torch.randint(0, 1 << bits, (2, 3, n), generator=g, dtype=torch.int64)
+        p = pack_codes(c, bits)
+        assert p.dtype == torch.uint8 and p.shape == (2, 3, n * bits // 8)
+        assert torch.equal(unpack_codes(p, bits, n), c)
+        if bits != 3 or n < 32:
+            assert torch.equal(p, pack_bits(c, bits))
+            continue
+        u = n // 32
+        units = c[..., : 32 * u].reshape(2, 3, u, 32)
+        assert torch.equal(p[..., : 12 * u].reshape(2, 3, u, 12), pack_codes(units, 3))  # unit by unit
+        assert torch.equal(p[..., 12 * u :], pack_bits(c[..., 32 * u :], 3))  # the dense tail
+        assert not torch.equal(p, pack_bits(c, 3))  # really another layout
+    with pytest.raises(ValueError, match="expected 18 bytes"):
+        unpack_codes(torch.zeros(17, dtype=torch.uint8), 3, 48)
+
+
+def test_turbo3_codes_use_the_unit_layout():
+    q = TurboQuantizer(48, 3, seed=1)
+    x = torch.randn(5, 48, generator=gen(9))
+    p = q.quantize(x)
+    codes = unpack_codes(p["codes"], 3, 48)
+    assert torch.equal(p["codes"], pack_codes(codes, 3))
+    t = q.code_levels(0)
+    torch.testing.assert_close(q.rotated(p), p["norms"].float() * t[codes])
+
+
 # ---------------------------------------------------------------------------------------------- TurboQuant-MSE
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_turbo_mse_distortion_matches_paper(bits):
@@ -373,7 +442,7 @@ def test_codes_are_sign_magnitude(bits):
     assert torch.equal(t[:half], -t[half:])  # |level| by the low bits
     x = torch.randn(40, 64, generator=gen(bits))
     p = q.quantize(x)
-    codes = unpack_bits(p["codes"], bits, 64)
+    codes = unpack_codes(p["codes"], bits, 64)  # TurboQuant's layout (3 bits: units of 32, format version 3)
     y = q.rotated(p)
     assert torch.equal(codes >= half, y > 0)  # the top bit is the sign of the coordinate's level
     assert torch.equal(y, p["norms"].float() * t[codes])
@@ -408,8 +477,8 @@ def test_rotated_split_storage_contract():
     assert q.bits_per_element == pytest.approx((32 * 4 + 32 * 3 + 16) / 64)  # 3.75: one norm, not two
     x, y = torch.randn(200, 64, generator=g) * 3, torch.randn(200, 64, generator=g)
     p = q.quantize(x)
-    idx0 = unpack_bits(p["codes"][..., :16], 4, 32)
-    idx1 = unpack_bits(p["codes"][..., 16:], 3, 32)
+    idx0 = unpack_codes(p["codes"][..., :16], 4, 32)
+    idx1 = unpack_codes(p["codes"][..., 16:], 3, 32)  # one 3-bit unit (W0, W1, H)
     c = torch.cat([q.code_levels(0)[idx0], q.code_levels(1)[idx1]], -1)
     norm = p["norms"].float()
     torch.testing.assert_close(q.rotated(p), norm * c)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tqcache.codec import TurboQuantizer
-from tqcache.codec.packing import pack_bits
+from tqcache.codec.packing import pack_bits, pack_codes
 from tqcache.kernels.attention import _ASM_LUT2, _ASM_LUT3, _ASM_LUT4, _register_tables
 
 _M = 0xFFFFFFFF
@@ -38,6 +38,7 @@ _OPS = {
     "or": lambda a, b: a | b, "xor": lambda a, b: a ^ b, "mul": lambda a, b: (a * b) & _M,
     "mad": lambda a, b, c: (a * b + c) & _M, "prmt": _prmt, "mov": lambda a: a,
     "add": lambda a, b: (a + b) & _M, "shf": lambda a, b, c: ((b << 32 | a) >> min(c, 32)) & _M,  # shf.r.clamp
+    "shf.l.wrap.b32": lambda a, b, c: ((b << 32 | a) << (c & 31) >> 32) & _M,  # (a = b: a rotate left)
     "lop3": lambda a, b, c, lut: sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i
                                      for i in range(32)),
 }
@@ -117,18 +118,49 @@ def test_lut2_decodes_every_byte():
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_lut3_decodes_every_half_word(d):
+    # Halves of a group's nibble word (codes at bits 0, 4, 8, 12; attention._decode_planes): every combination of
+    # the four codes in lane 0, random halves in lanes 1-3; all other bits (bit 3 of each nibble, bits above 16)
+    # random, which the lookup must ignore.
     c = TurboQuantizer(d, 3)
     w = [x & _M for x in _register_tables(c)[0][0].tolist()]
     lv = _bits16(c.code_levels(0))
     gen = torch.Generator().manual_seed(3)
-    noise = torch.randint(0, 1 << 24, (4, 4096), generator=gen).tolist()
-    for v in range(4096):  # every 12-bit half in lane 0, random ones (with bits above 12 set) in lanes 1-3
-        xs = [v | (noise[0][v] & 0xFFF000)] + [noise[k][v] for k in (1, 2, 3)]
+    noise = torch.randint(0, 1 << 31, (4, 4096), generator=gen).tolist()
+    for v in range(4096):
+        spread = sum(((v >> 3 * j) & 7) << 4 * j for j in range(4))
+        xs = [spread | (noise[0][v] & ~0x7777 & _M)] + [noise[k][v] for k in (1, 2, 3)]
         regs = {f"${8 + k}": xs[k] for k in range(4)}
         regs.update({f"${12 + 4 * k + j}": w[k] for k in range(4) for j in range(4)})
         env = _run(_ASM_LUT3, regs)
         for j in range(4):
-            assert _halves(env, f"${2 * j}", f"${2 * j + 1}") == [lv[(x >> 3 * j) & 7] for x in xs]
+            assert _halves(env, f"${2 * j}", f"${2 * j + 1}") == [lv[(x >> 4 * j) & 7] for x in xs]
+
+
+def test_lut3_decodes_packed_units():
+    # The halves as the kernel builds them from pack_codes' units (W0, W1, H -> nibble word of group q -> n, n >> 16):
+    # plane j of halves (x[2g], x[2g + 1]) is codes (8g + j, 8g + 4 + j).
+    c = TurboQuantizer(128, 3)
+    w = [x & _M for x in _register_tables(c)[0][0].tolist()]
+    lv = _bits16(c.code_levels(0))
+    codes = torch.randint(0, 8, (64, 128), generator=torch.Generator().manual_seed(4))
+    for row, packed in zip(codes.tolist(), pack_codes(codes, 3).tolist()):
+        units = [[int.from_bytes(bytes(packed[12 * u + 4 * i: 12 * u + 4 * i + 4]), "little") for i in range(3)]
+                 for u in range(4)]
+        xs = []
+        for u in range(4):
+            w0, w1, hw = units[u]
+            for q, r in enumerate((0, 31, 2, 1)):
+                rot = ((hw << r) | (hw >> (32 - r))) & _M
+                n = (((w0, w1)[q // 2] >> 2 * (q % 2)) & 0x33333333) | (rot & 0x44444444)
+                xs += [n, n >> 16]
+        for k in range(0, len(xs), 4):  # pack = 4: halves of groups k/2, k/2 + 1
+            regs = {f"${8 + i}": xs[k + i] for i in range(4)}
+            regs.update({f"${12 + 4 * t + j}": w[t] for t in range(4) for j in range(4)})
+            env = _run(_ASM_LUT3, regs)
+            g = k // 2
+            for j in range(4):
+                want = [lv[row[8 * g + j]], lv[row[8 * g + 4 + j]], lv[row[8 * g + 8 + j]], lv[row[8 * g + 12 + j]]]
+                assert _halves(env, f"${2 * j}", f"${2 * j + 1}") == want
 
 
 # ---------------------------------------------------------------------------------- Gluon kernel, 3-bit codes
@@ -149,11 +181,11 @@ def _table_regs(w: list[int], first: int) -> dict:
     return {f"${first + 4 * k + j}": w[k] for k in range(4) for j in range(4)}
 
 
-def _pair_selector_regs(odd: int) -> dict:
-    """The two per-lane prmt selectors of _pair_selectors (groups at byte 0 or 2 of two words) as $20.. and $24..,
+def _rotation_regs(half: int, first: int = 20) -> dict:
+    """The two per-lane H rotations of a unit half (_half_rotations: 0, 31 or 2, 1) as $first.. and $(first + 4)..,
     each broadcast over its 4 pack registers."""
-    sel = (0x5432, 0x7765) if odd else (0x3210, 0x6543)
-    return {f"${20 + 4 * k + j}": sel[k] for k in range(2) for j in range(4)}
+    rot = (2, 1) if half else (0, 31)
+    return {f"${first + 4 * k + j}": rot[k] for k in range(2) for j in range(4)}
 
 
 @pytest.mark.parametrize("d", [128, 64])
@@ -166,7 +198,7 @@ def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says(d):
     W = d // 4
     for _ in range(6):
         codes = torch.randint(0, 8, (2, d), generator=gen)
-        rows = [bytes(r.tolist()) for r in pack_bits(codes, 3)]
+        rows = [bytes(r.tolist()) for r in pack_codes(codes, 3)]
         for t in range(4):
             got = {}  # (row, plane, column) -> fp16 bits
             if d == 128:  # words 3t .. 3t + 2 of one row (+ padding); $(4m + g) = pair m of group g
@@ -178,10 +210,10 @@ def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says(d):
                         for j in (16 * kc + 8 * h + 2 * t + e for kc in (0, 1) for h in (0, 1) for e in (0, 1)):
                             g = 2 * (j >> 4) + ((j >> 3) & 1)
                             got[r, m, j] = (env[f"${4 * m + g}"] >> 16 * (j & 1)) & 0xFFFF
-            else:  # two words per row, rows r and r + 8 in one call; $(4m + 2g + k) = pair m of group g, row k
-                wa, wb = (_words(row, 4 * (3 * t // 2), 2) for row in rows)
+            else:  # W and H words per row, rows r and r + 8 in one call; $(4m + 2g + k) = pair m of group g, row k
+                wa, wb = ((_words(row, 12 * (t // 2) + 4 * (t % 2), 1) + _words(row, 12 * (t // 2) + 8, 1)) for row in rows)
                 regs = {"$16": wa[0], "$17": wa[1], "$18": wb[0], "$19": wb[1], **_table_regs(w, 28),
-                        **_pair_selector_regs(t % 2)}
+                        **_rotation_regs(t % 2)}
                 env = _run(_ASM_LUT3K64, regs)
                 for r in (0, 1):
                     for m in range(4):
@@ -194,28 +226,29 @@ def test_gluon_lut3_keys_put_each_channel_where_kernel_order_says(d):
 @pytest.mark.parametrize("d", [128, 64])
 def test_gluon_lut3_values_put_each_channel_where_kernel_order_says(d):
     # A token pair (a, b) through the value lookup; the fp16 pair in a register is (token a, token b) of one column,
-    # column j = 8·nt + gid of plane p. d = 128: lane gid reads words (3·gid) // 2 and the next (two groups);
-    # d = 64: words (3·gid) // 4 and the next (one group, at byte (3·gid) % 4).
+    # column j = 8·nt + gid of plane p. d = 128: lane gid reads the W and H words of half gid mod 2 of unit gid div 2
+    # (two groups); d = 64: of group gid mod 4 of unit gid div 4 (one group; W shifted by 2·(gid mod 2)).
     from tqcache.kernels.decode_gluon import _ASM_LUT3V, _ASM_LUT3V64
 
     w, lv, perm, gen = _lut3_setup(False, d)
     W = d // 4
     for _ in range(6):
         codes = torch.randint(0, 8, (2, d), generator=gen)
-        rows = [bytes(r.tolist()) for r in pack_bits(codes, 3)]
+        rows = [bytes(r.tolist()) for r in pack_codes(codes, 3)]
         for gid in range(8):
             if d == 128:
-                wa, wb = (_words(r, 4 * (3 * gid // 2), 2) for r in rows)
+                u, h = divmod(gid, 2)
+                wa, wb = ((_words(r, 12 * u + 4 * h, 1) + _words(r, 12 * u + 8, 1)) for r in rows)
                 regs = {"$16": wa[0], "$17": wb[0], "$18": wa[1], "$19": wb[1], **_table_regs(w, 28),
-                        **_pair_selector_regs(gid % 2)}
+                        **_rotation_regs(h)}
                 env = _run(_ASM_LUT3V, regs)
                 # tensor 2p + u (code), its register g = the lane's group: column nt = 2g + u
                 cols = {(p, 8 * (2 * g + u) + gid): f"${2 * (2 * p + u) + g}" for p in range(4) for u in (0, 1) for g in (0, 1)}
             else:
-                wa, wb = (_words(r, 4 * (3 * gid // 4), 2) for r in rows)
-                sel = (3 * gid % 4) * 0x1111 + 0x3210
+                u, q = divmod(gid, 4)
+                wa, wb = ((_words(r, 12 * u + 4 * (q // 2), 1) + _words(r, 12 * u + 8, 1)) for r in rows)
                 regs = {"$8": wa[0], "$9": wb[0], "$10": wa[1], "$11": wb[1], **_table_regs(w, 20)}
-                regs.update({f"${12 + j}": sel for j in range(4)} | {f"${16 + j}": sel for j in range(4)})
+                regs.update({f"${12 + j}": 2 * (q % 2) for j in range(4)} | {f"${16 + j}": (0, 31, 2, 1)[q] for j in range(4)})
                 env = _run(_ASM_LUT3V64, regs)
                 cols = {(k // 2, 8 * (k % 2) + gid): f"${k}" for k in range(8)}  # register k = code k = plane k // 2
             for (p, j), reg in cols.items():

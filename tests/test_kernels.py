@@ -360,21 +360,28 @@ def test_codebook_changed_in_place_is_not_served_stale():
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_plane_permutation_matches_the_bit_stream(bits):
-    # 2/4 bits: plane p of byte i holds the code of channel i·P + p. 3 bits: the 24-bit word of group g is split
-    # into halves x[2g + h] = w_g >> 12h, and plane j holds code j of each half. The kernel's column order
-    # (_plane_perm, folded into A and U) must say the same as the bit stream.
-    from tqcache.codec.packing import pack_bits
+    # 2/4 bits: plane p of byte i holds the code of channel i·P + p. 3 bits (32-code units W0, W1, H): the nibble
+    # word n_g of group g = 4u + q is ((W_{q//2} >> 2(q%2)) & 0x33333333) | (rotl(H, (0, 31, 2, 1)[q]) & 0x44444444),
+    # split into halves x[2g + h] = n_g >> 16h, and plane j holds code j (bits 4j..4j+2) of each half. The kernel's
+    # column order (_plane_perm, folded into A and U) must say the same as the packed codes.
+    from tqcache.codec.packing import pack_codes
     from tqcache.kernels.attention import _planes, _plane_perm
 
     d = 128
     P = _planes(d, bits)
     assert P == (4 if bits == 3 else 8 // bits)
     codes = torch.randint(0, 1 << bits, (5, d), generator=_gen(11))
-    by = pack_bits(codes, bits).long()  # [5, d·bits/8]
+    by = pack_codes(codes, bits).long()  # [5, d·bits/8]
     if bits == 3:
-        w = by[:, 0::3] | by[:, 1::3] << 8 | by[:, 2::3] << 16
-        x = torch.stack([w, w >> 12], -1).reshape(5, -1)
-        planes = torch.cat([(x >> (3 * j)) & 7 for j in range(P)], -1)
+        words = (by.reshape(5, d // 32, 3, 4) << torch.arange(0, 32, 8)).sum(-1)  # [5, units, (W0, W1, H)]
+        hw = words[..., 2]
+        n = []
+        for q, r in enumerate((0, 31, 2, 1)):
+            rot = ((hw << r) | (hw >> (32 - r))) & 0xFFFFFFFF if r else hw
+            n.append(((words[..., q // 2] >> 2 * (q % 2)) & 0x33333333) | (rot & 0x44444444))
+        n = torch.stack(n, -1).reshape(5, d // 8)  # column g = 4u + q
+        x = torch.stack([n & 0xFFFF, n >> 16], -1).reshape(5, -1)
+        planes = torch.cat([(x >> (4 * j)) & 7 for j in range(P)], -1)
     else:
         planes = torch.cat([(by >> (p * bits)) & ((1 << bits) - 1) for p in range(P)], -1)
     perm = _plane_perm(TurboQuantizer(d, bits, seed=1))
@@ -920,7 +927,7 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
         return
     # Not bit-identical: every differing code must sit within 1e-5 of a decision boundary.
     from tqcache.codec import code_order
-    from tqcache.codec.packing import unpack_bits
+    from tqcache.codec.packing import unpack_codes
 
     dist = _boundary_distance(c, x)
     byte, ties = 0, 0
@@ -928,8 +935,8 @@ def test_encode_matches_codec(d, bits, qjl, dt, rot, split, cs, N, exact):
     for s, (d_s, b_s) in enumerate(c.segments):
         w = d_s * b_s // 8
         # as sorted level indices (codes are sign-magnitude: a tie at 0 is codes 0 and L/2, levels L/2 − 1 and L/2)
-        a = code_order(unpack_bits(got["codes"][..., byte : byte + w], b_s, d_s), b_s)
-        r = code_order(unpack_bits(ref["codes"][..., byte : byte + w], b_s, d_s), b_s)
+        a = code_order(unpack_codes(got["codes"][..., byte : byte + w], b_s, d_s), b_s)
+        r = code_order(unpack_codes(ref["codes"][..., byte : byte + w], b_s, d_s), b_s)
         byte += w
         diff = a != r
         assert torch.all(dist[s][diff] < 1e-5), f"segment {s}: codes differ away from a boundary"
@@ -1006,9 +1013,9 @@ def test_encode_grid_level_search(bits, monkeypatch):
         fields = {n: torch.zeros(1, 2, 33, w, dtype=t, device=DEV) for n, (w, t) in c.field_widths().items()}
         encode_into(c, x, fields, 0, exact=False)
         ref = c.quantize(x)
-        from tqcache.codec.packing import unpack_bits
+        from tqcache.codec.packing import unpack_codes
 
-        diff = unpack_bits(fields["codes"], bits, 128) != unpack_bits(ref["codes"], bits, 128)
+        diff = unpack_codes(fields["codes"], bits, 128) != unpack_codes(ref["codes"], bits, 128)
         assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ"
         assert torch.equal(fields["codes"][0, 1, 7], ref["codes"][0, 1, 7])
         dn = (fields["norms"].float() - ref["norms"].float()).abs()
@@ -1058,9 +1065,9 @@ def test_encode_general_codebook(exact):
     ref = c.quantize(x)
     encode_into(c, x, fields, 1, exact=exact)
     got = fields["codes"][:, :, 1:22]
-    from tqcache.codec.packing import unpack_bits
+    from tqcache.codec.packing import unpack_codes
 
-    diff = unpack_bits(got, 3, 64) != unpack_bits(ref["codes"], 3, 64)
+    diff = unpack_codes(got, 3, 64) != unpack_codes(ref["codes"], 3, 64)
     assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ from the torch codec"
     dn = (fields["norms"][:, :, 1:22].float() - ref["norms"].float()).abs()
     assert torch.all(dn <= ref["norms"].float() * 2.0**-10 + 1e-7)

@@ -104,9 +104,10 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert x == y, k
 
 
-def small_file(tmp: Path, name="c.tqc", scheme="turbo4", T=16, **kw):
-    model = llama(head_dim=16, layers=2)
-    cache = TurboQuantCache(model.config, parse_scheme(scheme).replace(window=3, sinks=1))
+def small_file(tmp: Path, name="c.tqc", scheme="turbo4", T=16, head_dim=16, **kw):
+    model = llama(head_dim=head_dim, layers=2)
+    cfg = parse_scheme(scheme) if isinstance(scheme, str) else scheme
+    cache = TurboQuantCache(model.config, cfg.replace(window=3, sinks=1))
     ids = torch.randint(0, 96, (1, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
@@ -152,7 +153,7 @@ def test_file_holds_only_used_slots_and_documented_metadata(tmp_path):
         md, names = f.metadata(), list(f.keys())
         assert f.get_slice("layers.0.k.codes").get_shape() == [2, 2, 26, 16]
         assert f.get_slice("layers.0.win_k").get_shape() == [2, 2, 4, 32]
-    assert md["format"] == "tqcache.kvcache" and md["format_version"] == "2" and len(md["sha256"]) == 64
+    assert md["format"] == "tqcache.kvcache" and md["format_version"] == "3" and len(md["sha256"]) == 64
     meta = json.loads(md["meta"])
     import tqcache
 
@@ -370,9 +371,11 @@ def test_older_version_migrates(tmp_path, monkeypatch):
 
 
 def _sorted_codes(meta, tensors):
-    """A version-2 file's TurboQuant codes as version 1 stored them: the sorted index of each code's level
-    (code L/2 + m -> L/2 + m, code m -> L/2 − 1 − m; written out here, not through the library's mapping)."""
-    from tqcache.codec import pack_bits, unpack_bits
+    """A current file's TurboQuant codes as version 1 stored them: the sorted index of each code's level
+    (code L/2 + m -> L/2 + m, code m -> L/2 − 1 − m; written out here, not through the library's mapping), in
+    the dense LSB-first stream (pack_bits) at every width, 3 bits included (version 3's 3-bit units came later)."""
+    from tqcache.codec import pack_bits
+    from tqcache.codec.packing import unpack_codes
 
     cfg = persist._config_from_dict(meta["config"])
     for lm in meta["layers"]:
@@ -382,18 +385,20 @@ def _sorted_codes(meta, tensors):
                 continue
             b, d = int(ccfg.bits), lm["head_dim"]
             assert ccfg.kind == "turbo" and b == ccfg.bits and not ccfg.qjl  # one segment
-            c = unpack_bits(tensors[name], b, d)
+            c = unpack_codes(tensors[name], b, d)
             half = 1 << (b - 1)
             tensors[name] = pack_bits(torch.where(c >= half, c, half - 1 - c), b)
     return meta, tensors
 
 
+@pytest.mark.parametrize("head_dim", [16, 48])  # 48: one 3-bit unit of 32 codes and a dense tail of 16
 @pytest.mark.parametrize("scheme", ["turbo4", "turbo3", "turbo2"])
-def test_version_1_sorted_codes_migrate_to_sign_magnitude(tmp_path, scheme):
+def test_version_1_sorted_codes_migrate_to_sign_magnitude(tmp_path, scheme, head_dim):
     """Version 1 stored each TurboQuant code as its level's sorted index; version 2 stores sign-magnitude codes
-    (the decode kernels' 4-bit lookup reads |level| from the low bits). A version-1 file loads into the same cache,
-    and its codes were really different on disk (a migration that did nothing would fail the state check)."""
-    model, cache, ids, path = small_file(tmp_path, scheme=scheme)
+    (the decode kernels' 4-bit lookup reads |level| from the low bits). A version-1 file (dense codes) loads
+    through 1 -> 2 -> 3 into the same cache, and its codes were really different on disk (a migration that did
+    nothing would fail the state check)."""
+    model, cache, ids, path = small_file(tmp_path, scheme=scheme, head_dim=head_dim)
     v1 = _rewrite(path, tmp_path / "v1.tqc", 1, _sorted_codes)
     _, _, t2 = persist._read_verified(path)
     version, _, t1 = persist._read_verified(v1)
@@ -403,6 +408,74 @@ def test_version_1_sorted_codes_migrate_to_sign_magnitude(tmp_path, scheme):
     assert any(not torch.equal(t1[n], t2[n]) for n in names)
     loaded, meta = load_cache(v1, model)
     assert meta["format_version"] == persist.FORMAT_VERSION
+    assert_same_state(state(cache), state(loaded))
+
+
+def _dense_codes(meta, tensors):
+    """A current file's TurboQuant codes as version 2 stored them: 3-bit segments in the dense LSB-first stream
+    (pack_bits) instead of version 3's units of 32 codes; other widths unchanged."""
+    from tqcache.codec import pack_bits, packed_width, segments_for
+    from tqcache.codec.packing import unpack_codes
+
+    cfg = persist._config_from_dict(meta["config"])
+    for lm in meta["layers"]:
+        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
+            name = f"layers.{lm['index']}.{kind}.codes"
+            if name not in tensors:
+                continue
+            assert ccfg.kind == "turbo"
+            parts, byte, codes = [], 0, tensors[name]
+            for d_s, b_s in segments_for(lm["head_dim"], ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
+                w = packed_width(d_s, b_s)
+                seg = codes[..., byte : byte + w]
+                parts.append(pack_bits(unpack_codes(seg, 3, d_s), 3) if b_s == 3 else seg)
+                byte += w
+            assert byte == codes.shape[-1]
+            tensors[name] = torch.cat(parts, -1)
+    return meta, tensors
+
+
+@pytest.mark.parametrize("n", [8, 24, 32, 48, 64, 96, 128, 200, 256])
+def test_dense3_to_units_is_unpack_then_pack_codes(n):
+    """The version 2 -> 3 migration's repacking equals unpack_bits -> pack_codes, on random bytes (every bit
+    pattern, the top bit of H included) and on no tokens."""
+    from tqcache.codec import unpack_bits
+    from tqcache.codec.packing import pack_codes
+
+    x = torch.randint(0, 256, (2, 3, 17, 3 * n // 8), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    for seg in (x, x[:, :, :0], torch.full_like(x, 255)):
+        got = persist._dense3_to_units(seg, n)
+        assert got.dtype == torch.uint8 and torch.equal(got, pack_codes(unpack_bits(seg, 3, n), 3))
+
+
+_QJL4 = CacheConfig(CodecConfig(bits=3.5, split="outliers"), CodecConfig(bits=4, qjl=True), name="qjl4")  # v: 3 MSE bits
+
+
+@pytest.mark.parametrize("scheme, head_dim", [
+    ("turbo3", 48), ("turbo3", 64), ("turbo3.5", 64), ("k4v3", 64), ("turbo2.5", 64), (_QJL4, 64), ("turbo4", 64),
+], ids=["turbo3-48", "turbo3-64", "turbo3.5-64", "k4v3-64", "turbo2.5-64", "qjl4-64", "turbo4-64"])
+def test_version_2_dense_3bit_codes_migrate_to_units(tmp_path, scheme, head_dim):
+    """Version 2 stored 3-bit TurboQuant codes in the dense stream; version 3 in units of 32 codes (W0, W1, H).
+    A version-2 file loads into the same cache; its 3-bit segments really differ on disk and every other
+    segment (4-bit, 2-bit) is byte-identical, so the migration has to repack exactly the 3-bit ones."""
+    from tqcache.codec import segments_for
+
+    model, cache, ids, path = small_file(tmp_path, scheme=scheme, head_dim=head_dim)
+    v2 = _rewrite(path, tmp_path / "v2.tqc", 2, _dense_codes)
+    _, meta3, t3 = persist._read_verified(path)
+    version, _, t2 = persist._read_verified(v2)
+    assert version == 2
+    cfg = persist._config_from_dict(meta3["config"])
+    names = [n for n in t3 if n.endswith(".codes")]
+    assert names and all(t2[n].shape == t3[n].shape for n in names)
+    has3 = {kind: any(b == 3 for _, b in segments_for(head_dim, c.mse_bits)) for kind, c in (("k", cfg.key), ("v", cfg.value))}
+    for n in names:
+        if has3[n.split(".")[-2]]:
+            assert not torch.equal(t2[n], t3[n]), n
+        else:
+            assert torch.equal(t2[n], t3[n]), n
+    loaded, meta = load_cache(v2, model)
+    assert meta["format_version"] == persist.FORMAT_VERSION == 3
     assert_same_state(state(cache), state(loaded))
 
 

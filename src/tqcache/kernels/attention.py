@@ -36,10 +36,12 @@ Bytes read per token per KV head (d = 128): codes ``d·b/8`` + norms ``2·S`` fo
 64 + 2 + 64 + 2 = 132 B; 3 bits: 100 B; 3.5 bits: 120 B; K4/V3: 116 B. Everything else (queries,
 partials, tables) is O(B·Hq·Lq·d) and does not grow with the context.
 
-Unpacking (docs/formats.md, LSB-first bit stream per token row). **Plane layout** (b ∈ {2, 3, 4}, when each
-plane keeps ≥ 16 channels, ≥ 32 for keys): for b ∈ {2, 4} one contiguous byte load per row, byte i holds
-channels ``i·P + p`` (``P = 8/b``) at bits ``[p·b, (p+1)·b)``; for b = 3 three byte loads at stride 3 give each
-8-code group's 24-bit word, split into two 12-bit halves, and plane j holds code j of every half (P = 4). Each
+Unpacking (docs/formats.md, LSB-first bit stream per token row; 3-bit codes in 32-code units of three words
+``W0, W1, H``, :func:`tqcache.codec.packing.pack_codes`, with any ``n mod 32`` codes after them in the stream).
+**Plane layout** (b ∈ {2, 3, 4}, when each plane keeps ≥ 16 channels, ≥ 32 for keys): for b ∈ {2, 4} one
+contiguous byte load per row, byte i holds channels ``i·P + p`` (``P = 8/b``) at bits ``[p·b, (p+1)·b)``; for
+b = 3 each unit's three words give its four 8-code groups' nibble words (nibble j = code j), each split into two
+16-bit halves, and plane j holds code j of every half (P = 4). Each
 plane decodes its own ``[BLOCK_N, d_s/P]`` centroid tile and gets its own ``tl.dot`` — against the matching
 query columns for keys, into its own accumulator for values. The plane-major channel order
 (:func:`_plane_perm`) is folded into the query map A (columns) and the unrotation U (rows) in torch, so nothing
@@ -72,6 +74,47 @@ _BITS_OK = (1, 2, 3, 4, 5, 6, 7, 8)
 
 # ---------------------------------------------------------------------------------------------- helpers
 @triton.jit
+def _load_word(p, nmask):
+    """The little-endian 32-bit word at byte pointers ``p [BLOCK_N, k]`` as int32 (four byte loads: rows are only
+    byte-aligned in general)."""
+    w = tl.load(p, mask=nmask[:, None], other=0).to(tl.int32)
+    w = w | (tl.load(p + 1, mask=nmask[:, None], other=0).to(tl.int32) << 8)
+    w = w | (tl.load(p + 2, mask=nmask[:, None], other=0).to(tl.int32) << 16)
+    return w | (tl.load(p + 3, mask=nmask[:, None], other=0).to(tl.int32) << 24)
+
+
+@triton.jit
+def _group_nibbles(w0, w1, h, Q: tl.constexpr):
+    """Group ``Q`` (codes 8Q..8Q+7) of 3-bit units from their words ``W0, W1, H``: nibble j = code 8Q + j (bit 3 of
+    each nibble 0). Low bits: bits 4j + 2(Q mod 2), +1 of W_{Q div 2}; top bit: bit 4j + (2, 3, 0, 1)[Q] of H.
+    (int32 shifts are arithmetic: the sign copies land only in bits the masks drop.)"""
+    SL: tl.constexpr = 2 * (Q % 2)
+    SH: tl.constexpr = (Q + 2) % 4
+    if Q < 2:
+        lo = (w0 >> SL) & 0x33333333
+    else:
+        lo = (w1 >> SL) & 0x33333333
+    return lo | (((h >> SH) & 0x11111111) << 2)
+
+
+@triton.jit
+def _unit_nibbles(row_ptr, nmask, U: tl.constexpr):
+    """The nibble words of the ``4·U`` 8-code groups of ``U`` TurboQuant 3-bit units (codec.packing.pack_codes,
+    12 bytes = W0, W1, H each) starting at ``row_ptr``: int32 ``[BLOCK_N, 4U]``, column g = group g (unit g // 4,
+    group g % 4), nibble j = code 8g + j."""
+    p = row_ptr[:, None] + tl.arange(0, U)[None, :] * 12
+    w0 = _load_word(p, nmask)
+    w1 = _load_word(p + 4, nmask)
+    h = _load_word(p + 8, nmask)
+    n0 = _group_nibbles(w0, w1, h, 0)
+    n1 = _group_nibbles(w0, w1, h, 1)
+    n2 = _group_nibbles(w0, w1, h, 2)
+    n3 = _group_nibbles(w0, w1, h, 3)
+    # [u, t, v] = n_{2t+v} -> flat 4u + 2t + v = g.
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (w0.shape[0], 4 * U))
+
+
+@triton.jit
 def _unpack_codes(row_ptr, nmask, BITS: tl.constexpr, DS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Codes of ``DS`` channels at ``BITS`` bits for ``BLOCK_N`` token rows: int32 ``[BLOCK_N, DS]``, natural order.
 
@@ -94,9 +137,24 @@ def _unpack_codes(row_ptr, nmask, BITS: tl.constexpr, DS: tl.constexpr, BLOCK_N:
         x3 = (b >> 6) & 3
         # [i, t, u] = x_{2t+u} -> flat 4i + 2t + u: natural order.
         x = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), (BLOCK_N, DS))
+    elif BITS == 3 and DS % 32 == 0:
+        # TurboQuant 3-bit units (codec.packing.pack_codes): per 32 codes three words W0, W1, H -> the nibble word of
+        # each 8-code group (nibble j = code j) -> 8 codes per group, as in the dense branch below at stride 4.
+        n = _unit_nibbles(row_ptr, nmask, DS // 32)  # [BLOCK_N, DS/8]: column g = group g
+        x0 = n & 7
+        x1 = (n >> 4) & 7
+        x2 = (n >> 8) & 7
+        x3 = (n >> 12) & 7
+        x4 = (n >> 16) & 7
+        x5 = (n >> 20) & 7
+        x6 = (n >> 24) & 7
+        x7 = n >> 28  # nibbles are < 8: no mask, no sign
+        x = tl.join(tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7)))
+        x = tl.reshape(x, (BLOCK_N, DS))
     else:
         # 8 codes per BITS bytes (BITS = 1, 3, 5, 6, 7): one word of 8·BITS bits per group of 8 channels — int32 up
-        # to 3 bits, int64 from 5 (40–56 bits).
+        # to 3 bits, int64 from 5 (40–56 bits). 3 bits here only for fewer than 32 codes: the dense tail of a
+        # TurboQuant segment (or all of one under 32 channels; see _kernel_segments).
         offs = tl.arange(0, DS // 8)
         p = row_ptr[:, None] + offs[None, :] * BITS
         WT: tl.constexpr = tl.int64 if BITS > 3 else tl.int32
@@ -186,10 +244,11 @@ _LUT4_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r" + ",r" * 16)
 _LUT2_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,=r,=r,=r,=r,r" + ",r" * 8)
 
 
-# 3 bits, 4 planes: a 24-bit group word w (8 codes) enters as two 12-bit halves (x = w, w >> 12), and
-# plane j of half h is code 4h + j. Per two halves x0, x1 the selectors gather the 3-bit codes into
-# nibbles, cross-wise — sel_A = [c0(x0), c0(x1), c1(x0), c1(x1)], sel_B likewise for c2, c3 — so one prmt looks
-# up 4 low bytes in the 8-entry table (TL = words 0–1), one the high bytes (TH = 2–3), and one interleave
+# 3 bits, 4 planes: a group's nibble word n (8 codes, nibble j = code j: TurboQuant 3-bit units, _group_nibbles)
+# enters as two 16-bit halves (x = n, n >> 16; bits above 16 are ignored), and plane j of half h is code 4h + j, at
+# bits [4j, 4j + 3) of x. Per two halves x0, x1 the selectors gather the 3-bit codes into nibbles, cross-wise
+# — sel_A = [c0(x0), c0(x1), c1(x0), c1(x1)], sel_B likewise for c2, c3 — so one prmt looks up 4 low bytes in
+# the 8-entry table (TL = words 0–1), one the high bytes (TH = 2–3), and one interleave
 # gives plane j's fp16 pair (c_j(x0), c_j(x1)) directly. ~23 instructions per 8 values; two pairs per call.
 def _nibbles(dst: str, fields: list[tuple[str, int]]) -> str:
     """PTX that packs 3-bit fields into the nibbles of ``dst``: nibble i = bits [at_i, at_i + 3) of register src_i."""
@@ -203,14 +262,15 @@ def _nibbles(dst: str, fields: list[tuple[str, int]]) -> str:
 
 
 def _lut3_pair(x0: str, x1: str, out: list[str], tl_: tuple[str, str], th: tuple[str, str]) -> str:
-    """PTX for two 12-bit halves ``x0, x1`` -> the fp16 pairs ``(c_j(x0), c_j(x1))`` of planes j = 0..3 in ``out``."""
+    """PTX for two 16-bit halves ``x0, x1`` (codes at bits 0, 4, 8, 12) -> the fp16 pairs ``(c_j(x0), c_j(x1))``
+    of planes j = 0..3 in ``out``."""
     looks = "".join(
         f"prmt.b32 l{k}, {tl_[0]}, {tl_[1]}, s{k};\nprmt.b32 h{k}, {th[0]}, {th[1]}, s{k};\n"
         f"prmt.b32 {out[2 * k]}, l{k}, h{k}, 0x5140;\nprmt.b32 {out[2 * k + 1]}, l{k}, h{k}, 0x7362;\n"
         for k in range(2))
     return ("{\n.reg .b32 s0, s1, t, l0, h0, l1, h1;\n"
-            + _nibbles("s0", [(x0, 0), (x1, 0), (x0, 3), (x1, 3)])  # [c0(x0), c0(x1), c1(x0), c1(x1)]
-            + _nibbles("s1", [(x0, 6), (x1, 6), (x0, 9), (x1, 9)])  # [c2(x0), c2(x1), c3(x0), c3(x1)]
+            + _nibbles("s0", [(x0, 0), (x1, 0), (x0, 4), (x1, 4)])  # [c0(x0), c0(x1), c1(x0), c1(x1)]
+            + _nibbles("s1", [(x0, 8), (x1, 8), (x0, 12), (x1, 12)])  # [c2(x0), c2(x1), c3(x0), c3(x1)]
             + looks + "}\n")
 
 
@@ -235,22 +295,32 @@ def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.co
         t2 = tl.load(lut_ptr + 2)
         t3 = tl.load(lut_ptr + 3)
     if BITS == 3:
-        # Three byte planes at stride 3 -> the 24-bit group words, split into 12-bit halves: x[:, 2g + h].
-        G8: tl.constexpr = DS // 8
-        p = row_ptr[:, None] + tl.arange(0, G8)[None, :] * 3
-        w = tl.load(p, mask=nmask[:, None], other=0).to(tl.int32)
-        w = w | (tl.load(p + 1, mask=nmask[:, None], other=0).to(tl.int32) << 8)
-        w = w | (tl.load(p + 2, mask=nmask[:, None], other=0).to(tl.int32) << 16)
-        x = tl.reshape(tl.join(w, w >> 12), (w.shape[0], 2 * G8))
+        # TurboQuant 3-bit units (codec.packing.pack_codes; a plane segment is ≥ 64 channels, so whole units) -> the
+        # nibble word n_g of each 8-code group (nibble j = code j), as 16-bit halves x[:, 2g + h] = n_g >> 16h: code
+        # 4h + j of group g sits at bits [4j, 4j + 3) of x[:, 2g + h] (bits above 16 of h = 0 are not masked).
+        tl.static_assert(DS % 32 == 0, "3-bit planes read whole 32-code units")
+        U: tl.constexpr = DS // 32
+        p = row_ptr[:, None] + tl.arange(0, U)[None, :] * 12
+        w0 = _load_word(p, nmask)
+        w1 = _load_word(p + 4, nmask)
+        hw = _load_word(p + 8, nmask)
+        n0 = _group_nibbles(w0, w1, hw, 0)
+        n1 = _group_nibbles(w0, w1, hw, 1)
+        n2 = _group_nibbles(w0, w1, hw, 2)
+        n3 = _group_nibbles(w0, w1, hw, 3)
+        # [u, a, b, h] = half h of n_{2a+b} -> flat 8u + 4a + 2b + h = 2g + h (g = 4u + 2a + b).
+        x = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n0 >> 16, n2 >> 16),
+                                                                         tl.join(n1 >> 16, n3 >> 16)))
+        x = tl.reshape(x, (w0.shape[0], 2 * (DS // 8)))
         if FAST:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
                 _ASM_LUT3, "=r" + ",=r" * 7 + ",r" * 20, [x, t0, t1, t2, t3],
                 dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
         else:
             c0 = tl.load(lv_ptr + (x & 7))
-            c1 = tl.load(lv_ptr + ((x >> 3) & 7))
-            c2 = tl.load(lv_ptr + ((x >> 6) & 7))
-            c3 = tl.load(lv_ptr + ((x >> 9) & 7))
+            c1 = tl.load(lv_ptr + ((x >> 4) & 7))
+            c2 = tl.load(lv_ptr + ((x >> 8) & 7))
+            c3 = tl.load(lv_ptr + ((x >> 12) & 7))
     elif FAST:
         W: tl.constexpr = DS * BITS // 8
         bt = tl.load(row_ptr[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
@@ -860,17 +930,27 @@ def _kernel_segments(codec, enabled: bool = True, key: bool = False) -> list[tup
     A segment whose width is not a power of two but the sum of two (48 = 32 + 16, 96 = 64 + 32, 192 = 128 + 64:
     the quarter-bit presets) is read as two kernel segments with the same codebook and norm — its bit stream
     splits at a byte boundary since both parts are multiples of 8 channels. Each needs :func:`_min_dot_k` channels.
+
+    At 3 bits (``pack_codes``: 32-code units, then the ``d_s mod 32`` remaining codes in the dense stream) the kernel
+    reads a segment of a multiple of 32 channels as whole units and any other (16 channels) as dense stream
+    (``_unpack_codes``), so each kernel segment must start at a unit boundary and cover whole units, or be exactly
+    the dense tail. The split above guarantees it (the larger part is a power of two ≥ 32, so the smaller one is
+    the 16-channel tail or whole units); asserted here.
     """
     out, byte, chan = [], 0, 0
     shared = getattr(codec, "shared_norm", False)
     for s, (d_s, b_s) in enumerate(codec.segments):
         parts = [d_s] if _pow2(d_s) else [1 << (d_s.bit_length() - 1), d_s - (1 << (d_s.bit_length() - 1))]
+        at = 0  # channel offset of the part within its codec segment
         for w in parts:
             if not _pow2(w) or w < _min_dot_k(key):
                 return None
+            if b_s == 3:  # whole units from a unit boundary, or exactly the dense tail (docstring)
+                assert (w % 32 == 0 and at % 32 == 0) or (at == d_s - d_s % 32 and w == d_s % 32), (d_s, w, at)
             out.append((w, b_s, _planes(w, b_s, enabled, key), byte, s, 0 if shared else s, chan))
             byte += w * b_s // 8
             chan += w
+            at += w
     return out if len(out) <= 3 else None
 
 

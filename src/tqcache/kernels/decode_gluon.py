@@ -78,15 +78,30 @@ __all__ = ["gluon_reason", "kernel_order", "gluon_plan", "sigma", "fragment_colu
            "words_ok"]
 
 
-# ------------------------------------------------------------------------------------ 3-bit lookups (d = 128)
-# A 3-byte group holds 8 codes (c_k at bits 3k). _SPREAD moves them into the nibbles of one word (nibble k = c_k):
-# each step adds a masked copy of the word to itself, x + (2^s - 1)·(x & m) = x with the bits of m moved up by s,
-# so a step is one AND and one multiply-add. The first step also drops the bits above 24 (the next group's byte).
-def _spread(g: str, n: str) -> str:
-    """PTX: ``n`` = the 8 codes of the 24-bit group word ``g`` as nibbles (bits above 24 of ``g`` ignored)."""
-    return (f"and.b32 a, {g}, 0xfff000;\nand.b32 {n}, {g}, 0xfff;\nmad.lo.u32 {n}, a, 16, {n};\n"  # 12 | 12 -> halves
-            f"and.b32 a, {n}, 0x0fc00fc0;\nmad.lo.u32 {n}, a, 3, {n};\n"  # 6 | 6 -> bytes
-            f"and.b32 a, {n}, 0x38383838;\nadd.u32 {n}, {n}, a;\n")  # 3 | 3 -> nibbles
+# ------------------------------------------------------------------------------------------ 3-bit lookups
+# 3-bit codes are stored in units of 32 (codec/packing.py, cache format 3): words W0, W1 hold the codes' low two
+# bits — group q's code j at bits 4j + 2(q mod 2) of W_{q div 2} — and H their top bits, at bit 4j + (2, 3, 0, 1)[q].
+# So one group's 8 codes become the nibbles of one word (nibble j = code j, bit 3 clear) with a shift of W, a shift
+# or rotate of H, one AND and one lop3: (W' & 0x33333333) | (H' & 0x44444444). (Format 2's dense stream took a
+# 7-instruction spread per group: turbo3's loop 893 -> 750 SASS instructions per 32-token block.)
+_LO2 = "0x33333333"
+_HI1 = "0x44444444"
+
+
+def _nib(n: str, w: str, w_shift: int | str, h: str, h_rot: int | str) -> str:
+    """PTX: ``n`` = the nibble word of a group from its low-bit word ``w`` (shifted right by ``w_shift``: 0 or 2,
+    an immediate or a register) and the unit's top-bit word ``h`` rotated left by ``h_rot`` (0, 31, 2 or 1)."""
+    out = []
+    src = w
+    if w_shift != 0:
+        out.append(f"shr.b32 a, {w}, {w_shift};\n")
+        src = "a"
+    if h_rot != 0:
+        out.append(f"shf.l.wrap.b32 t, {h}, {h}, {h_rot};\nand.b32 t, t, {_HI1};\n")
+    else:
+        out.append(f"and.b32 t, {h}, {_HI1};\n")
+    out.append(f"lop3.b32 {n}, {src}, {_LO2}, t, 0xEA;\n")  # (src & LO2) | t
+    return "".join(out)
 
 
 def _look3(sel: str, out: tuple[str, str], inter: tuple[int, int]) -> str:
@@ -103,53 +118,58 @@ def _tables(asm: str, first: int) -> str:
     return asm
 
 
+_ROT = (0, 31, 2, 1)  # H's rotation for group q (its top bits to bit 2 of each nibble)
+
+
 def _lut3_keys() -> str:
-    """Keys, pack = 4: ``$16..$18`` are a lane's 12 bytes of one row (its groups 4t .. 4t + 3; ``$19`` is padding),
-    the table words ``$20, $24, $28, $32``. Output ``$(4m + g)`` is the fp16 pair ``(c_2m, c_2m+1)`` of group g."""
-    body = ["shf.r.clamp.b32 g1, $16, $17, 24;\nshf.r.clamp.b32 g2, $17, $18, 16;\nshr.b32 g3, $18, 8;\n"]
-    for g, word in enumerate(("$16", "g1", "g2", "g3")):
-        body += [_spread(word, "n"), _look3("n", (f"${g}", f"${4 + g}"), (0x5140, 0x7362)),
-                 "shr.b32 s, n, 16;\n", _look3("s", (f"${8 + g}", f"${12 + g}"), (0x5140, 0x7362))]
-    return _tables("{\n.reg .b32 a, n, s, l, h, g1, g2, g3;\n" + "".join(body) + "}", 20)
+    """Keys, pack = 4: ``$16, $17, $18`` are the lane's unit (W0, W1, H: its 32 codes, groups q = 0..3; ``$19`` is
+    padding), the table words ``$20, $24, $28, $32``. Output ``$(4m + q)`` is the fp16 pair ``(c_2m, c_2m+1)`` of
+    group q."""
+    body = []
+    for q in range(4):
+        body += [_nib("n", ("$16", "$17")[q // 2], 2 * (q % 2), "$18", _ROT[q]),
+                 _look3("n", (f"${q}", f"${4 + q}"), (0x5140, 0x7362)),
+                 "shr.b32 s, n, 16;\n", _look3("s", (f"${8 + q}", f"${12 + q}"), (0x5140, 0x7362))]
+    return _tables("{\n.reg .b32 a, t, n, s, l, h;\n" + "".join(body) + "}", 20)
 
 
 def _lut3_values() -> str:
-    """Values, pack = 4: ``$16/$17`` are the first word of tokens a/b (a pair 2t, 2t + 1), ``$18/$19`` the second;
-    the lane's two groups start at byte 0 or 2 of that 8-byte span, cut out by the per-lane byte selectors
-    ``$20``/``$24``. Table words ``$28, $32, $36, $40``. Output ``$(2k + g)`` is the pair ``(c_k(a), c_k(b))`` of
-    group g — tokens paired in a register, as the transposed value operand packs them."""
-    body = ["prmt.b32 ga0, $16, $18, $20;\nprmt.b32 ga1, $16, $18, $24;\n"
-            "prmt.b32 gb0, $17, $19, $20;\nprmt.b32 gb1, $17, $19, $24;\n"]
+    """Values, pack = 4: ``$16/$17`` are the lane's low-bit word W of tokens a/b (a pair 2t, 2t + 1), ``$18/$19``
+    their top-bit word H; the lane's groups g = 0, 1 are groups 2h + g of the unit (h = gid mod 2), whose H rotations
+    (0, 31 or 2, 1) are the per-lane ``$20``/``$24``. Table words ``$28, $32, $36, $40``. Output ``$(2k + g)`` is the
+    pair ``(c_k(a), c_k(b))`` of group g — tokens paired in a register, as the transposed value operand packs them."""
+    body = []
     for g in (0, 1):
-        body += [_spread(f"ga{g}", "n"), _spread(f"gb{g}", "nb")]
+        body += [_nib("n", "$16", 2 * g, "$18", ("$20", "$24")[g]), _nib("nb", "$17", 2 * g, "$19", ("$20", "$24")[g])]
         for k, mix in ((0, 0x5140), (4, 0x7362)):  # m's nibbles: c_k(a), c_k+1(a), c_k(b), c_k+1(b), then k + 2, k + 3
             body += [f"prmt.b32 m, n, nb, {mix:#x};\n", _look3("m", (f"${2 * k + g}", f"${2 * k + 2 + g}"), (0x6240, 0x7351)),
                      "shr.b32 s, m, 16;\n", _look3("s", (f"${2 * k + 4 + g}", f"${2 * k + 6 + g}"), (0x6240, 0x7351))]
-    return _tables("{\n.reg .b32 a, n, nb, m, s, l, h, ga0, ga1, gb0, gb1;\n" + "".join(body) + "}", 28)
+    return _tables("{\n.reg .b32 a, t, n, nb, m, s, l, h;\n" + "".join(body) + "}", 28)
 
 
 def _lut3_keys64() -> str:
-    """Keys at d = 64, pack = 4: ``$16, $17`` are a lane's two words of row r, ``$18, $19`` of row r + 8; its groups
-    2t, 2t + 1 start at byte 0 or 2 of them (selectors ``$20``/``$24``). Table words ``$28, $32, $36, $40``.
-    Output ``$(4m + 2g + k)`` is the pair ``(c_2m, c_2m+1)`` of group g in row k."""
+    """Keys at d = 64, pack = 4: ``$16, $17`` are the lane's W and H words of row r, ``$18, $19`` of row r + 8; its
+    groups g = 0, 1 are groups 2h + g of unit t div 2 (h = t mod 2), H rotated by the per-lane ``$20``/``$24``.
+    Table words ``$28, $32, $36, $40``. Output ``$(4m + 2g + k)`` is the pair ``(c_2m, c_2m+1)`` of group g in row k."""
     body = []
-    for k, (w0, w1) in enumerate((("$16", "$17"), ("$18", "$19"))):
-        for g, sel in enumerate(("$20", "$24")):
-            body += [f"prmt.b32 x, {w0}, {w1}, {sel};\n", _spread("x", "n"),
+    for k, (w, hw) in enumerate((("$16", "$17"), ("$18", "$19"))):
+        for g, rot in enumerate(("$20", "$24")):
+            body += [_nib("n", w, 2 * g, hw, rot),
                      _look3("n", (f"${2 * g + k}", f"${4 + 2 * g + k}"), (0x5140, 0x7362)),
                      "shr.b32 s, n, 16;\n", _look3("s", (f"${8 + 2 * g + k}", f"${12 + 2 * g + k}"), (0x5140, 0x7362))]
-    return _tables("{\n.reg .b32 a, n, s, l, h, x;\n" + "".join(body) + "}", 28)
+    return _tables("{\n.reg .b32 a, t, n, s, l, h;\n" + "".join(body) + "}", 28)
 
 
 def _lut3_values64() -> str:
-    """Values at d = 64, pack = 4, 8 outputs: ``$8/$9`` are the first word of tokens a/b, ``$10/$11`` the second; the
-    lane's one group (bytes 3·gid ..) starts at byte 0–3 of them (selector ``$12``; ``$16`` unused). Table words
-    ``$20, $24, $28, $32``. Output ``$k`` is the pair ``(c_k(a), c_k(b))``."""
-    body = ["prmt.b32 ga0, $8, $10, $12;\nprmt.b32 gb0, $9, $11, $12;\n", _spread("ga0", "n"), _spread("gb0", "nb")]
+    """Values at d = 64, pack = 4, 8 outputs: ``$8/$9`` are the lane's low-bit word W of tokens a/b, ``$10/$11``
+    the unit's top-bit word H; the lane's group gid is group q = gid mod 4 of unit gid div 4: W shifted right by
+    the per-lane ``$12`` (0 or 2), H rotated left by ``$16``. Table words ``$20, $24, $28, $32``. Output ``$k`` is the
+    pair ``(c_k(a), c_k(b))``."""
+    body = [_nib("n", "$8", "$12", "$10", "$16"), _nib("nb", "$9", "$12", "$11", "$16")]
     for k, mix in ((0, 0x5140), (4, 0x7362)):
         body += [f"prmt.b32 m, n, nb, {mix:#x};\n", _look3("m", (f"${k}", f"${k + 1}"), (0x6240, 0x7351)),
                  "shr.b32 s, m, 16;\n", _look3("s", (f"${k + 2}", f"${k + 3}"), (0x6240, 0x7351))]
-    return _tables("{\n.reg .b32 a, n, nb, m, s, l, h, ga0, gb0;\n" + "".join(body) + "}", 20)
+    return _tables("{\n.reg .b32 a, t, n, nb, m, s, l, h;\n" + "".join(body) + "}", 20)
 
 
 # --------------------------------------------------------------------------------- 5-bit keys (d = 128)
@@ -346,25 +366,32 @@ def _v_operand(c, BLOCK_N: gl.constexpr, W: gl.constexpr, OPA: gl.constexpr):
 
 
 @gluon.jit
-def _pair_selectors(zero, odd):
-    """``prmt`` selectors of a lane's two 3-bit groups within its two words: they start at byte 0 (``odd`` = 0) or 2
-    of the 8 bytes — group one is bytes 0..3 or 2..5, group two 3..5 or 5..7 (a 4th byte the spread ignores)."""
-    return zero + gl.where(odd == 1, 0x5432, 0x3210), zero + gl.where(odd == 1, 0x7765, 0x6543)
+def _half_unit(w, e, half):
+    """In-row word offsets of a lane that reads half ``half`` (0 or 1: its groups 2·half, 2·half + 1) of the 3-bit
+    unit at word ``w``: element ``e`` = 0 is the low-bit word W_half (word w + half), element 1 the top-bit word H
+    (word w + 2)."""
+    return w + gl.where(e == 0, half, 2)
+
+
+@gluon.jit
+def _half_rotations(zero, half):
+    """H's left rotations for the two groups of a unit half (:func:`_nib`): 0, 31 (half 0) or 2, 1 (half 1)."""
+    return zero + 2 * half, zero + gl.where(half == 1, 1, 31)
 
 
 @gluon.jit
 def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL: gl.constexpr, LK: gl.constexpr):
     """Token rows, minor index, in-row offsets (elements of the segment's code tensor: bytes, or int32 words at 3
-    bits) and byte selectors of one key segment's ``[N, 4(t), KL]`` load tile. Lane t reads bytes
-    ``[t·W/4, (t+1)·W/4)``; 3 bits: words 3t .. 3t + 2 (d_s = 128), or (3t) // 2 and the next, whose bytes 0 or 2 start
-    its groups 2t, 2t + 1 (d_s = 64); 5 bits: words 5t .. 5t + 4."""
+    bits) and H rotations of one key segment's ``[N, 4(t), KL]`` load tile. Lane t reads bytes
+    ``[t·W/4, (t+1)·W/4)``; 3 bits: unit t, words 3t .. 3t + 2 (d_s = 128), or half t mod 2 of unit t div 2 — its W
+    and H words (d_s = 64; :func:`_half_unit`); 5 bits: words 5t .. 5t + 4."""
     kt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LK)))
     kl = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LK)))
     ki = gl.arange(0, KL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LK)))
     zero = gl.zeros([BLOCK_N, 4, KL], gl.int32, LK)
-    if BITS == 3 and DS == 64:
-        off = (kl * 3 // 2)[None, :, None] + ki[None, None, :]
-        sel0, sel1 = _pair_selectors(zero, (kl % 2)[None, :, None])
+    if BITS == 3 and DS == 64:  # lane t: half t mod 2 of unit t div 2
+        off = _half_unit((kl // 2 * 3)[None, :, None], ki[None, None, :], (kl % 2)[None, :, None])
+        sel0, sel1 = _half_rotations(zero, (kl % 2)[None, :, None])
     else:
         off = (kl * (BITS if BITS == 3 or BITS == 5 else KL))[None, :, None] + ki[None, None, :]
         sel0 = zero
@@ -375,22 +402,25 @@ def _key_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, KL
 @gluon.jit
 def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, VL: gl.constexpr,
                    LV: gl.constexpr, LV2: gl.constexpr):
-    """Token rows, in-row offsets (in the copy layout ``LV``) and byte selectors (in the lookup's layout ``LV2``) of
-    one value segment's ``[N, 8(gid), VL]`` tile. Lane gid reads bytes ``[gid·W/8, ..)``; 3 bits: words (3·gid) // 2
-    and the next, whose byte 0 or 2 starts its groups 2·gid, 2·gid + 1 (d_s = 128), or words (3·gid) // 4 and the
-    next, whose byte (3·gid) % 4 starts its group gid (d_s = 64)."""
+    """Token rows, in-row offsets (in the copy layout ``LV``) and per-lane shifts (in the lookup's layout ``LV2``) of
+    one value segment's ``[N, 8(gid), VL]`` tile. Lane gid reads bytes ``[gid·W/8, ..)``; 3 bits (units of 32 codes,
+    W0 W1 H): the W and H words of half gid mod 2 of unit gid div 2, with H's two rotations (d_s = 128,
+    :func:`_half_unit`, :func:`_half_rotations`), or of group gid mod 4 of unit gid div 4, with W's shift and H's rotation (d_s = 64)."""
     vt = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, gl.SliceLayout(2, LV)))
     vl = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV)))
     vi = gl.arange(0, VL, layout=gl.SliceLayout(0, gl.SliceLayout(1, LV)))
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2)))[None, :, None]
     zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
-    if BITS == 3 and DS == 64:  # (gid 7's group lies in word 5 alone: its "next" word is clamped, not read past the row)
-        off = gl.minimum((vl * 3 // 4)[None, :, None] + vi[None, None, :], 5)
-        sel0 = zero + (g * 3 % 4) * 0x1111 + 0x3210
-        sel1 = sel0
-    elif BITS == 3:
-        off = (vl * 3 // 2)[None, :, None] + vi[None, None, :]
-        sel0, sel1 = _pair_selectors(zero, g % 2)
+    if BITS == 3 and DS == 64:  # lane gid: group q = gid mod 4 of unit gid div 4 (W_{q div 2} >> 2(q mod 2), H)
+        q = vl % 4
+        off = (vl // 4 * 3)[None, :, None] + gl.where(vi == 0, 0, 2)[None, None, :] + \
+            gl.where(vi == 0, 1, 0)[None, None, :] * (q // 2)[None, :, None]
+        gq = g % 4
+        sel0 = zero + 2 * (gq % 2)
+        sel1 = zero + gl.where(gq == 0, 0, gl.where(gq == 1, 31, gl.where(gq == 2, 2, 1)))
+    elif BITS == 3:  # lane gid: half gid mod 2 of unit gid div 2
+        off = _half_unit((vl // 2 * 3)[None, :, None], vi[None, None, :], (vl % 2)[None, :, None])
+        sel0, sel1 = _half_rotations(zero, g % 2)
     else:
         off = (vl * VL)[None, :, None] + vi[None, None, :]
         sel0 = zero

@@ -19,7 +19,8 @@ How (v11, v16). A persistent grid of as many programs as the GPU holds at once; 
 rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile:
 one tensor-core product for the rotation, the norm from the rotated row, the level index — the Lloyd–Max codebooks
 are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2`` — and packing as two more tensor-core products per 32-bit word
-(``_half_dot``: the word's low and high 16 bits are ``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32),
+(``_half_dot``: the word's low and high 16 bits are ``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32;
+3 bits write ``pack_codes``' 32-code units — W0, W1, H — with two products per half, ``_unit3_half``),
 stored whole so a warp writes whole sectors. The level index: below 4 bits from comparisons against the positive
 bounds baked in as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe
 sums into the level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic
@@ -72,10 +73,11 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
     """Bits ``[32·j + 16·HALF, +16)`` of the row's LSB-first code stream, for each 32-bit word j: ``[T, NW]`` int32.
 
     Code c occupies stream bits ``[b·c, b·c + b)``; the product ``code @ W`` with ``W[c, j] = 2^(b·c − lo)`` (lo =
-    the half's first bit) over every code that overlaps the half sums them in place. At 3 and 5 bits a code may
-    start up to b − 1 bits below lo (weights 2^-1 .. 2^-(b−1): exact in fp16, and the sum, below 2^20, is exact
-    in fp32 with those fractional bits, which the conversion drops) or run past the half's top (masked); 1, 2
-    and 4 bits never straddle. Weights stay ≤ 2^15, within fp16.
+    the half's first bit) over every code that overlaps the half sums them in place. At 5 bits (and 3, whose
+    TurboQuant rows use :func:`_unit3_half` instead) a code may start up to b − 1 bits below lo (weights 2^-1 ..
+    2^-(b−1): exact in fp16, and the sum, below 2^20, is exact in fp32 with those fractional bits, which the
+    conversion drops) or run past the half's top (masked); 1, 2 and 4 bits never straddle. Weights stay ≤ 2^15,
+    within fp16.
     """
     c = tl.arange(0, DS)[:, None]
     j = tl.arange(0, NW)[None, :]
@@ -88,21 +90,63 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
 
 @triton.jit
+def _unit3_half(lo, hi, DS: tl.constexpr, NW: tl.constexpr, HALF: tl.constexpr):
+    """Bits ``[16·HALF, +16)`` of each 32-bit word j of a row's 3-bit units (``tqcache.codec.packing``: 32 codes
+    in three words W0, W1, H; word j is kind j % 3 of unit j // 3): ``[T, NW]`` int32.
+
+    ``lo [T, DS]`` and ``hi`` are each code's low two bits and top bit (whole numbers in fp16 or fp32). Code
+    ``32u + 8q + i`` puts ``lo`` at bit ``4i + 2(q mod 2)`` of ``W_{q div 2}`` and ``hi`` at bit ``4i + (q xor 2)``
+    of H — ``(2, 3, 0, 1)[q]`` — so two products, ``lo @ W_lo + hi @ W_hi`` with weights ``2^(bit − 16·HALF)``
+    for the bits inside the half, sum each half in place: no field straddles a half (``lo`` starts on an even
+    bit), weights stay ≤ 2^15 (exact in fp16) and the disjoint fields sum below 2^16, exact in fp32.
+    """
+    c = tl.arange(0, DS)[:, None]
+    j = tl.arange(0, NW)[None, :]
+    q = (c % 32) // 8
+    i = c % 8
+    mine = (c // 32) == (j // 3)  # columns past the row's 3·DS/32 words match no code: zero
+    kind = j % 3
+    elo = 4 * i + 2 * (q % 2) - 16 * HALF
+    ehi = 4 * i + (q ^ 2) - 16 * HALF
+    wlo = tl.where(mine & (kind == q // 2) & (elo >= 0) & (elo < 16), tl.exp2(elo.to(tl.float32)), 0.0)
+    whi = tl.where(mine & (kind == 2) & (ehi >= 0) & (ehi < 16), tl.exp2(ehi.to(tl.float32)), 0.0)
+    s = tl.dot(lo, wlo.to(lo.dtype), out_dtype=tl.float32)
+    s = tl.dot(hi, whi.to(hi.dtype), acc=s, out_dtype=tl.float32)
+    return s.to(tl.int32)
+
+
+@triton.jit
+def _unit3_words(code, DS: tl.constexpr, NW: tl.constexpr):
+    """The 32-bit words of the whole 3-bit units of ``code [T, DS]`` (:func:`_unit3_half`): ``[T, NW]`` int32."""
+    hi = tl.where(code >= 4, 1.0, 0.0).to(code.dtype)
+    lo = (code - hi * 4).to(code.dtype)
+    return _unit3_half(lo, hi, DS, NW, 0) | (_unit3_half(lo, hi, DS, NW, 1) << 16)
+
+
+@triton.jit
 def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORDS: tl.constexpr):
     """Store codes ``code [T, DS]`` (whole numbers < 2^BITS in fp16 or fp32, natural channel order; 8 bits: any
-    dtype, one byte per code) as LSB-first bit streams at ``ptr_row [T]``.
+    dtype, one byte per code) at ``ptr_row [T]``: LSB-first bit streams, except 3 bits, which take
+    ``tqcache.codec.packing``'s layout — whole units of 32 codes (12 bytes: words W0, W1, H), then any
+    remaining DS mod 32 codes in the stream.
 
-    WORDS (rows 4-byte aligned, DS·BITS a multiple of 32): whole 32-bit words, each from two tensor-core packing
-    products (its low and high 16 bits, :func:`_half_dot`), so a warp's store covers whole 32-byte sectors.
-    Otherwise bytes (3 and 5 bits: 3 or 5 bytes per 8 codes from two packing products of 4 codes). Byte stores
-    cost a sector per lane: 3-bit values wrote 12.6 M sectors for 0.3 M of output (H100, 32K tokens × 8 heads)."""
+    WORDS (rows 4-byte aligned, DS·BITS a multiple of 32 — at 3 bits, DS a multiple of 32): whole 32-bit words,
+    each from two tensor-core packing products (its low and high 16 bits, :func:`_half_dot`; 3 bits:
+    :func:`_unit3_half`, two products per half), so a warp's store covers whole 32-byte sectors. Otherwise
+    bytes (3 bits: the units' words byte by byte, the tail as below; 5 bits: 5 bytes per 8 codes from two
+    packing products of 4 codes). Byte stores cost a sector per lane: 3-bit values wrote 12.6 M sectors for
+    0.3 M of output (H100, 32K tokens × 8 heads)."""
     if BITS == 8:
         tl.store(ptr_row[:, None] + tl.arange(0, DS)[None, :], code.to(tl.uint8), mask=tmask[:, None])
     elif WORDS:
         NWD: tl.constexpr = DS * BITS // 32
         NW: tl.constexpr = 16 if NWD <= 16 else (32 if NWD <= 32 else 64)  # a power of two ≥ 16
         j = tl.arange(0, NW)[None, :]
-        word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
+        if BITS == 3:
+            tl.static_assert(DS % 32 == 0, "3-bit word stores need whole units")
+            word = _unit3_words(code, DS, NW)
+        else:
+            word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
         ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
         tl.store(ptr[:, None] + j, word, mask=tmask[:, None] & (j < NWD))
     else:
@@ -111,12 +155,25 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         NW: tl.constexpr = NU if NU >= 16 else 16
         u = tl.arange(0, NW)[None, :]
         umask = tmask[:, None] & (u < NU)
+        # 3 bits: the whole units (4 groups of 8 codes each), as bytes of their words; the stream below then
+        # covers only the groups after them (a group g of the tail sits at byte 3g either way).
+        G3: tl.constexpr = 4 * (DS // 32) if BITS == 3 else 0
+        if G3 > 0:
+            NWD3: tl.constexpr = 3 * (DS // 32)
+            NW3: tl.constexpr = 16 if NWD3 <= 16 else (32 if NWD3 <= 32 else 64)
+            j3 = tl.arange(0, NW3)[None, :]
+            w3 = _unit3_words(code, DS, NW3)
+            p3 = ptr_row[:, None] + 4 * j3
+            m3 = tmask[:, None] & (j3 < NWD3)
+            for k in tl.static_range(4):
+                tl.store(p3 + k, ((w3 >> (8 * k)) & 255).to(tl.uint8), mask=m3)
         if BITS == 3 or BITS == 5:  # 8 codes = BITS bytes, from two products of 4 codes (≤ 20 bits each)
-            lo = _pack_dot(code, BITS, DS, 8, 0, 4, NW).to(tl.int64)
-            word = lo | (_pack_dot(code, BITS, DS, 8, 4, 4, NW).to(tl.int64) << (4 * BITS))
-            p = ptr_row[:, None] + u * BITS
-            for k in tl.static_range(BITS):
-                tl.store(p + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=umask)
+            if G3 < NU:
+                lo = _pack_dot(code, BITS, DS, 8, 0, 4, NW).to(tl.int64)
+                word = lo | (_pack_dot(code, BITS, DS, 8, 4, 4, NW).to(tl.int64) << (4 * BITS))
+                p = ptr_row[:, None] + u * BITS
+                for k in tl.static_range(BITS):
+                    tl.store(p + k, ((word >> (8 * k)) & 255).to(tl.uint8), mask=umask & (u >= G3))
         else:
             byte = _pack_dot(code, BITS, DS, PER, 0, PER, NW)
             tl.store(ptr_row[:, None] + u, byte.to(tl.uint8), mask=umask)
@@ -337,6 +394,8 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter;
         # 8-bit codes are stored as they are.
         code = code if BITS == 8 else code.to(tl.float32 if EXACT else tl.float16)
+        # (3 bits: a chunk of a longer segment is DC ≥ 64 codes, whole 32-code units, so the segment's units
+        # continue at byte 3·c0/8 as the stream would)
         _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
         if QJL:
             c = tl.where(y > 0, mag, -mag) if SYM else mag
