@@ -37,19 +37,20 @@ column ``j`` is byte ``σ(j)`` of the row:
 * values — A operand of ``Oᵀ += Vᵀ Pᵀ`` (m = column, k = token): lane (gid, t) holds columns ``j = 8·nt + gid``
   of tokens ``2t + e + 8h`` (mod 16). ``σ_V(j) = (W/8)·gid + nt``: ``W/8`` contiguous bytes per row.
 
-3 bits (d = 128, 48 code bytes per row): 3 bytes hold a *group* of 8 codes, which never sits on a byte boundary
-of its own, so lanes load int32 words and the lookup cuts the groups out. Four planes of 32 columns; plane ``p``
-holds codes ``2p, 2p + 1`` of every group (:func:`group3`):
+3 bits (d = 128, 48 code bytes per row): codes are stored in *units* of 32 — three int32 words ``W0, W1, H``
+holding the codes' low bit pairs and top bits (:func:`tqcache.codec.packing.pack_codes`, cache format 3) — and a
+*group* of 8 codes (group q of a unit) becomes the nibbles of one word in three or four instructions (:func:`_nib`).
+Four planes of 32 columns; plane ``p`` holds codes ``2p, 2p + 1`` of every group (:func:`group3`):
 
-* keys — lane t reads words ``3t .. 3t + 2`` (its groups ``4t .. 4t + 3``; a 4th, masked word pads the tile to a
-  power of two); column ``16·kc + 8·h + 2·t + e`` is code ``2p + e`` of group ``4t + 2·kc + h``, so each fp16 pair
-  of the fragment is two codes of one group;
-* values — lane gid reads words ``(3·gid) // 2`` and the next (its groups ``2·gid, 2·gid + 1`` start at byte 0 or
-  2 of them: a per-lane ``prmt`` selector); column ``8·nt + gid`` is code ``2p + (nt & 1)`` of group
+* keys — lane t reads unit t, words ``3t .. 3t + 2`` (its groups ``4t .. 4t + 3``; a 4th, masked word pads the tile
+  to a power of two); column ``16·kc + 8·h + 2·t + e`` is code ``2p + e`` of group ``4t + 2·kc + h``, so each fp16
+  pair of the fragment is two codes of one group;
+* values — lane gid reads half ``gid mod 2`` of unit ``gid div 2``: its low-bit word and the unit's H (its groups
+  ``2·gid, 2·gid + 1``; per-lane H rotations); column ``8·nt + gid`` is code ``2p + (nt & 1)`` of group
   ``2·gid + nt // 2``, and each register pairs tokens ``2t, 2t + 1`` of one code.
 
-At d = 64 (24 bytes per row) keys read words ``(3t) // 2`` and the next (groups ``2t, 2t + 1``, the values'
-selectors above), values words ``(3·gid) // 4`` and the next (group ``gid`` at byte ``(3·gid) % 4``). A side of
+At d = 64 (24 bytes per row, two units) keys read half ``t mod 2`` of unit ``t div 2`` (groups ``2t, 2t + 1``, as
+the values above), values the low-bit word and H of group ``gid mod 4`` of unit ``gid div 4`` (group ``gid``). A side of
 two halves (64 channels each) runs each half with its own ring, table and norm on the d = 64 geometry; the
 kernel addresses rows in 4-byte units from the 16-byte-aligned row buffer, with each half's start a constexpr.
 2-bit values over 64 channels leave a lane 2 bytes per row, below cp.async's 4: their ring is shared — lanes copy

@@ -18,9 +18,10 @@ out): 256 read + 66 written.
 How (v11, v16). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1
 rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile:
 one tensor-core product for the rotation, the norm from the rotated row, the level index — the Lloyd–Max codebooks
-are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2`` — and packing as two more tensor-core products per 32-bit word
-(``_half_dot``: the word's low and high 16 bits are ``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32;
-3 bits write ``pack_codes``' 32-code units — W0, W1, H — with two products per half, ``_unit3_half``),
+are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2`` — and packing as
+two more tensor-core products per 32-bit word (``_half_dot``: the word's low and high 16 bits are
+``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32; 3 bits write ``pack_codes``' 32-code units — W0, W1,
+H — from the 4-bit products and a few bit operations, ``_unit3_words``),
 stored whole so a warp writes whole sectors. The level index: below 4 bits from comparisons against the positive
 bounds baked in as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe
 sums into the level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic
@@ -74,7 +75,7 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
     Code c occupies stream bits ``[b·c, b·c + b)``; the product ``code @ W`` with ``W[c, j] = 2^(b·c − lo)`` (lo =
     the half's first bit) over every code that overlaps the half sums them in place. At 5 bits (and 3, whose
-    TurboQuant rows use :func:`_unit3_half` instead) a code may start up to b − 1 bits below lo (weights 2^-1 ..
+    TurboQuant rows use :func:`_unit3_words` instead) a code may start up to b − 1 bits below lo (weights 2^-1 ..
     2^-(b−1): exact in fp16, and the sum, below 2^20, is exact in fp32 with those fractional bits, which the
     conversion drops) or run past the half's top (masked); 1, 2 and 4 bits never straddle. Weights stay ≤ 2^15,
     within fp16.
@@ -90,37 +91,33 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
 
 @triton.jit
-def _unit3_half(lo, hi, DS: tl.constexpr, NW: tl.constexpr, HALF: tl.constexpr):
-    """Bits ``[16·HALF, +16)`` of each 32-bit word j of a row's 3-bit units (``tqcache.codec.packing``: 32 codes
-    in three words W0, W1, H; word j is kind j % 3 of unit j // 3): ``[T, NW]`` int32.
+def _unit3_words(code, DS: tl.constexpr):
+    """The 32-bit words of the whole 3-bit units of ``code [T, DS]`` (``tqcache.codec.packing``: 32 codes in three
+    words W0, W1, H): ``(words [T, 4U], offs [4U], ok [4U])`` — word ``f`` goes to word ``offs[f]`` of the row where
+    ``ok[f]`` (four slots per unit, the fourth unused; units past DS/32 masked).
 
-    ``lo [T, DS]`` and ``hi`` are each code's low two bits and top bit (whole numbers in fp16 or fp32). Code
-    ``32u + 8q + i`` puts ``lo`` at bit ``4i + 2(q mod 2)`` of ``W_{q div 2}`` and ``hi`` at bit ``4i + (q xor 2)``
-    of H — ``(2, 3, 0, 1)[q]`` — so two products, ``lo @ W_lo + hi @ W_hi`` with weights ``2^(bit − 16·HALF)``
-    for the bits inside the half, sum each half in place: no field straddles a half (``lo`` starts on an even
-    bit), weights stay ≤ 2^15 (exact in fp16) and the disjoint fields sum below 2^16, exact in fp32.
-    """
-    c = tl.arange(0, DS)[:, None]
-    j = tl.arange(0, NW)[None, :]
-    q = (c % 32) // 8
-    i = c % 8
-    mine = (c // 32) == (j // 3)  # columns past the row's 3·DS/32 words match no code: zero
-    kind = j % 3
-    elo = 4 * i + 2 * (q % 2) - 16 * HALF
-    ehi = 4 * i + (q ^ 2) - 16 * HALF
-    wlo = tl.where(mine & (kind == q // 2) & (elo >= 0) & (elo < 16), tl.exp2(elo.to(tl.float32)), 0.0)
-    whi = tl.where(mine & (kind == 2) & (ehi >= 0) & (ehi < 16), tl.exp2(ehi.to(tl.float32)), 0.0)
-    s = tl.dot(lo, wlo.to(lo.dtype), out_dtype=tl.float32)
-    s = tl.dot(hi, whi.to(hi.dtype), acc=s, out_dtype=tl.float32)
-    return s.to(tl.int32)
-
-
-@triton.jit
-def _unit3_words(code, DS: tl.constexpr, NW: tl.constexpr):
-    """The 32-bit words of the whole 3-bit units of ``code [T, DS]`` (:func:`_unit3_half`): ``[T, NW]`` int32."""
-    hi = tl.where(code >= 4, 1.0, 0.0).to(code.dtype)
-    lo = (code - hi * 4).to(code.dtype)
-    return _unit3_half(lo, hi, DS, NW, 0) | (_unit3_half(lo, hi, DS, NW, 1) << 16)
+    First the nibble words ``N_q`` of each unit's groups q (nibble j = code 8q + j): those are the 4-bit stream
+    of the codes, two tensor-core products like every other width (:func:`_half_dot` with 4 bits; a 3-bit code
+    fills bits 0–2 of its nibble). Then per unit ``W_k = N_2k & 0x33.. | (N_2k+1 & 0x33..) << 2`` and ``H`` =
+    the four groups' bit-2 planes moved to bits (2, 3, 0, 1) of each nibble — a few integer operations on
+    ``[T, DS/8]`` words instead of two more products per half."""
+    NW4: tl.constexpr = DS // 8 if DS // 8 >= 16 else 16  # tl.dot's N ≥ 16: nibble words past DS/8 are zero
+    U: tl.constexpr = NW4 // 4
+    T: tl.constexpr = code.shape[0]
+    nib = _half_dot(code, 4, DS, NW4, 0) | (_half_dot(code, 4, DS, NW4, 1) << 16)  # [T, NW4]: word 4u + q
+    e0, e1 = tl.split(tl.reshape(nib, [T, U, 2, 2]))  # q = 2k + e -> [T, U, 2(k)] each
+    LO2: tl.constexpr = 0x33333333
+    HI1: tl.constexpr = 0x44444444
+    w = (e0 & LO2) | ((e1 & LO2) << 2)  # W_k: the low bit pairs of groups 2k (bits 0-1) and 2k + 1 (bits 2-3)
+    n0, n2 = tl.split(e0)
+    n1, n3 = tl.split(e1)
+    h = (n0 & HI1) | ((n1 & HI1) << 1) | ((n2 & HI1) >> 2) | ((n3 & HI1) >> 1)
+    words = tl.reshape(tl.join(w, tl.join(h, tl.zeros_like(h))), [T, 4 * U])  # per unit: W0, H, W1, 0
+    f = tl.arange(0, 4 * U)
+    slot = f % 4
+    offs = 3 * (f // 4) + tl.where(slot == 1, 2, tl.where(slot == 2, 1, slot))
+    ok = (slot != 3) & (f // 4 < DS // 32)
+    return words, offs, ok
 
 
 @triton.jit
@@ -132,8 +129,8 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
 
     WORDS (rows 4-byte aligned, DS·BITS a multiple of 32 — at 3 bits, DS a multiple of 32): whole 32-bit words,
     each from two tensor-core packing products (its low and high 16 bits, :func:`_half_dot`; 3 bits:
-    :func:`_unit3_half`, two products per half), so a warp's store covers whole 32-byte sectors. Otherwise
-    bytes (3 bits: the units' words byte by byte, the tail as below; 5 bits: 5 bytes per 8 codes from two
+    :func:`_unit3_words`: the 4-bit products, then bit operations), so a warp's store covers whole 32-byte
+    sectors. Otherwise bytes (3 bits: the units' words byte by byte, the tail as below; 5 bits: 5 bytes per 8 codes from two
     packing products of 4 codes). Byte stores cost a sector per lane: 3-bit values wrote 12.6 M sectors for
     0.3 M of output (H100, 32K tokens × 8 heads)."""
     if BITS == 8:
@@ -142,13 +139,14 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         NWD: tl.constexpr = DS * BITS // 32
         NW: tl.constexpr = 16 if NWD <= 16 else (32 if NWD <= 32 else 64)  # a power of two ≥ 16
         j = tl.arange(0, NW)[None, :]
+        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
         if BITS == 3:
             tl.static_assert(DS % 32 == 0, "3-bit word stores need whole units")
-            word = _unit3_words(code, DS, NW)
+            w3, o3, ok3 = _unit3_words(code, DS)
+            tl.store(ptr[:, None] + o3[None, :], w3, mask=tmask[:, None] & ok3[None, :])
         else:
             word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
-        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
-        tl.store(ptr[:, None] + j, word, mask=tmask[:, None] & (j < NWD))
+            tl.store(ptr[:, None] + j, word, mask=tmask[:, None] & (j < NWD))
     else:
         PER: tl.constexpr = 8 if BITS == 3 or BITS == 5 else 8 // BITS
         NU: tl.constexpr = DS // PER
@@ -159,12 +157,9 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         # covers only the groups after them (a group g of the tail sits at byte 3g either way).
         G3: tl.constexpr = 4 * (DS // 32) if BITS == 3 else 0
         if G3 > 0:
-            NWD3: tl.constexpr = 3 * (DS // 32)
-            NW3: tl.constexpr = 16 if NWD3 <= 16 else (32 if NWD3 <= 32 else 64)
-            j3 = tl.arange(0, NW3)[None, :]
-            w3 = _unit3_words(code, DS, NW3)
-            p3 = ptr_row[:, None] + 4 * j3
-            m3 = tmask[:, None] & (j3 < NWD3)
+            w3, o3, ok3 = _unit3_words(code, DS)
+            p3 = ptr_row[:, None] + 4 * o3[None, :]
+            m3 = tmask[:, None] & ok3[None, :]
             for k in tl.static_range(4):
                 tl.store(p3 + k, ((w3 >> (8 * k)) & 255).to(tl.uint8), mask=m3)
         if BITS == 3 or BITS == 5:  # 8 codes = BITS bytes, from two products of 4 codes (≤ 20 bits each)
