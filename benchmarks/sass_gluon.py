@@ -1,0 +1,126 @@
+"""SASS of the Gluon decode kernel without a GPU: instruction counts of its main loop per scheme.
+
+Triton's bundled ptxas compiles for sm_90 on the CPU machine once the runtime is told which GPU to target: a
+stand-in driver reports ``GPUTarget("cuda", 90, 32)``, ``_gluon_decode_kernel.warmup`` compiles the plan's real
+arguments (CPU tensors stand in for the cache), and ``nvdisasm`` prints the SASS. The loop is the longest span
+between a backward branch and its label. The counts match the H100's compiled kernel (turbo3 893, turbo4 795 per
+32-token block at v17), so a lookup change can be counted before any device time is spent (docs/kernel-notes.md,
+v18).
+
+    python benchmarks/sass_gluon.py turbo3 turbo4          # head_dim 128
+    python benchmarks/sass_gluon.py --d 64 turbo3
+    python benchmarks/sass_gluon.py --module lab/variant.py turbo3   # a modified copy of decode_gluon.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Sm90:
+    """Just enough of a driver for Triton to compile (never launch) for an H100."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def is_active(self):
+        return True
+
+
+def loop_counts(sass: list[str]) -> tuple[int, collections.Counter]:
+    """Instructions of the longest backward-branch loop, and their opcodes."""
+    best = (0, 0, 0)
+    for i, line in enumerate(sass):
+        m = re.search(r"BRA `\(\.L_x_(\d+)\)", line)
+        if not m:
+            continue
+        j = next((k for k, x in enumerate(sass) if x.startswith(f".L_x_{m.group(1)}:")), None)
+        if j is not None and j < i:
+            best = max(best, (sum(1 for x in sass[j:i + 1] if x.strip().startswith("/*")), j, i))
+    n, j, i = best
+    ops = collections.Counter(re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", x).split()[0].split(".")[0]
+                              for x in sass[j:i + 1] if x.strip().startswith("/*"))
+    return n, ops
+
+
+def compile_scheme(g, scheme: str, d: int):
+    import bench_attention as ba
+    from tqcache.kernels import attention as att
+
+    dev = torch.device("cpu")
+    B, Hkv, T, G = 8, 8, 4096, 4
+    kc, vc = ba.codecs_for(scheme, dev)
+    kp, vp = ba.random_packed(kc, B, Hkv, T, dev), ba.random_packed(vc, B, Hkv, T, dev)
+    _a, _u, lvk, _lvv, lutk, lutv, _ok, _seg = att._matrices(kc, vc, dev, torch.float16, gluon=True)
+    qk = torch.empty(B, Hkv, G, _a.shape[-1], dtype=torch.float16)
+    kf, vf = kp.fields, vp.fields
+    assemble, meta = g.gluon_plan(qk, kf["codes"], kf["norms"], vf["codes"], vf["norms"], lutk, lutv, k_codec=kc,
+                                  v_codec=vc, M=G, Hkv=Hkv, G=G, d=d, block_n=16 if d > 128 else 32, stages=2,
+                                  lvk=lvk, qjl=None, given=(False, False, False, False))
+    splits = 49
+    pacc = torch.empty(B * Hkv * splits * G * d)
+    pm = torch.empty(B * Hkv * splits * G)
+    dummy = torch.empty(4, dtype=torch.int32)
+    args = assemble(qk, kf["codes"], kf["norms"], vf["codes"], vf["norms"], None, None, dummy, dummy, dummy, pacc,
+                    pm, torch.empty_like(pm), T, None, splits)
+    return g._gluon_decode_kernel.warmup(*args, grid=(1,), **meta)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("schemes", nargs="+")
+    ap.add_argument("--d", type=int, default=128, help="head_dim (the codecs of bench_attention at this width)")
+    ap.add_argument("--module", default=None, help="a copy of decode_gluon.py to compile instead")
+    args = ap.parse_args(argv)
+    if args.d != 128:
+        import bench_attention as ba
+
+        ba.D = args.d
+    driver.set_active(_Sm90())
+    from tqcache.kernels import attention as att
+
+    g = att._gluon_module()
+    if args.module:
+        spec = importlib.util.spec_from_file_location("tqcache.kernels.decode_gluon_variant", args.module)
+        g = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(g)
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    for scheme in args.schemes:
+        ck = compile_scheme(g, scheme, args.d)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(ck.asm["cubin"])
+            f.flush()
+            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
+        lines = sass.splitlines()
+        n, ops = loop_counts(lines)
+        total = sum(1 for x in lines if x.strip().startswith("/*") and "*/" in x)
+        print(f"{scheme:10s} d={args.d}: {total} instructions, loop {n}: " +
+              ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
