@@ -479,45 +479,9 @@ def _migrate(path: Path, version: int, meta: dict, tensors: dict) -> tuple[dict,
     return meta, tensors
 
 
-def _codes_to_sign_magnitude(meta: dict, tensors: dict) -> tuple[dict, dict]:
-    """Version 1 -> 2: TurboQuant codes were sorted level indices; version 2 stores them sign-magnitude
-    (:func:`tqcache.codec.code_order`, its own inverse). Each compressed layer's key and value code bytes are
-    mapped per segment (the segments follow from the file's config and head_dim) in place in the packed stream
-    (:func:`tqcache.codec.code_order_packed`: ~20–80 ms per 32K-token layer); nothing else changes, so the loaded
-    cache decodes exactly as the version-1 file did."""
-    from .codec import code_order_packed, packed_width, segments_for
-
-    cfg = _config_from_dict(meta["config"])
-    for lm in meta["layers"]:
-        if not lm.get("initialized") or not lm.get("has_store"):
-            continue
-        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
-            name = f"layers.{lm['index']}.{kind}.codes"
-            if ccfg.kind != "turbo" or name not in tensors:
-                continue
-            codes, parts, byte = tensors[name], [], 0
-            for d_s, b_s in segments_for(int(lm["head_dim"]), ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
-                w = packed_width(d_s, b_s)
-                parts.append(code_order_packed(codes[..., byte : byte + w], b_s))
-                byte += w
-            if byte != codes.shape[-1]:
-                raise CacheFileError(f"layer {lm['index']}: {name} holds {codes.shape[-1]} bytes per token, its "
-                                     f"codec {byte}")
-            tensors[name] = torch.cat(parts, -1)
-    return meta, tensors
-
-
-_MIGRATIONS[1] = _codes_to_sign_magnitude
-
-
-def _codes_to_3bit_units(meta: dict, tensors: dict) -> tuple[dict, dict]:
-    """Version 2 -> 3: TurboQuant codes of 3-bit segments were the dense LSB-first stream
-    (:func:`tqcache.codec.pack_bits`); version 3 stores them in units of 32 codes (12 bytes: words W0, W1, H;
-    :func:`tqcache.codec.packing.pack_codes`), any remaining codes after the units still dense. Each compressed
-    layer's key and value code bytes are repacked per 3-bit segment (the segments follow from the file's config
-    and head_dim; :func:`_dense3_to_units`, ~0.4–0.5 s per 32K-token layer of 8 KV heads at d = 128 on a CPU core,
-    where unpacking and ``pack_codes`` took ~7 s); segments of other widths, and everything else, are unchanged,
-    so the loaded cache decodes exactly as the version-2 file did."""
+def _map_code_segments(meta: dict, tensors: dict, fn) -> tuple[dict, dict]:
+    """Replace each compressed layer's TurboQuant key and value code bytes, segment by segment (the segments follow
+    from the file's config and head_dim), by ``fn(bytes [..., w], channels, bits)``; everything else unchanged."""
     from .codec import packed_width, segments_for
 
     cfg = _config_from_dict(meta["config"])
@@ -531,14 +495,36 @@ def _codes_to_3bit_units(meta: dict, tensors: dict) -> tuple[dict, dict]:
             codes, parts, byte = tensors[name], [], 0
             for d_s, b_s in segments_for(int(lm["head_dim"]), ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
                 w = packed_width(d_s, b_s)
-                seg = codes[..., byte : byte + w]
-                parts.append(_dense3_to_units(seg, d_s) if b_s == 3 else seg)
+                parts.append(fn(codes[..., byte : byte + w], d_s, b_s))
                 byte += w
             if byte != codes.shape[-1]:
                 raise CacheFileError(f"layer {lm['index']}: {name} holds {codes.shape[-1]} bytes per token, its "
                                      f"codec {byte}")
             tensors[name] = torch.cat(parts, -1)
     return meta, tensors
+
+
+def _codes_to_sign_magnitude(meta: dict, tensors: dict) -> tuple[dict, dict]:
+    """Version 1 -> 2: TurboQuant codes were sorted level indices; version 2 stores them sign-magnitude
+    (:func:`tqcache.codec.code_order`, its own inverse). Each segment's codes are mapped in place in the packed
+    stream (:func:`tqcache.codec.code_order_packed`: ~20–80 ms per 32K-token layer); nothing else changes, so the
+    loaded cache decodes exactly as the version-1 file did."""
+    from .codec import code_order_packed
+
+    return _map_code_segments(meta, tensors, lambda seg, d_s, b_s: code_order_packed(seg, b_s))
+
+
+_MIGRATIONS[1] = _codes_to_sign_magnitude
+
+
+def _codes_to_3bit_units(meta: dict, tensors: dict) -> tuple[dict, dict]:
+    """Version 2 -> 3: TurboQuant codes of 3-bit segments were the dense LSB-first stream
+    (:func:`tqcache.codec.pack_bits`); version 3 stores them in units of 32 codes (12 bytes: words W0, W1, H;
+    :func:`tqcache.codec.packing.pack_codes`), any remaining codes after the units still dense. Each 3-bit
+    segment is repacked (:func:`_dense3_to_units`, ~0.4–0.5 s per 32K-token layer of 8 KV heads at d = 128 on a
+    CPU core, where unpacking and ``pack_codes`` took ~7 s); other segments, and everything else, are unchanged,
+    so the loaded cache decodes exactly as the version-2 file did."""
+    return _map_code_segments(meta, tensors, lambda seg, d_s, b_s: _dense3_to_units(seg, d_s) if b_s == 3 else seg)
 
 
 def _dense3_to_units(seg: torch.Tensor, n: int) -> torch.Tensor:
