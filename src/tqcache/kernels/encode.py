@@ -21,7 +21,7 @@ one tensor-core product for the rotation, the norm from the rotated row, the lev
 are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2`` — and packing as
 two more tensor-core products per 32-bit word (``_half_dot``: the word's low and high 16 bits are
 ``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32; 3 bits write ``pack_codes``' 32-code units — W0, W1,
-H — from the 4-bit products and a few bit operations, ``_unit3_words``),
+H — from the 4-bit products and a few bit operations, ``_unit3_store``),
 stored whole so a warp writes whole sectors. The level index: below 4 bits from comparisons against the positive
 bounds baked in as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe
 sums into the level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic
@@ -75,7 +75,7 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
     Code c occupies stream bits ``[b·c, b·c + b)``; the product ``code @ W`` with ``W[c, j] = 2^(b·c − lo)`` (lo =
     the half's first bit) over every code that overlaps the half sums them in place. At 5 bits (and 3, whose
-    TurboQuant rows use :func:`_unit3_words` instead) a code may start up to b − 1 bits below lo (weights 2^-1 ..
+    TurboQuant rows use :func:`_unit3_store` instead) a code may start up to b − 1 bits below lo (weights 2^-1 ..
     2^-(b−1): exact in fp16, and the sum, below 2^20, is exact in fp32 with those fractional bits, which the
     conversion drops) or run past the half's top (masked); 1, 2 and 4 bits never straddle. Weights stay ≤ 2^15,
     within fp16.
@@ -91,16 +91,16 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
 
 @triton.jit
-def _unit3_words(code, DS: tl.constexpr):
-    """The 32-bit words of the whole 3-bit units of ``code [T, DS]`` (``tqcache.codec.packing``: 32 codes in three
-    words W0, W1, H): ``(words [T, 4U], offs [4U], ok [4U])`` — word ``f`` goes to word ``offs[f]`` of the row where
-    ``ok[f]`` (four slots per unit, the fourth unused; units past DS/32 masked).
+def _unit3_store(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
+    """Store the whole 3-bit units of ``code [T, DS]`` (``tqcache.codec.packing``: 32 codes in three words W0, W1,
+    H) at ``ptr_row [T]``: whole int32 words (``WORDS``, rows 4-byte aligned) or their bytes.
 
     First the nibble words ``N_q`` of each unit's groups q (nibble j = code 8q + j): those are the 4-bit stream
     of the codes, two tensor-core products like every other width (:func:`_half_dot` with 4 bits; a 3-bit code
     fills bits 0–2 of its nibble). Then per unit ``W_k = N_2k & 0x33.. | (N_2k+1 & 0x33..) << 2`` and ``H`` =
-    the four groups' bit-2 planes moved to bits (2, 3, 0, 1) of each nibble — a few integer operations on
-    ``[T, DS/8]`` words instead of two more products per half."""
+    the four groups' bit-2 planes moved to bits (2, 3, 0, 1) of each nibble: its two halves from groups (0, 1)
+    and (2, 3) side by side, added across the pair (disjoint bits) — integer operations on ``[T, DS/8]`` words
+    instead of more products."""
     NW4: tl.constexpr = DS // 8 if DS // 8 >= 16 else 16  # tl.dot's N ≥ 16: nibble words past DS/8 are zero
     U: tl.constexpr = NW4 // 4
     T: tl.constexpr = code.shape[0]
@@ -109,15 +109,22 @@ def _unit3_words(code, DS: tl.constexpr):
     LO2: tl.constexpr = 0x33333333
     HI1: tl.constexpr = 0x44444444
     w = (e0 & LO2) | ((e1 & LO2) << 2)  # W_k: the low bit pairs of groups 2k (bits 0-1) and 2k + 1 (bits 2-3)
-    n0, n2 = tl.split(e0)
-    n1, n3 = tl.split(e1)
-    h = (n0 & HI1) | ((n1 & HI1) << 1) | ((n2 & HI1) >> 2) | ((n3 & HI1) >> 1)
-    words = tl.reshape(tl.join(w, tl.join(h, tl.zeros_like(h))), [T, 4 * U])  # per unit: W0, H, W1, 0
-    f = tl.arange(0, 4 * U)
-    slot = f % 4
-    offs = 3 * (f // 4) + tl.where(slot == 1, 2, tl.where(slot == 2, 1, slot))
-    ok = (slot != 3) & (f // 4 < DS // 32)
-    return words, offs, ok
+    k = tl.arange(0, 2)[None, None, :]
+    a = e0 & HI1
+    b = e1 & HI1
+    h = tl.sum(tl.where(k == 0, a | (b << 1), (a >> 2) | (b >> 1)), 2)  # top bits of groups 0, 1 | 2, 3
+    u = tl.arange(0, U)
+    ok = tmask[:, None] & (u < DS // 32)[None, :]
+    ow = (3 * u)[None, :, None] + k  # W_k at word 3u + k, H at 3u + 2
+    oh = (3 * u + 2)[None, :]
+    if WORDS:
+        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
+        tl.store(ptr[:, None, None] + ow, w, mask=ok[:, :, None])
+        tl.store(ptr[:, None] + oh, h, mask=ok)
+    else:
+        for i in tl.static_range(4):
+            tl.store(ptr_row[:, None, None] + 4 * ow + i, ((w >> (8 * i)) & 255).to(tl.uint8), mask=ok[:, :, None])
+            tl.store(ptr_row[:, None] + 4 * oh + i, ((h >> (8 * i)) & 255).to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -129,7 +136,7 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
 
     WORDS (rows 4-byte aligned, DS·BITS a multiple of 32 — at 3 bits, DS a multiple of 32): whole 32-bit words,
     each from two tensor-core packing products (its low and high 16 bits, :func:`_half_dot`; 3 bits:
-    :func:`_unit3_words`: the 4-bit products, then bit operations), so a warp's store covers whole 32-byte
+    :func:`_unit3_store`: the 4-bit products, then bit operations), so a warp's store covers whole 32-byte
     sectors. Otherwise bytes (3 bits: the units' words byte by byte, the tail as below; 5 bits: 5 bytes per 8 codes from two
     packing products of 4 codes). Byte stores cost a sector per lane: 3-bit values wrote 12.6 M sectors for
     0.3 M of output (H100, 32K tokens × 8 heads)."""
@@ -139,13 +146,12 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         NWD: tl.constexpr = DS * BITS // 32
         NW: tl.constexpr = 16 if NWD <= 16 else (32 if NWD <= 32 else 64)  # a power of two ≥ 16
         j = tl.arange(0, NW)[None, :]
-        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
         if BITS == 3:
             tl.static_assert(DS % 32 == 0, "3-bit word stores need whole units")
-            w3, o3, ok3 = _unit3_words(code, DS)
-            tl.store(ptr[:, None] + o3[None, :], w3, mask=tmask[:, None] & ok3[None, :])
+            _unit3_store(ptr_row, tmask, code, DS, True)
         else:
             word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
+            ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
             tl.store(ptr[:, None] + j, word, mask=tmask[:, None] & (j < NWD))
     else:
         PER: tl.constexpr = 8 if BITS == 3 or BITS == 5 else 8 // BITS
@@ -157,11 +163,7 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         # covers only the groups after them (a group g of the tail sits at byte 3g either way).
         G3: tl.constexpr = 4 * (DS // 32) if BITS == 3 else 0
         if G3 > 0:
-            w3, o3, ok3 = _unit3_words(code, DS)
-            p3 = ptr_row[:, None] + 4 * o3[None, :]
-            m3 = tmask[:, None] & ok3[None, :]
-            for k in tl.static_range(4):
-                tl.store(p3 + k, ((w3 >> (8 * k)) & 255).to(tl.uint8), mask=m3)
+            _unit3_store(ptr_row, tmask, code, DS, False)
         if BITS == 3 or BITS == 5:  # 8 codes = BITS bytes, from two products of 4 codes (≤ 20 bits each)
             if G3 < NU:
                 lo = _pack_dot(code, BITS, DS, 8, 0, 4, NW).to(tl.int64)
