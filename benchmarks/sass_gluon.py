@@ -1,4 +1,4 @@
-"""SASS of the Gluon decode kernel without a GPU: instruction counts of its main loop per scheme.
+"""SASS of the decode (Gluon) and encode kernels without a GPU: instruction counts of their main loops per scheme.
 
 Triton's bundled ptxas compiles for sm_90 on the CPU machine once the runtime is told which GPU to target: a
 stand-in driver reports ``GPUTarget("cuda", 90, 32)``, ``_gluon_decode_kernel.warmup`` compiles the plan's real
@@ -10,6 +10,11 @@ v18).
     python benchmarks/sass_gluon.py turbo3 turbo4          # head_dim 128
     python benchmarks/sass_gluon.py --d 64 turbo3
     python benchmarks/sass_gluon.py --module lab/variant.py turbo3   # a modified copy of decode_gluon.py
+    python benchmarks/sass_gluon.py --encode turbo3               # the encode kernel (values; --module: encode.py)
+
+The encode kernel is compiled the same way from the arguments ``encode_into`` would launch (its launcher is
+swapped for one that records them; 4096 tokens × 8 heads of bf16 values). Below 4 bits only: on CPU tensors
+the 4- and 5-bit level search takes its interpreter twin (gathers), which Triton's pipeliner does not compile.
 """
 
 from __future__ import annotations
@@ -89,11 +94,33 @@ def compile_scheme(g, scheme: str, d: int):
     return g._gluon_decode_kernel.warmup(*args, grid=(1,), **meta)
 
 
+def compile_encode(enc, scheme: str, d: int, key: bool = False):
+    import bench_attention as ba
+
+    seen = {}
+
+    class _Record:  # stands in for the encode kernel's launcher: keeps the arguments, launches nothing
+        def __call__(self, key, grid, args, meta):
+            seen["args"], seen["meta"] = args, meta
+
+    kc, vc = ba.codecs_for(scheme, torch.device("cpu"))
+    codec = kc if key else vc
+    x = torch.randn(1, 8, 4096, d, dtype=torch.bfloat16)
+    fields = {n: torch.zeros(1, 8, 4096, w, dtype=dt) for n, (w, dt) in codec.field_widths().items()}
+    launcher, enc._ENCODE = enc._ENCODE, _Record()
+    try:
+        enc.encode_into(codec, x, fields, 0, exact=False)  # (the GPU's arithmetic)
+    finally:
+        enc._ENCODE = launcher
+    return enc._encode_kernel.warmup(*seen["args"], grid=(1,), **seen["meta"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("schemes", nargs="+")
     ap.add_argument("--d", type=int, default=128, help="head_dim (the codecs of bench_attention at this width)")
-    ap.add_argument("--module", default=None, help="a copy of decode_gluon.py to compile instead")
+    ap.add_argument("--module", default=None, help="a copy of decode_gluon.py (or encode.py) to compile instead")
+    ap.add_argument("--encode", action="store_true", help="the encode kernel (values) instead of the decode kernel")
     args = ap.parse_args(argv)
     if args.d != 128:
         import bench_attention as ba
@@ -102,14 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     driver.set_active(_Sm90())
     from tqcache.kernels import attention as att
 
-    g = att._gluon_module()
+    g = importlib.import_module("tqcache.kernels.encode") if args.encode else att._gluon_module()
     if args.module:
-        spec = importlib.util.spec_from_file_location("tqcache.kernels.decode_gluon_variant", args.module)
+        spec = importlib.util.spec_from_file_location("tqcache.kernels.sass_variant", args.module)
         g = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(g)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     for scheme in args.schemes:
-        ck = compile_scheme(g, scheme, args.d)
+        ck = compile_encode(g, scheme, args.d) if args.encode else compile_scheme(g, scheme, args.d)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(ck.asm["cubin"])
             f.flush()
@@ -117,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = sass.splitlines()
         n, ops = loop_counts(lines)
         total = sum(1 for x in lines if x.strip().startswith("/*") and "*/" in x)
-        print(f"{scheme:10s} d={args.d}: {total} instructions, loop {n}: " +
+        print(f"{scheme:10s} d={args.d}{' encode' if args.encode else ''}: {total} instructions, loop {n}: " +
               ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
     return 0
 
