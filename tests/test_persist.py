@@ -370,6 +370,16 @@ def test_older_version_migrates(tmp_path, monkeypatch):
     assert_same_state(state(cache), state(loaded))
 
 
+def _code_fields(meta, tensors):
+    """(tensor name, codec config, layer meta) of each stored key / value code tensor of a file."""
+    cfg = persist._config_from_dict(meta["config"])
+    for lm in meta["layers"]:
+        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
+            name = f"layers.{lm['index']}.{kind}.codes"
+            if name in tensors:
+                yield name, ccfg, lm
+
+
 def _sorted_codes(meta, tensors):
     """A current file's TurboQuant codes as version 1 stored them: the sorted index of each code's level
     (code L/2 + m -> L/2 + m, code m -> L/2 − 1 − m; written out here, not through the library's mapping), in
@@ -377,17 +387,12 @@ def _sorted_codes(meta, tensors):
     from tqcache.codec import pack_bits
     from tqcache.codec.packing import unpack_codes
 
-    cfg = persist._config_from_dict(meta["config"])
-    for lm in meta["layers"]:
-        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
-            name = f"layers.{lm['index']}.{kind}.codes"
-            if name not in tensors:
-                continue
-            b, d = int(ccfg.bits), lm["head_dim"]
-            assert ccfg.kind == "turbo" and b == ccfg.bits and not ccfg.qjl  # one segment
-            c = unpack_codes(tensors[name], b, d)
-            half = 1 << (b - 1)
-            tensors[name] = pack_bits(torch.where(c >= half, c, half - 1 - c), b)
+    for name, ccfg, lm in list(_code_fields(meta, tensors)):
+        b, d = int(ccfg.bits), lm["head_dim"]
+        assert ccfg.kind == "turbo" and b == ccfg.bits and not ccfg.qjl  # one segment
+        c = unpack_codes(tensors[name], b, d)
+        half = 1 << (b - 1)
+        tensors[name] = pack_bits(torch.where(c >= half, c, half - 1 - c), b)
     return meta, tensors
 
 
@@ -417,21 +422,16 @@ def _dense_codes(meta, tensors):
     from tqcache.codec import pack_bits, packed_width, segments_for
     from tqcache.codec.packing import unpack_codes
 
-    cfg = persist._config_from_dict(meta["config"])
-    for lm in meta["layers"]:
-        for kind, ccfg in (("k", cfg.key), ("v", cfg.value)):
-            name = f"layers.{lm['index']}.{kind}.codes"
-            if name not in tensors:
-                continue
-            assert ccfg.kind == "turbo"
-            parts, byte, codes = [], 0, tensors[name]
-            for d_s, b_s in segments_for(lm["head_dim"], ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
-                w = packed_width(d_s, b_s)
-                seg = codes[..., byte : byte + w]
-                parts.append(pack_bits(unpack_codes(seg, 3, d_s), 3) if b_s == 3 else seg)
-                byte += w
-            assert byte == codes.shape[-1]
-            tensors[name] = torch.cat(parts, -1)
+    for name, ccfg, lm in list(_code_fields(meta, tensors)):
+        assert ccfg.kind == "turbo"
+        parts, byte, codes = [], 0, tensors[name]
+        for d_s, b_s in segments_for(lm["head_dim"], ccfg.bits - 1 if ccfg.qjl else ccfg.bits):
+            w = packed_width(d_s, b_s)
+            seg = codes[..., byte : byte + w]
+            parts.append(pack_bits(unpack_codes(seg, 3, d_s), 3) if b_s == 3 else seg)
+            byte += w
+        assert byte == codes.shape[-1]
+        tensors[name] = torch.cat(parts, -1)
     return meta, tensors
 
 
