@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 
 import torch
@@ -321,6 +322,47 @@ def ab_planes(dev, schemes, Bs, N=131072, key="planes"):
     return rows
 
 
+def ab_pdl(dev, schemes, Bs, Ns, rounds=5):
+    """The default decode step with programmatic dependent launch allowed (``attention.PDL``, gluon_config's rule)
+    and not, same process: a CUDA graph of each over the same rotated buffers, replayed in alternation ``rounds``
+    times (the spread of the rounds says what is noise)."""
+    from tqcache.kernels import attention as A
+    from tqcache.kernels._launch import Plans
+
+    rows, scale, was = [], D**-0.5, A.PDL
+    for sch in schemes:
+        kc, vc = codecs_for(sch, dev)
+        for B in Bs:
+            for N in Ns:
+                nbytes = B * HKV * N * (bytes_per_token(kc) + bytes_per_token(vc))
+                sets = [(torch.randn(B, HQ, 1, D, device=dev, dtype=torch.bfloat16),
+                         random_packed(kc, B, HKV, N, dev), random_packed(vc, B, HKV, N, dev))
+                        for _ in range(n_sets(nbytes))]
+                graphs, cfgs = {}, {}
+                for on in (False, True):
+                    A.PDL, A._PLANS = on, Plans()
+                    fns = [lambda s=s: attend_packed_triton(s[0], kc, s[1], vc, s[2], scale=scale) for s in sets]
+                    for f in fns:
+                        f()
+                    torch.cuda.synchronize()
+                    graphs[on] = _capture(fns)
+                    cfgs[on] = A.gluon_config(B, HKV, N, dev)
+                runs = {False: [], True: []}
+                for _ in range(rounds):
+                    for on, g in graphs.items():
+                        runs[on].append(_q(do_bench(g.replay, warmup=10, rep=100, quantiles=[0.5]))[0] / len(sets))
+                off, on = statistics.median(runs[False]), statistics.median(runs[True])
+                rows.append(dict(scheme=sch, B=B, N=N, off_us=off, on_us=on, gain=off / on - 1,
+                                 splits_off=cfgs[False]["SPLITS"], splits_on=cfgs[True]["SPLITS"],
+                                 pdl=cfgs[True]["PDL"], runs_off=runs[False], runs_on=runs[True]))
+                print(f"pdl {sch:7s} B={B:2d} N={N:6d} off {off:7.1f} on {on:7.1f} ({off / on - 1:+.1%}) "
+                      f"splits {cfgs[False]['SPLITS']} -> {cfgs[True]['SPLITS']} pdl={cfgs[True]['PDL']}", flush=True)
+                del sets, graphs
+                torch.cuda.empty_cache()
+    A.PDL, A._PLANS = was, Plans()
+    return rows
+
+
 def sass_stats() -> dict:
     """Per compiled attention kernel: SASS instruction counts by opcode class (cuobjdump), registers, spills."""
     import collections
@@ -410,6 +452,7 @@ def main():
     ap.add_argument("--apply-best", action="store_true", help="benchmark with the tile sweep's choice")
     ap.add_argument("--ab", action="store_true", help="plane layout on/off at the tuned config, 128K")
     ap.add_argument("--ab-fast", action="store_true", help="register-table lookup on/off at the tuned config, 128K")
+    ap.add_argument("--ab-pdl", action="store_true", help="programmatic dependent launch off/on (--B, --N), then exit")
     ap.add_argument("--rep", type=int, default=200, help="do_bench rep (ms) for the main table")
     ap.add_argument("--diag", default=None, help="write IR here and time stage-dropping variants, then exit")
     a = ap.parse_args()
@@ -429,6 +472,11 @@ def main():
     res = dict(meta=meta)
     if a.diag:
         diag(dev, a.diag)
+        return
+    if a.ab_pdl:
+        res["ab_pdl"] = ab_pdl(dev, schemes, [int(x) for x in a.B.split(",")], [int(x) for x in a.N.split(",")])
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
         return
     if a.sweep:
         res["sweep"] = sweep(dev, schemes[:2], 1, 131072) + sweep(dev, schemes[:2], 8, 131072)

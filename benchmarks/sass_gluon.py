@@ -71,7 +71,7 @@ def loop_counts(sass: list[str]) -> tuple[int, collections.Counter]:
     return n, ops
 
 
-def compile_scheme(g, scheme: str, d: int):
+def compile_scheme(g, scheme: str, d: int, pdl: bool = False):
     import bench_attention as ba
     from tqcache.kernels import attention as att
 
@@ -85,6 +85,7 @@ def compile_scheme(g, scheme: str, d: int):
     assemble, meta = g.gluon_plan(qk, kf["codes"], kf["norms"], vf["codes"], vf["norms"], lutk, lutv, k_codec=kc,
                                   v_codec=vc, M=G, Hkv=Hkv, G=G, d=d, block_n=16 if d > 128 else 32, stages=2,
                                   lvk=lvk, qjl=None, given=(False, False, False, False))
+    meta = dict(meta, PDL=pdl, launch_pdl=pdl)
     splits = 49
     pacc = torch.empty(B * Hkv * splits * G * d)
     pm = torch.empty(B * Hkv * splits * G)
@@ -121,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=128, help="head_dim (the codecs of bench_attention at this width)")
     ap.add_argument("--module", default=None, help="a copy of decode_gluon.py (or encode.py) to compile instead")
     ap.add_argument("--encode", action="store_true", help="the encode kernel (values) instead of the decode kernel")
+    ap.add_argument("--pdl", action="store_true", help="the decode kernel as programmatic dependent launch runs it")
     args = ap.parse_args(argv)
     if args.d != 128:
         import bench_attention as ba
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.loader.exec_module(g)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     for scheme in args.schemes:
-        ck = compile_encode(g, scheme, args.d) if args.encode else compile_scheme(g, scheme, args.d)
+        ck = compile_encode(g, scheme, args.d) if args.encode else compile_scheme(g, scheme, args.d, args.pdl)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(ck.asm["cubin"])
             f.flush()

@@ -726,17 +726,14 @@ GLUON_CASES = [
 ]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="Gluon kernels compile for CUDA only (no interpreter)")
-@pytest.mark.parametrize("d,kb,vb,dt,B,Hkv,Hq,T,Lq,extra", GLUON_CASES)
-def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra):
-    from tqcache.kernels import attention as att
-
+def _gluon_case(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra, seed=0):
+    """A GLUON_CASES row as inputs: ``(kc, vc, kp, vp, q, kw)``, kw the structured mask arguments of ``extra``."""
     qjl = extra is not None and extra.startswith("qjl")
     if qjl:
         extra = extra[4:] or None
-    kc, vc, kp, vp = _make(d, kb, vb, kqjl=qjl, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T)) % 1000,
+    kc, vc, kp, vp = _make(d, kb, vb, kqjl=qjl, B=B, Hkv=Hkv, T=T, seed=hash((d, kb, vb, T, seed)) % 1000,
                            split="rotated" if extra == "rotated" else "halves")
-    q = (torch.randn(B, Hq, Lq, d, generator=_gen(17)) * 2).to(DEV, dt)
+    q = (torch.randn(B, Hq, Lq, d, generator=_gen(17 + seed)) * 2).to(DEV, dt)
     kw = {}
     if extra == "causal":
         kw = dict(q_pos=torch.tensor([T - Lq, T // 2][:B], device=DEV))
@@ -744,6 +741,15 @@ def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra)
         kw = dict(kv_start=torch.tensor([5, 40, 0], device=DEV), kv_end=torch.tensor([190, 40, 200], device=DEV))
     elif extra == "window":
         kw = dict(q_pos=torch.tensor([T - Lq, 100], device=DEV), window=70)
+    return kc, vc, kp, vp, q, kw
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="Gluon kernels compile for CUDA only (no interpreter)")
+@pytest.mark.parametrize("d,kb,vb,dt,B,Hkv,Hq,T,Lq,extra", GLUON_CASES)
+def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra):
+    from tqcache.kernels import attention as att
+
+    kc, vc, kp, vp, q, kw = _gluon_case(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra)
     assert att._gluon_module().gluon_reason(q, kc, vc, Lq * Hq // Hkv, True) is None
     assert att.choose_config(q, kc, vc, Hkv, T).get("gluon"), "the default configuration must pick the Gluon kernel"
     out, lse = _check(q, kc, kp, vc, vp, **kw)
@@ -751,6 +757,64 @@ def test_gluon_decode_matches_reference(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra)
     o2, l2 = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(
         att.launch_config(B, Hkv, Lq * Hq // Hkv, T, d, DEV, k_codec=kc, v_codec=vc), gluon=False), **kw)
     torch.testing.assert_close(out, o2, rtol=2e-2, atol=2e-2 * out.abs().max().item())
+
+
+PDL_CASES = [c for c in GLUON_CASES if c[:3] in {(128, 4, 4), (128, 3, 3), (128, 3.5, 3), (64, 2, 3), (256, 4, 4)}]
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs a Hopper (or later) GPU")
+@pytest.mark.parametrize("d,kb,vb,dt,B,Hkv,Hq,T,Lq,extra", PDL_CASES)
+def test_gluon_step_chained_by_pdl_matches_plain_launches(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra, monkeypatch):
+    # PDL changes when the three kernels start, not what they compute: with the same merge (one program per row;
+    # merge_chunks picks it under PDL) the same bits as plain launches, eager and replayed from a CUDA graph (which
+    # keeps the programmatic edges), and the reference's answer.
+    from tqcache.kernels import attention as att
+
+    monkeypatch.setattr(att, "MERGE_NC", 1)
+    kc, vc, kp, vp, q, kw = _gluon_case(d, kb, vb, dt, B, Hkv, Hq, T, Lq, extra, seed=1)
+    cfg = att.choose_config(q, kc, vc, Hkv, T)
+    assert cfg.get("gluon")
+    plain = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, PDL=False), **kw)
+    chained = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, PDL=True), **kw)
+    assert any(v.get("PDL") for v in att.LAUNCH_CONFIGS.values())
+    for a, b in zip(plain, chained):
+        assert torch.equal(a, b)
+    outs = []
+    graph = torch.cuda.CUDAGraph()
+    attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, PDL=True), **kw)  # (plans made)
+    with torch.cuda.graph(graph):
+        outs.append(attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, PDL=True), **kw))
+    for t in outs[0]:
+        t.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(plain, outs[0]):
+        assert torch.equal(a, b)
+    _check(q, kc, kp, vc, vp, **kw)
+
+
+def test_gluon_config_chains_launches_only_on_full_grids(monkeypatch):
+    # The rule, on a pretend H100 (132 SMs, PDL available): programmatic dependent launch where the grid has
+    # >= 12 programs on every SM, the plain launch rules elsewhere (smaller grids lost up to 17 % under PDL).
+    from tqcache.kernels import attention as att
+
+    monkeypatch.setattr(att, "pdl_ok", lambda device: True)
+    monkeypatch.setattr(att, "_num_sms", lambda device: 132)
+    cpu = torch.device("cpu")
+    c = att.gluon_config(1, 8, 65536, cpu)
+    assert (c["SPLITS"], c["PDL"]) == (198, True)  # one wave of 12 per SM
+    c = att.gluon_config(1, 8, 32768, cpu)
+    assert (c["SPLITS"], c["PDL"]) == (198, True)  # the full wave replaces 8 per SM (132 splits)
+    c = att.gluon_config(1, 8, 16384, cpu)
+    assert (c["SPLITS"], c["PDL"]) == (128, False)  # >= 4 blocks per split caps it at 128: not full
+    c = att.gluon_config(8, 8, 131072, cpu)
+    assert (c["SPLITS"], c["PDL"]) == (49, True)  # two waves
+    c = att.gluon_config(1, 8, 65536, cpu, d=256)
+    assert not c["PDL"]  # measured at head_dim 128 only
+    monkeypatch.setattr(att, "pdl_ok", lambda device: False)
+    c = att.gluon_config(1, 8, 32768, cpu)
+    assert (c["SPLITS"], c["PDL"]) == (132, False)  # without PDL: 8 per SM up to 32K
 
 
 def test_kernel_segments_split_widths_that_are_two_powers_of_two():

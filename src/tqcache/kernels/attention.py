@@ -59,6 +59,7 @@ import weakref
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._codec_key import cached, codec_key, remember
 from ._compat import patch_interpreter
@@ -299,19 +300,8 @@ def _decode_planes(row_ptr, nmask, lv_ptr, lut_ptr, BITS: tl.constexpr, P: tl.co
         # nibble word n_g of each 8-code group (nibble j = code j), as 16-bit halves x[:, 2g + h] = n_g >> 16h: code
         # 4h + j of group g sits at bits [4j, 4j + 3) of x[:, 2g + h] (bits above 16 of h = 0 are not masked).
         tl.static_assert(DS % 32 == 0, "3-bit planes read whole 32-code units")
-        U: tl.constexpr = DS // 32
-        p = row_ptr[:, None] + tl.arange(0, U)[None, :] * 12
-        w0 = _load_word(p, nmask)
-        w1 = _load_word(p + 4, nmask)
-        hw = _load_word(p + 8, nmask)
-        n0 = _group_nibbles(w0, w1, hw, 0)
-        n1 = _group_nibbles(w0, w1, hw, 1)
-        n2 = _group_nibbles(w0, w1, hw, 2)
-        n3 = _group_nibbles(w0, w1, hw, 3)
-        # [u, a, b, h] = half h of n_{2a+b} -> flat 8u + 4a + 2b + h = 2g + h (g = 4u + 2a + b).
-        x = tl.join(tl.join(tl.join(n0, n2), tl.join(n1, n3)), tl.join(tl.join(n0 >> 16, n2 >> 16),
-                                                                         tl.join(n1 >> 16, n3 >> 16)))
-        x = tl.reshape(x, (w0.shape[0], 2 * (DS // 8)))
+        n = _unit_nibbles(row_ptr, nmask, DS // 32)  # [BLOCK_N, DS/8]: column g = group g
+        x = tl.reshape(tl.join(n, n >> 16), (n.shape[0], 2 * (DS // 8)))  # [g, h] -> 2g + h
         if FAST:
             c0, c1, c2, c3 = tl.inline_asm_elementwise(
                 _ASM_LUT3, "=r" + ",=r" * 7 + ",r" * 20, [x, t0, t1, t2, t3],
@@ -600,15 +590,18 @@ def _query_map_kernel(
     CNT,  # [B·Hkv·M] int32: the merge's arrival counts, zeroed here (ZERO; the step's first launch)
     M, c,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
-    BLOCK_M: tl.constexpr, DC: tl.constexpr, ZERO: tl.constexpr,
+    BLOCK_M: tl.constexpr, DC: tl.constexpr, ZERO: tl.constexpr, PDL: tl.constexpr,
 ):
     """``q̃ = (q @ A)·c`` for the rows ``m = i·G + g`` of one (batch·KV head, row tile, DC-column chunk), in one launch.
 
     Replaces the torch prologue (cast, batched matmul, scale, cast: four launches, ~10 µs of fixed cost per
     decode step). Products in ``tf32x3`` (≈ fp32), like the fp32 matmul it replaces. One column chunk per program:
     at decode the kernel is a latency chain (load q and A, three products, store), so more, shorter programs
-    finish sooner than few that loop over the chunks.
+    finish sooner than few that loop over the chunks. ``PDL``: the decode kernel is this one's programmatic
+    dependent (:func:`gluon_config`), released at once: it copies its first blocks while this runs.
     """
+    if PDL:  # the decode kernel may start now: it copies its first blocks while this runs, then waits for it
+        gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     c0 = tl.program_id(2) * DC
@@ -641,7 +634,7 @@ def _attn_merge_kernel(
     PO, CNT,  # NC > 1: [B·Hkv·M, NC, D] fp32 partial outputs, [B·Hkv·M] int32 arrival counts (zero at launch)
     M, SPLITS,
     HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-    SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr, NC: tl.constexpr,
+    SPLITS_P2: tl.constexpr, SCH: tl.constexpr, DC: tl.constexpr, NC: tl.constexpr, PDL: tl.constexpr,
 ):
     """Log-sum-exp merge of the ``SPLITS`` partials of one output row ``(batch·KV head, m)``, normalise, rotate back.
 
@@ -655,7 +648,8 @@ def _attn_merge_kernel(
     at d = 128: two dependent loads per row), which took the merge alone from 9.7 to 5.8 µs at 198 splits (H100,
     docs/kernel-notes.md v6); with one tile, all four loads are issued before any reduction (v10: 6.5 → 5.8 µs in
     a whole decode step). (v1–v3 merged a 16-row query tile per program, one split per iteration: ~40 µs of
-    fixed cost per decode step at 66 splits and 8 programs.)
+    fixed cost per decode step at 66 splits and 8 programs.) ``PDL``: launched as the decode kernel's programmatic
+    dependent, resident before it ends: U is read first, the partials after ``griddepcontrol.wait``.
     """
     pid_bh = tl.program_id(0)
     m = tl.program_id(1)
@@ -668,11 +662,13 @@ def _attn_merge_kernel(
     offs_s = tl.arange(0, SPLITS_P2)
     row0 = pid_bh * SPLITS * M + m
     ONE: tl.constexpr = SPLITS_P2 <= SCH  # one tile holds every split's accumulator
+    if DC == D or NC > 1:
+        u1 = tl.load(U + offs_w[:, None] * D + offs_d[None, :])  # rows of U for these columns: [DW, D]
+    if PDL:  # launched while the decode kernel runs: U (a constant) is read before this, its partials only after
+        gdc_wait()
     if ONE:  # issue every load first: none depends on another, so their latencies overlap
         a1 = tl.load(PACC + (row0 + offs_s * M)[:, None] * D + offs_w[None, :], mask=(offs_s < SPLITS)[:, None],
                      other=0.0)
-    if DC == D or NC > 1:
-        u1 = tl.load(U + offs_w[:, None] * D + offs_d[None, :])  # rows of U for these columns: [DW, D]
     m_s = tl.load(PM + row0 + offs_s * M, mask=offs_s < SPLITS, other=float("-inf"))
     l_s = tl.load(PL + row0 + offs_s * M, mask=offs_s < SPLITS, other=0.0)
     m_g = tl.max(m_s, 0)
@@ -882,24 +878,38 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
     turbo3.5, buffers rotated past L2) gained 2–8 % there (B = 1, 32K: 31.3 → 29.4 µs) and lost up to 18 % beyond
     it (B = 8, 32K; docs/kernel-notes.md, v11). head_dim 256 takes 16-token
     blocks (32 spill at 255 registers; 16 need ~221) and 6 / 27 programs per SM (H100 sweep, turbo4, 16 / 8 heads,
-    64K: 107.5 µs at B = 1 against 121.5–139.9 for 9–12, 659.9 at B = 8 against 686–887 for 6–18)."""
+    64K: 107.5 µs at B = 1 against 121.5–139.9 for 9–12, 659.9 at B = 8 against 686–887 for 6–18).
+
+    ``PDL``: on Hopper, at head_dim 128, where the grid fills every SM (≥ 12 programs each: the one- or two-wave
+    split count, whatever T), the step's three kernels are chained by programmatic dependent launch — the decode
+    kernel starts while the query map runs (it copies its first blocks, then waits for the queries), and the merge is
+    scheduled as the decode programs finish — and the 8-per-SM rule gives way to the full wave. H100, turbo4, graph µs
+    of the step, same process (`attention_h100_v19_pdl_ab.json`): B = 1 32K 27.9 → 26.8, 64K 43.2 → 41.0, 128K
+    71.6 → 68.8; B = 2 32K 42.9 → 41.5; B = 8 128K 431.2 → 428.1. On a grid that leaves SMs short it lost up to
+    17 % (B = 2, 32K at 8 per SM: 42.9 → 50.4), so smaller grids launch as before."""
     block_n = 16 if d > 128 else 32
-    two_waves = False  # per_sm is then a cap, rounded down, not a target rounded up
+    sms = _num_sms(device)
+
+    def split_count(per_sm: int, two_waves: bool) -> int:
+        programs = per_sm * sms
+        # two waves: at most two full waves of 12 resident, no partial one (16 per SM left 1.3–1.4 waves)
+        want = programs // (B * Hkv) if two_waves else _cdiv(programs, B * Hkv)
+        return max(1, min(want, _cdiv(T, 4 * block_n), 256))
+
+    def config(splits: int, pdl: bool = False) -> dict:
+        return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2, PDL=pdl)
+
     if GLUON_PER_SM:
-        per_sm = GLUON_PER_SM
-    elif d > 128:
-        per_sm = 6 if B * Hkv < 32 else 27
-    elif d == 128 and T <= 32768 and B * Hkv * T < 1 << 20:
-        per_sm = 8  # short contexts, small batches: fewer, longer splits (v11 A/B: +2–8 %, none slower)
-    elif B * Hkv < 32:
-        per_sm = 12  # one full wave
-    else:
-        per_sm, two_waves = 24, True
-    programs = per_sm * _num_sms(device)
-    # two waves: at most two full waves of 12 resident, no partial one (16 per SM left 1.3–1.4 waves)
-    want = programs // (B * Hkv) if two_waves else _cdiv(programs, B * Hkv)
-    splits = max(1, min(want, _cdiv(T, 4 * block_n), 256))
-    return dict(BLOCK_M=16, BLOCK_N=block_n, SPLITS=splits, m_tiles=1, num_warps=1, gluon=True, STAGES=2)
+        return config(split_count(GLUON_PER_SM, False))
+    if d > 128:
+        return config(split_count(6 if B * Hkv < 32 else 27, False))
+    # one full wave of 12 per SM, or from B·Hkv = 32 on two (24 per SM is then a cap, rounded down)
+    full = split_count(12, False) if B * Hkv < 32 else split_count(24, True)
+    if d == 128 and pdl_ok(device) and B * Hkv * full >= 12 * sms:
+        return config(full, True)
+    if d == 128 and T <= 32768 and B * Hkv * T < 1 << 20:
+        return config(split_count(8, False))  # short contexts, small batches: fewer, longer splits
+    return config(full)
 
 
 GLUON_PER_SM = 0  # 0: the rule above; a number overrides it (sweeps)
@@ -1085,9 +1095,15 @@ def _tensor_sig(t) -> tuple | None:
 
 
 MERGE_NC = 0  # 0: merge_chunks' rule; a number overrides it (A/B runs)
+PDL = True  # programmatic dependent launch of full-wave Gluon steps (gluon_config); False for A/B runs
 
 
-def merge_chunks(rows: int, d: int) -> int:
+def pdl_ok(device: torch.device) -> bool:
+    """Whether the GPU chains launches by programmatic dependent launch (Hopper and later): see :func:`gluon_config`."""
+    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def merge_chunks(rows: int, d: int, pdl: bool = False) -> int:
     """Programs per output row of the merge kernel (column chunks of the accumulator, each with its rows of U).
 
     At B = 1 (32 rows: 8 KV heads × 4) the one-row programs leave 100 of 132 SMs idle, each of the 32 reading
@@ -1095,10 +1111,13 @@ def merge_chunks(rows: int, d: int) -> int:
     a second dependent step (the last to arrive adds the chunks' outputs). H100, turbo4, graph µs of the whole
     step, same process (`attention_h100_v17_merge_chunks_ab.json`), 1 -> 4 chunks: B = 1 16K 20.2 -> 19.6, 64K
     44.4 -> 43.6, 128K 73.3 -> 72.5; B = 8 (256 rows) 233.8 -> 244.0 at 64K: slower, so only for ≤ 32 rows
-    (between 32 and 256 unmeasured) and head_dim ≤ 128."""
+    (between 32 and 256 unmeasured) and head_dim ≤ 128. Under programmatic dependent launch (``pdl``) the merge's
+    programs are resident, their rows of U loaded, when the decode kernel ends, and the one-row merge without the
+    second step is faster: B = 1, graph µs, 4 -> 1 chunks: turbo4 32K 26.9 -> 26.4, 64K 41.6 -> 40.7, 128K 68.3 ->
+    68.1; turbo3 27.6 -> 27.3, 42.5 -> 41.6, 68.3 -> 67.6 (`attention_h100_v19_b1_ab.json`)."""
     if MERGE_NC:
         return MERGE_NC
-    return 4 if rows <= 32 and d <= 128 else 1
+    return 4 if rows <= 32 and d <= 128 and not pdl else 1
 
 
 _PLANS = Plans()  # per key codec, call key -> (weakref to the value codec, run): see attend_packed_triton
@@ -1224,13 +1243,17 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
     k_qjl, qjl_scale = bool(k_codec.qjl), k_codec.qjl_scale if k_codec.qjl else 0.0
     # (run must not hold the codecs: plans live as long as the key codec, and would keep it alive.)
 
-    def splits_for(T: int) -> int:
+    def splits_for(T: int) -> tuple[int, bool]:
+        """The split count for T, and whether the step chains its launches (gluon_config's PDL)."""
+        pdl = bool(config and config.get("PDL")) and use_gluon and pdl_ok(dev)  # (only when asked for explicitly)
         if splits is not None:
-            return int(splits)
+            return int(splits), pdl
         if fixed:
-            return cfg["SPLITS"]
-        c = gluon_config(B, Hkv, T, dev, d) if use_gluon else launch_config(B, Hkv, M, T, d, dev, seg_keys=seg_keys)
-        return c["SPLITS"]
+            return cfg["SPLITS"], pdl
+        if use_gluon:
+            c = gluon_config(B, Hkv, T, dev, d)
+            return c["SPLITS"], c["PDL"]
+        return launch_config(B, Hkv, M, T, d, dev, seg_keys=seg_keys)["SPLITS"], False
 
     # Queries: [B, Hq, Lq, d] -> rows m = i·G + g of each KV head, rotated (+ sketched) and pre-scaled.
     DA = A.shape[-1]
@@ -1238,9 +1261,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
     # The merge: one program per output row, or NC per row over column chunks (merge_chunks), whose partial
     # outputs and arrival counts live in the scratch after the partials (the counts zeroed by the query map).
     rows = B * Hkv * M
-    NC = merge_chunks(rows, d)
-    merge_bytes = 4 * rows * (NC * d + 1) if NC > 1 else 4
-    qmeta = dict(HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, ZERO=NC > 1, num_warps=4)
+    qmeta = dict(HKV=Hkv, G=G, D=d, DA=DA, BLOCK_M=BM, DC=DCQ, num_warps=4)
     a_stride = A.stride(0) if A.dim() == 3 else 0
     qk_strides = (Hkv * M * DA, M * DA, DA)
     esize = 4 if dot_dtype == torch.float32 else 2
@@ -1265,30 +1286,34 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         decode = _DECODE
         bits = f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}"
     bits = bits.replace(" ", "").replace(",)", ")")
-    metas: dict = {}  # split count -> (decode constexprs, merge constexprs)
+    metas: dict = {}  # (split count, PDL, merge chunks) -> (decode constexprs, merge constexprs)
     shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} d={d} {str(q.dtype).replace('torch.', '')}"
 
     def run(q, kf, vf, st, en, qp, window, scale):
         T = kf["codes"].shape[2]
-        SPL = splits_for(T)
-        m = metas.get(SPL)
+        SPL, pdl = splits_for(T)
+        NC = merge_chunks(rows, d, pdl)
+        m = metas.get((SPL, pdl, NC))
         first = m is None  # first call with this split count: record its configuration and compiled kernel
         if first:
-            c = dict(cfg, SPLITS=SPL)
-            m = metas[SPL] = (gmeta if use_gluon else tmeta,
-                              dict(HKV=Hkv, G=G, D=d, SPLITS_P2=_p2(SPL),
-                                   SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), NC=NC,
-                                   num_warps=8))
+            c = dict(cfg, SPLITS=SPL, PDL=pdl)
+            # PDL: the decode kernel is launched as the query map's programmatic dependent, and the merge as the
+            # decode kernel's (gluon_config); each waits (griddepcontrol.wait) before it reads the previous output.
+            m = metas[SPL, pdl, NC] = (dict(gmeta, PDL=pdl, launch_pdl=pdl) if use_gluon else tmeta,
+                                       dict(HKV=Hkv, G=G, D=d, SPLITS_P2=_p2(SPL),
+                                            SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), NC=NC,
+                                            PDL=pdl, num_warps=8, launch_pdl=pdl))
             if len(LAUNCH_CONFIGS) < 256:
                 LAUNCH_CONFIGS[f"{shape_key} T={T}"] = c
         dmeta, mmeta = m
         wspec = int_spec(int(window)) if window is not None else 0
         # (SPL is not specialized on, only its int width matters; the merge's tiles follow its power of 2)
-        dkey, mkey = (key, wspec, int_spec(T), int_width(SPL)), (key, _p2(SPL), int_width(SPL))
+        dkey, mkey = (key, pdl, wspec, int_spec(T), int_width(SPL)), (key, pdl, NC, _p2(SPL), int_width(SPL))
         n_part = B * Hkv * SPL * M
         part_end = qk_bytes + 4 * n_part * (d + 2)
+        merge_bytes = 4 * rows * (NC * d + 1) if NC > 1 else 4
         buf = torch.empty(part_end + merge_bytes, device=dev, dtype=torch.uint8)
-        if _QMAP.ready((key,)) and decode.ready(dkey) and _MERGE.ready(mkey):
+        if _QMAP.ready((key, pdl, NC)) and decode.ready(dkey) and _MERGE.ready(mkey):
             # Replays: the scratch as addresses (the compiled launchers take ints; no views to make).
             qk = buf.data_ptr()
             pacc = qk + qk_bytes
@@ -1305,9 +1330,9 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
             cnt = buf[part_end + 4 * rows * NC * d :].view(torch.int32)
         out = torch.empty(B, Hq, Lq, d, device=dev, dtype=torch.float32)
         lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
-        _QMAP((key,), (B * Hkv, m_tiles, DA // DCQ),
+        _QMAP((key, pdl, NC), (B * Hkv, m_tiles, DA // DCQ),
               (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, cnt, M, float(scale * _LOG2E)),
-              qmeta)
+              dict(qmeta, ZERO=NC > 1, PDL=pdl))
         kc, kn, vc, vn = kf["codes"], kf["norms"], vf["codes"], vf["norms"]
         if use_gluon:
             args = assemble(qk, kc, kn, vc, vn, kf.get("qjl_signs"), kf.get("qjl_norms"),

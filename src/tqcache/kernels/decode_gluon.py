@@ -544,6 +544,21 @@ def _store_acc(pa, sm, a0, a1, a2, a3, OFF: gl.constexpr, VP: gl.constexpr, VW: 
         gl.store(ptr + 3 * VW, a3, mask=sm)
 
 
+@gluon.jit
+def _grid_wait():
+    """``griddepcontrol.wait``: block until the grid this one depends on (the query map) has finished and its writes
+    are visible (a no-op without programmatic dependent launch)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _grid_launch_dependents():
+    """``griddepcontrol.launch_dependents``: the next kernel (the merge), launched with programmatic dependent launch,
+    may be scheduled once every program has said so; it waits for this grid's end before it reads what this wrote."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
 @gluon.jit(do_not_specialize=["SPLITS"])  # (it grows with T at short contexts: attention._attn_fwd_kernel's note)
 def _gluon_decode_kernel(
     Q, stride_qb, stride_qh, stride_qm,  # [B, Hkv, M, D] fp16 rotated, pre-scaled; columns in kernel_order
@@ -571,7 +586,7 @@ def _gluon_decode_kernel(
     KO2: gl.constexpr, KB2: gl.constexpr, KD2: gl.constexpr,  # a third key segment (KB2 > 0), norm = segment 1's
     QJL: gl.constexpr, HAS_START: gl.constexpr, HAS_END: gl.constexpr, CAUSAL: gl.constexpr,
     HAS_WINDOW: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, PDL: gl.constexpr,
 ):
     """Tokens are the MMA's M dimension and the ``BLOCK_M`` (8 or 16) query rows its N: ``Sᵀ = K Q̃ᵀ`` and
     ``Oᵀ += Vᵀ Pᵀ`` — half the padded work of ``Q̃ Kᵀ`` with 16 query rows, and half the accumulator registers.
@@ -669,23 +684,6 @@ def _gluon_decode_kernel(
     per = gl.cdiv(gl.cdiv(n_tok, SPLITS), BLOCK_N) * BLOCK_N
     s_lo = lo + split * per
     s_hi = gl.minimum(s_lo + per, hi)
-
-    # ---- query planes as B operands (segment 0's, then segment 1's at column KD0)
-    qm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
-    qrow = Q + b * stride_qb + h * stride_qh
-    q_ok = (qm < M)[None, :]  # (the query row holds KD0 + KD1 columns)
-    q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
-    if KB1 > 0:
-        q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
-    if KB2 > 0:
-        q8, q9, q10, q11 = _load_q(qrow, qm, stride_qm, q_ok, KD0 + KD1, KP2, KW2, LQ, OPB)
-    if QJL > 0:  # the sketched query: [128·QJL, BLOCK_M] after the key containers, parked in shared memory (its
-        # 16 registers per plane as a B operand would make ptxas re-materialize the lookup tables from uniform
-        # registers)
-        qc = gl.arange(0, QC * QJL, layout=gl.SliceLayout(1, LQ))
-        qs = gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1 + KD2, mask=q_ok, other=0.0)
-        sqs = gl.allocate_shared_memory(gl.float16, [QC * QJL, BLOCK_M],
-                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), qs)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
     # Σ p per query row, kept as each lane's sum over its own tokens (tokens ≡ gid mod 8): adding a block's p then
@@ -794,6 +792,28 @@ def _gluon_decode_kernel(
         wk0, wk1, wk2, wk3 = _load_table(LUTK2)
     if VB1 > 0:
         uv0, uv1, uv2, uv3 = _load_table(LUTV1)
+    # The queries are the query map's output. Under programmatic dependent launch (PDL) this program starts while the
+    # query map runs: everything above (offsets, the first blocks' copies, norms and tables) overlaps it, and only the
+    # query loads wait for it.
+    if PDL:
+        _grid_wait()
+    # ---- query planes as B operands (segment 0's, then segment 1's at column KD0)
+    qm = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
+    qrow = Q + b * stride_qb + h * stride_qh
+    q_ok = (qm < M)[None, :]  # (the query row holds KD0 + KD1 columns)
+    q0, q1, q2, q3 = _load_q(qrow, qm, stride_qm, q_ok, 0, KP0, KW0, LQ, OPB)
+    if KB1 > 0:
+        q4, q5, q6, q7 = _load_q(qrow, qm, stride_qm, q_ok, KD0, KP1, KW1, LQ, OPB)
+    if KB2 > 0:
+        q8, q9, q10, q11 = _load_q(qrow, qm, stride_qm, q_ok, KD0 + KD1, KP2, KW2, LQ, OPB)
+    if QJL > 0:  # the sketched query: [128·QJL, BLOCK_M] after the key containers, parked in shared memory (its
+        # 16 registers per plane as a B operand would make ptxas re-materialize the lookup tables from uniform
+        # registers)
+        qc = gl.arange(0, QC * QJL, layout=gl.SliceLayout(1, LQ))
+        qs = gl.load(qrow + qm[None, :] * stride_qm + qc[:, None] + KD0 + KD1 + KD2, mask=q_ok, other=0.0)
+        sqs = gl.allocate_shared_memory(gl.float16, [QC * QJL, BLOCK_M],
+                                        gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), qs)
+
     for it in range(n_iter):
         start = s_lo + it * BLOCK_N
         nxt = start + (STAGES - 1) * BLOCK_N
@@ -900,6 +920,8 @@ def _gluon_decode_kernel(
                                            uv0, uv1, uv2, uv3, pv, alpha, a4, a5, a6, a7, VB1, VD1, VP1, VW1,
                                            BLOCK_N, OPA)
 
+    if PDL:  # the merge may be scheduled now (it waits for this grid's end before it reads the partials)
+        _grid_launch_dependents()
     # ---- partials (rows past M are not stored); accumulator columns in kernel_order
     prow = (pid_bh * SPLITS + split) * M + offs_m
     gl.store(PM + prow, m_i, mask=mvalid)
@@ -1143,6 +1165,6 @@ def gluon_plan(qk, kc, kn, vc, vn, lutk, lutv, *, k_codec, v_codec, M, Hkv, G, d
         HKV=Hkv, G=G, D=d, KO0=ko0, KO1=ko1, VO0=vo0, VO1=vo1, KD0=kd[0], KD1=kd[1], KR0=kr[0], KR1=kr[1], KO2=ko2,
         KB2=kb[2], KD2=kd[2], KB0=kb[0], KB1=kb[1], VB0=vb[0], VB1=vb[1], KS=kn.shape[-1], VS=vn.shape[-1],
         QJL=max(1, d // 128) if has_qjl else 0, HAS_START=has_start, HAS_END=has_end, CAUSAL=causal,
-        HAS_WINDOW=has_window, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, num_warps=1,
+        HAS_WINDOW=has_window, BLOCK_N=block_n, BLOCK_M=8 if M <= 8 else 16, STAGES=stages, PDL=False, num_warps=1,
     )
     return assemble, meta
