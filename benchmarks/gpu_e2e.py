@@ -18,13 +18,15 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", default="turbo4,k4v3,turbo3.5,k5v3,turbo4-qjl")
+    ap.add_argument("--prompt", type=int, default=4096, help="prompt tokens per sequence (batch 2); from 16K on the "
+                    "decode steps fill the H100 and chain their launches (attention.gluon_config's PDL)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1000, hidden_size=4096, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=65536)
     cfg._attn_implementation = "tqcache"
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
-    ids = torch.randint(0, 1000, (2, 4096), device="cuda")
+    ids = torch.randint(0, 1000, (2, a.prompt), device="cuda")
     feed = torch.randint(0, 1000, (2, 16), device="cuda")
     rows = []
     for scheme in a.schemes.split(","):
@@ -57,6 +59,9 @@ def main(argv=None):
             print(rows[-1], flush=True)
     info = tqcache.kernels.info()
     print("fallbacks:", info.get("fallbacks"))
+    chained = sorted(k for k, c in info.get("launch_configs", {}).items() if c.get("PDL"))
+    print(f"decode launch configurations chained by PDL: {len(chained)} of {len(info.get('launch_configs', {}))}",
+          chained[:4])
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_e2e.json"), "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows, "kernels": info}, f, indent=1, default=str)

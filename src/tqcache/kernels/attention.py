@@ -884,9 +884,10 @@ def gluon_config(B: int, Hkv: int, T: int, device: torch.device, d: int = 128) -
     split count, whatever T), the step's three kernels are chained by programmatic dependent launch — the decode
     kernel starts while the query map runs (it copies its first blocks, then waits for the queries), and the merge is
     scheduled as the decode programs finish — and the 8-per-SM rule gives way to the full wave. H100, turbo4, graph µs
-    of the step, same process (`attention_h100_v19_pdl_ab.json`): B = 1 32K 27.9 → 26.8, 64K 43.2 → 41.0, 128K
+    of the step, same process (`attention_h100_v19_pdl_variants.json`): B = 1 32K 27.9 → 26.8, 64K 43.2 → 41.0, 128K
     71.6 → 68.8; B = 2 32K 42.9 → 41.5; B = 8 128K 431.2 → 428.1. On a grid that leaves SMs short it lost up to
-    17 % (B = 2, 32K at 8 per SM: 42.9 → 50.4), so smaller grids launch as before."""
+    42 % (B = 2, 32K at 8 per SM: 42.9 → 50.4; B = 4, 16K at 6 per SM: 43.3 → 61.7;
+    `attention_h100_v19_pdl_variants.json`), so smaller grids launch as before."""
     block_n = 16 if d > 128 else 32
     sms = _num_sms(device)
 
