@@ -59,12 +59,16 @@ import weakref
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ._codec_key import cached, codec_key, remember
 from ._compat import patch_interpreter
 from ._launch import Plans, Replay, int_spec, int_width
 from .encode import aligned4
+
+try:  # programmatic dependent launch's grid controls (gluon_config's PDL; in Triton 3.6, not in every older one)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the Triton version: steps then launch plainly
+    gdc_launch_dependents = gdc_wait = None
 
 __all__ = ["attend_packed_triton", "unsupported_reason", "launch_config"]
 
@@ -1101,7 +1105,8 @@ PDL = True  # programmatic dependent launch of full-wave Gluon steps (gluon_conf
 
 def pdl_ok(device: torch.device) -> bool:
     """Whether the GPU chains launches by programmatic dependent launch (Hopper and later): see :func:`gluon_config`."""
-    return PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    return (PDL and gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def merge_chunks(rows: int, d: int, pdl: bool = False) -> int:
