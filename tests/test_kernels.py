@@ -777,7 +777,7 @@ def test_gluon_step_chained_by_pdl_matches_plain_launches(d, kb, vb, dt, B, Hkv,
     assert cfg.get("gluon")
     plain = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, PDL=False), **kw)
     chained = attend_packed_triton(q, kc, kp, vc, vp, scale=d**-0.5, config=dict(cfg, PDL=True), **kw)
-    assert any(v.get("PDL") for v in att.LAUNCH_CONFIGS.values())
+    assert att.LAUNCH_CONFIGS[f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} d={d} {str(dt)[6:]} T={T}"]["PDL"]
     for a, b in zip(plain, chained):
         assert torch.equal(a, b)
     outs = []

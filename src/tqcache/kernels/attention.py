@@ -1104,9 +1104,10 @@ PDL = True  # programmatic dependent launch of full-wave Gluon steps (gluon_conf
 
 
 def pdl_ok(device: torch.device) -> bool:
-    """Whether the GPU chains launches by programmatic dependent launch (Hopper and later): see :func:`gluon_config`."""
-    return (PDL and gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))
+    """Whether the GPU chains launches by programmatic dependent launch (Hopper and later): see :func:`gluon_config`.
+    Only the Gluon decode step chains its launches; its module's capability lookup is cached (this runs per step)."""
+    g = _gluon_module() if PDL and gdc_wait is not None and device.type == "cuda" else None
+    return g is not None and g._capability(device) >= (9, 0)
 
 
 def merge_chunks(rows: int, d: int, pdl: bool = False) -> int:
@@ -1249,13 +1250,14 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
     k_qjl, qjl_scale = bool(k_codec.qjl), k_codec.qjl_scale if k_codec.qjl else 0.0
     # (run must not hold the codecs: plans live as long as the key codec, and would keep it alive.)
 
+    pdl_asked = bool(config and config.get("PDL")) and use_gluon and pdl_ok(dev)  # fixed splits: only when asked
+
     def splits_for(T: int) -> tuple[int, bool]:
         """The split count for T, and whether the step chains its launches (gluon_config's PDL)."""
-        pdl = bool(config and config.get("PDL")) and use_gluon and pdl_ok(dev)  # (only when asked for explicitly)
         if splits is not None:
-            return int(splits), pdl
+            return int(splits), pdl_asked
         if fixed:
-            return cfg["SPLITS"], pdl
+            return cfg["SPLITS"], pdl_asked
         if use_gluon:
             c = gluon_config(B, Hkv, T, dev, d)
             return c["SPLITS"], c["PDL"]

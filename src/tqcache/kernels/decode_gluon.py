@@ -368,9 +368,9 @@ def _v_operand(c, BLOCK_N: gl.constexpr, W: gl.constexpr, OPA: gl.constexpr):
 
 @gluon.jit
 def _half_unit(w, e, half):
-    """In-row word offsets of a lane that reads half ``half`` (0 or 1: its groups 2·half, 2·half + 1) of the 3-bit
-    unit at word ``w``: element ``e`` = 0 is the low-bit word W_half (word w + half), element 1 the top-bit word H
-    (word w + 2)."""
+    """In-row word offsets of a lane that reads half ``half`` (0 or 1: groups 2·half, 2·half + 1, or one of them) of
+    the 3-bit unit at word ``w``: element ``e`` = 0 is the low-bit word W_half (word w + half), element 1 the top-bit
+    word H (word w + 2)."""
     return w + gl.where(e == 0, half, 2)
 
 
@@ -413,9 +413,7 @@ def _value_offsets(BLOCK_N: gl.constexpr, BITS: gl.constexpr, DS: gl.constexpr, 
     g = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LV2)))[None, :, None]
     zero = gl.zeros([BLOCK_N, 8, VL], gl.int32, LV2)
     if BITS == 3 and DS == 64:  # lane gid: group q = gid mod 4 of unit gid div 4 (W_{q div 2} >> 2(q mod 2), H)
-        q = vl % 4
-        off = (vl // 4 * 3)[None, :, None] + gl.where(vi == 0, 0, 2)[None, None, :] + \
-            gl.where(vi == 0, 1, 0)[None, None, :] * (q // 2)[None, :, None]
+        off = _half_unit((vl // 4 * 3)[None, :, None], vi[None, None, :], (vl % 4 // 2)[None, :, None])
         gq = g % 4
         sel0 = zero + 2 * (gq % 2)
         sel1 = zero + gl.where(gq == 0, 0, gl.where(gq == 1, 31, gl.where(gq == 2, 2, 1)))
