@@ -679,11 +679,9 @@ def _gluon_decode_kernel(
             lo = gl.maximum(lo, qp - window + 1)
     lo = gl.maximum(lo, 0)
     n_tok = gl.maximum(hi - lo, 0)
-    # Blocks [split·nb/S, (split + 1)·nb/S): every program gets ⌊nb/S⌋ or ⌈nb/S⌉ of them. (Ranges of ⌈nb/S⌉ blocks
-    # left the last programs empty — 11 of 198 per head at B = 1, 64K — and the SMs holding them short of work.)
-    nb = gl.cdiv(n_tok, BLOCK_N)
-    s_lo = lo + (split * nb // SPLITS) * BLOCK_N
-    s_hi = gl.minimum(lo + ((split + 1) * nb // SPLITS) * BLOCK_N, hi)
+    per = gl.cdiv(gl.cdiv(n_tok, SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * per
+    s_hi = gl.minimum(s_lo + per, hi)
 
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, QRY)
     # Σ p per query row, kept as each lane's sum over its own tokens (tokens ≡ gid mod 8): adding a block's p then
