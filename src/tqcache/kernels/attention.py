@@ -1294,7 +1294,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         decode = _DECODE
         bits = f"K{_bits_key(k_codec)} V{_bits_key(v_codec)}"
     bits = bits.replace(" ", "").replace(",)", ")")
-    metas: dict = {}  # (split count, PDL, merge chunks) -> (decode constexprs, merge constexprs)
+    metas: dict = {}  # (split count, PDL, merge chunks) -> (decode, merge, query map constexprs)
     shape_key = f"attend B={B} Hq={Hq} Hkv={Hkv} Lq={Lq} d={d} {str(q.dtype).replace('torch.', '')}"
 
     def run(q, kf, vf, st, en, qp, window, scale):
@@ -1310,10 +1310,11 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
             m = metas[SPL, pdl, NC] = (dict(gmeta, PDL=pdl, launch_pdl=pdl) if use_gluon else tmeta,
                                        dict(HKV=Hkv, G=G, D=d, SPLITS_P2=_p2(SPL),
                                             SCH=max(1, min(_p2(SPL), 32768 // d)), DC=min(d, 16384 // d), NC=NC,
-                                            PDL=pdl, num_warps=8, launch_pdl=pdl))
+                                            PDL=pdl, num_warps=8, launch_pdl=pdl),
+                                       dict(qmeta, ZERO=NC > 1, PDL=pdl))
             if len(LAUNCH_CONFIGS) < 256:
                 LAUNCH_CONFIGS[f"{shape_key} T={T}"] = c
-        dmeta, mmeta = m
+        dmeta, mmeta, qm = m
         wspec = int_spec(int(window)) if window is not None else 0
         # (SPL is not specialized on, only its int width matters; the merge's tiles follow its power of 2)
         dkey, mkey = (key, pdl, wspec, int_spec(T), int_width(SPL)), (key, pdl, NC, _p2(SPL), int_width(SPL))
@@ -1340,7 +1341,7 @@ def _plan(q, k_codec, k_packed, v_codec, v_packed, st, en, qp, window, splits, c
         lse = torch.empty(B, Hq, Lq, device=dev, dtype=torch.float32)
         _QMAP((key, pdl, NC), (B * Hkv, m_tiles, DA // DCQ),
               (q, q.stride(0), q.stride(1), q.stride(2), A, a_stride, qk, *qk_strides, cnt, M, float(scale * _LOG2E)),
-              dict(qmeta, ZERO=NC > 1, PDL=pdl))
+              qm)
         kc, kn, vc, vn = kf["codes"], kf["norms"], vf["codes"], vf["norms"]
         if use_gluon:
             args = assemble(qk, kc, kn, vc, vn, kf.get("qjl_signs"), kf.get("qjl_norms"),

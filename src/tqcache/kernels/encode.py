@@ -184,6 +184,16 @@ def _unit3_store(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
+def _unit3_put(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
+    """The 3-bit units of ``code [T, DS]`` stored: :func:`_unit3_store_tiles` for segments of a multiple of 128
+    channels, :func:`_unit3_store` for the others (64: the tiles' registers cost a program per SM)."""
+    if DS % 128 == 0:
+        _unit3_store_tiles(ptr_row, tmask, code, DS, WORDS)
+    else:
+        _unit3_store(ptr_row, tmask, code, DS, WORDS)
+
+
+@triton.jit
 def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORDS: tl.constexpr):
     """Store codes ``code [T, DS]`` (whole numbers < 2^BITS in fp16 or fp32, natural channel order; 8 bits: any
     dtype, one byte per code) at ``ptr_row [T]``: LSB-first bit streams, except 3 bits, which take
@@ -204,10 +214,7 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         j = tl.arange(0, NW)[None, :]
         if BITS == 3:
             tl.static_assert(DS % 32 == 0, "3-bit word stores need whole units")
-            if DS % 128 == 0:
-                _unit3_store_tiles(ptr_row, tmask, code, DS, True)
-            else:
-                _unit3_store(ptr_row, tmask, code, DS, True)
+            _unit3_put(ptr_row, tmask, code, DS, True)
         else:
             word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
             ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -222,10 +229,7 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         # covers only the groups after them (a group g of the tail sits at byte 3g either way).
         G3: tl.constexpr = 4 * (DS // 32) if BITS == 3 else 0
         if G3 > 0:
-            if DS % 128 == 0:
-                _unit3_store_tiles(ptr_row, tmask, code, DS, False)
-            else:
-                _unit3_store(ptr_row, tmask, code, DS, False)
+            _unit3_put(ptr_row, tmask, code, DS, False)
         if BITS == 3 or BITS == 5:  # 8 codes = BITS bytes, from two products of 4 codes (≤ 20 bits each)
             if G3 < NU:
                 lo = _pack_dot(code, BITS, DS, 8, 0, 4, NW).to(tl.int64)
