@@ -13,8 +13,11 @@ v18).
     python benchmarks/sass_gluon.py --encode turbo3               # the encode kernel (values; --module: encode.py)
 
 The encode kernel is compiled the same way from the arguments ``encode_into`` would launch (its launcher is
-swapped for one that records them; 4096 tokens × 8 heads of bf16 values). Below 4 bits only: on CPU tensors
-the 4- and 5-bit level search takes its interpreter twin (gathers), which Triton's pipeliner does not compile.
+swapped for one that records them; 4096 tokens × 8 heads of bf16 values, or ``--key`` calibrated keys), with what
+the launcher decides differently on a GPU put back: the ±1 rotation in bf16 and one bf16 piece (the CPU keeps
+fp32 and tf32x3 products; counts before v21 were of that form), the level search's PTX, the scaled keys' bf16x2
+multiply and the values' tile through registers. Prints the loop's instructions per 64-token tile, registers and
+shared memory.
 """
 
 from __future__ import annotations
@@ -96,24 +99,40 @@ def compile_scheme(g, scheme: str, d: int, pdl: bool = False):
 
 
 def compile_encode(enc, scheme: str, d: int, key: bool = False):
-    import bench_attention as ba
+    import bench_encode as be
 
     seen = {}
 
     class _Record:  # stands in for the encode kernel's launcher: keeps the arguments, launches nothing
         def __call__(self, key, grid, args, meta):
-            seen["args"], seen["meta"] = args, meta
+            seen["args"], seen["meta"] = list(args), dict(meta)
 
-    kc, vc = ba.codecs_for(scheme, torch.device("cpu"))
-    codec = kc if key else vc
-    x = torch.randn(1, 8, 4096, d, dtype=torch.bfloat16)
+    be.D = d
+    x = (torch.randn(1, 8, 4096, d) * (0.5 + 3 * torch.rand(d))).to(torch.bfloat16)
+    codec = dict(be.real_codecs(scheme, x))["key" if key else "value"]  # (calibrated as the cache does)
     fields = {n: torch.zeros(1, 8, 4096, w, dtype=dt) for n, (w, dt) in codec.field_widths().items()}
     launcher, enc._ENCODE = enc._ENCODE, _Record()
     try:
         enc.encode_into(codec, x, fields, 0, exact=False)  # (the GPU's arithmetic)
     finally:
         enc._ENCODE = launcher
-    return enc._encode_kernel.warmup(*seen["args"], grid=(1,), **seen["meta"])
+    args, meta = seen["args"], seen["meta"]
+    # What encode_into decides on a GPU (see its launcher): args[4] is the rotation, args[5] its post-scales.
+    R = args[4]
+    mags = R.abs()[R != 0]
+    if meta["HOIST"] and bool(torch.all(mags == mags[0])):
+        args[4] = torch.sign(R).to(torch.bfloat16)
+        args[5] = torch.tensor([float(mags[0])] * 2)
+        meta["PIECES"] = 1 if (codec.bf16_working or not codec.use_channel_scale) else 3
+    for s in ("0", "1"):
+        if meta.get("G" + s):
+            meta["GASM" + s] = enc.grid_asm(meta["G" + s], bool(codec.qjl))
+    cs = args[7]
+    meta["CS_MUL16"] = bool(codec.bf16_working and meta["PIECES"] == 1 and torch.equal(cs, cs.to(torch.bfloat16).float())
+                            and (meta.get("LOCAL") or not (meta.get("G0") or meta.get("G1"))))
+    if "X_REGS" in enc._encode_kernel.arg_names:
+        meta["X_REGS"] = bool(meta["HOIST"] and meta["PIECES"] == 1 and not codec.use_channel_scale)
+    return enc._encode_kernel.warmup(*args, grid=(1,), **meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--d", type=int, default=128, help="head_dim (the codecs of bench_attention at this width)")
     ap.add_argument("--module", default=None, help="a copy of decode_gluon.py (or encode.py) to compile instead")
     ap.add_argument("--encode", action="store_true", help="the encode kernel (values) instead of the decode kernel")
+    ap.add_argument("--key", action="store_true", help="with --encode: the key codec (calibrated channel scales)")
     ap.add_argument("--pdl", action="store_true", help="the decode kernel as programmatic dependent launch runs it")
     args = ap.parse_args(argv)
     if args.d != 128:
@@ -138,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.loader.exec_module(g)
     nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
     for scheme in args.schemes:
-        ck = compile_encode(g, scheme, args.d) if args.encode else compile_scheme(g, scheme, args.d, args.pdl)
+        ck = compile_encode(g, scheme, args.d, args.key) if args.encode else compile_scheme(g, scheme, args.d, args.pdl)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(ck.asm["cubin"])
             f.flush()
@@ -146,8 +166,15 @@ def main(argv: list[str] | None = None) -> int:
         lines = sass.splitlines()
         n, ops = loop_counts(lines)
         total = sum(1 for x in lines if x.strip().startswith("/*") and "*/" in x)
-        print(f"{scheme:10s} d={args.d}{' encode' if args.encode else ''}: {total} instructions, loop {n}: " +
-              ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(ck.asm["cubin"])
+            f.flush()
+            res = subprocess.run([os.path.join(os.path.dirname(nvdisasm), "cuobjdump"), "-res-usage", f.name],
+                                 capture_output=True, text=True).stdout
+        regs = re.search(r"REG:(\d+)", res)
+        print(f"{scheme:10s} d={args.d}{' encode' if args.encode else ''}{' keys' if args.key else ''}: "
+              f"{total} instructions, {regs.group(1) if regs else '?'} registers, {ck.metadata.shared} B shared, "
+              f"loop {n}: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
     return 0
 
 

@@ -335,8 +335,8 @@ _F32_OPS = {
     "abs": lambda a: a & 0x7FFFFFFF,
     "min": lambda a, b: _bits32(min(_f32(a), _f32(b))),
     "fma": _fma_f32,
-    "setp.le.f32": lambda a, b: _f32(a) <= _f32(b),
-    "sub": lambda a, b: (a - b) & _M,
+    "set.le.f32.f32": lambda a, b: _bits32(1.0 if _f32(a) <= _f32(b) else 0.0),
+    "sub.f32": lambda a, b: _bits32(_f32(a) - _f32(b)),
 }
 
 

@@ -1088,6 +1088,20 @@ def test_encode_grid_level_search(bits, monkeypatch):
         enc._ENC_CACHE.clear()
 
 
+@pytest.mark.parametrize("width", [32, 64, 128])
+def test_thread_order_gives_each_quad_lane_consecutive_coordinates(width):
+    """With the rotation's columns in thread order, lane t of a quad — which the tensor-core accumulator gives
+    columns 8g + 2t + {0, 1} of every 8-column tile — computes coordinates [t·w/4, (t+1)·w/4): whole words of
+    2- and 4-bit codes (and whole 3-bit units at w = 128), packed without leaving the thread."""
+    from tqcache.kernels.encode import thread_order
+
+    order = thread_order(width)
+    assert sorted(order.tolist()) == list(range(width))
+    for t in range(4):
+        cols = [8 * g + 2 * t + e for g in range(width // 8) for e in (0, 1)]
+        assert order[cols].tolist() == list(range(t * width // 4, (t + 1) * width // 4))
+
+
 def test_grid_map_covers_the_codebooks_and_declines_what_it_cannot_fit():
     """Every Lloyd–Max codebook of 2–5 bits from d = 16 to 256 gets a map whose estimate is #{pb < a} or one more
     for every a (checked here independently of the finder's own check, in float64 around each bound); bounds

@@ -15,18 +15,20 @@ The permutation and the channel scale (one vector, or one per KV head) are folde
 multiplies by, so it reads ``x`` in its original channel order once. Bytes per token (d = 128, bf16 in, 4 bits
 out): 256 read + 66 written.
 
-How (v11, v16). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1
-rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, three in flight. Per tile:
-one tensor-core product for the rotation, the norm from the rotated row, the level index — the Lloyd–Max codebooks
-are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2`` — and packing as
-two more tensor-core products per 32-bit word (``_half_dot``: the word's low and high 16 bits are
-``Σ code_c · 2^(b·c − lo)``, exact in fp16 × fp16 → fp32; 3 bits write ``pack_codes``' 32-code units — W0, W1,
-H — from the 4-bit products and a few bit operations, ``_unit3_store``),
-stored whole so a warp writes whole sectors. The level index: below 4 bits from comparisons against the positive
-bounds baked in as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe
-sums into the level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic
-lands within one level, one comparison settles it, warp shuffles read the bound and the squared level). Codebooks
-that are not symmetric take a binary search over the bounds in memory.
+How (v11, v16, v21). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1
+rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, two or three in flight.
+Per tile: one tensor-core product for the rotation, the norm from the rotated row, the level index — the
+Lloyd–Max codebooks are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2``
+— and the packing. The rotation's columns are in *thread order* (:func:`thread_order`): the accumulator then
+gives each thread d_s/4 consecutive coordinates of its rows, whose 2-, 3- and 4-bit codes it packs into whole
+words in its own registers — a shift-add or multiply-add per code (:func:`_words_local`; 3 bits as
+``pack_codes``' 32-code units W0, W1, H, :func:`_unit3_from_nibbles`) — and stores whole, so a warp writes whole
+sectors. (5-bit codes, and byte stores into a misaligned buffer, take two more tensor-core products per word
+instead, :func:`_half_dot`.) The level index: below 4 bits from comparisons against the positive bounds baked in
+as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe sums into the
+level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic lands within
+one level, one comparison settles it, warp shuffles read the bound and the squared level). Codebooks that are
+not symmetric take a binary search over the bounds in memory.
 
 Exactness. Codes must equal the torch codec's (``torch.equal``) up to ties. With a Hadamard rotation every
 matrix entry is ``±1/√d_s``, so the kernel multiplies by the exact ±1 matrix on the bf16 tensor cores — one
@@ -91,76 +93,27 @@ def _half_dot(code, BITS: tl.constexpr, DS: tl.constexpr, NW: tl.constexpr, HALF
 
 
 @triton.jit
-def _nibble_half(code, DS: tl.constexpr, NW: tl.constexpr, HALF: tl.constexpr):
-    """Bits ``[16·HALF, +16)`` of the nibble words of the 8-code groups of ``code [T, DS]`` (nibble i = code i of the
-    group), as one product like :func:`_half_dot` at 4 bits — but group ``4u + q`` (unit u = 4a + b) lands in column
-    ``16a + 8(q div 2) + 2b + (q mod 2)``: the tensor-core accumulator gives each thread columns ``2b, 2b + 1`` of
-    every 8-column tile, so one thread then holds all four groups of its units (:func:`_unit3_store_tiles`)."""
-    c = tl.arange(0, DS)[:, None]
-    col = tl.arange(0, NW)[None, :]
-    g = c // 8
-    u = g // 4
-    q = g % 4
-    mine = col == 16 * (u // 4) + 8 * (q // 2) + 2 * (u % 4) + q % 2
-    e = 4 * (c % 8) - 16 * HALF
-    w = tl.where(mine & (e >= 0) & (e < 16), tl.exp2(e.to(tl.float32)), 0.0)
-    return tl.dot(code, w.to(code.dtype), out_dtype=tl.float32).to(tl.int32)
-
-
-@triton.jit
-def _unit3_store_tiles(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
-    """:func:`_unit3_store` with every unit's four nibble words in one thread: no data crosses threads, 2330
-    instructions per tile against 2367 (turbo3 values, offline sm_90), 46.0 → 45.4 µs (H100). Used for segments of
-    a multiple of 128 channels only: with 64 (turbo3.5's 3-bit half) its registers cost the two-segment key
-    kernel a program per SM (3 → 2), 60.9 → 67.2 µs.
-
-    First the nibble words ``N_q`` of each unit's groups q (nibble j = code 8q + j): the 4-bit stream of the
-    codes, two tensor-core products like every other width (a 3-bit code fills bits 0–2 of its nibble), in the
-    column order of :func:`_nibble_half`, so each thread holds whole units. Then per unit
-    ``W_k = N_2k & 0x33.. | (N_2k+1 & 0x33..) << 2`` and ``H`` = the four groups' bit-2 planes moved to bits
-    (2, 3, 0, 1) of each nibble: ``N_2k``'s and ``N_2k+1``'s at bits 2, 3, shifted down by 2k, added over k —
-    integer operations in registers instead of more products."""
-    NW4: tl.constexpr = DS // 8 if DS // 8 >= 16 else 16  # tl.dot's N ≥ 16: nibble words past DS/8 are zero
-    A: tl.constexpr = NW4 // 16
-    T: tl.constexpr = code.shape[0]
-    nib = _nibble_half(code, DS, NW4, 0) | (_nibble_half(code, DS, NW4, 1) << 16)
-    e0, e1 = tl.split(tl.reshape(nib, [T, A, 2, 4, 2]))  # column 16a + 8k + 2b + e: group q = 2k + e of unit 4a + b
-    LO2: tl.constexpr = 0x33333333
-    HI1: tl.constexpr = 0x44444444
-    w = (e0 & LO2) | ((e1 & LO2) << 2)  # [T, A, 2(k), 4(b)]: W_k, the low bit pairs of groups 2k and 2k + 1
-    k = tl.arange(0, 2)[None, None, :, None]
-    he = ((e0 & HI1) | ((e1 & HI1) << 1)).to(tl.uint32, bitcast=True)  # top bits of groups 2k, 2k + 1 at bits 2, 3
-    h = tl.sum(he >> (2 * k).to(tl.uint32), 2).to(tl.int32, bitcast=True)  # [T, A, 4(b)]
-    u = 4 * tl.arange(0, A)[None, :, None] + tl.arange(0, 4)[None, None, :]  # [1, A, 4]
-    ok = tmask[:, None, None] & (u < DS // 32)
-    ow = (3 * u)[:, :, None, :] + k  # W_k at word 3u + k, H at 3u + 2
-    oh = 3 * u + 2
-    if WORDS:
-        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
-        tl.store(ptr[:, None, None, None] + ow, w, mask=ok[:, :, None, :])
-        tl.store(ptr[:, None, None] + oh, h, mask=ok)
-    else:
-        for i in tl.static_range(4):
-            tl.store(ptr_row[:, None, None, None] + 4 * ow + i, ((w >> (8 * i)) & 255).to(tl.uint8),
-                     mask=ok[:, :, None, :])
-            tl.store(ptr_row[:, None, None] + 4 * oh + i, ((h >> (8 * i)) & 255).to(tl.uint8), mask=ok)
-
-
-@triton.jit
 def _unit3_store(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
     """Store the whole 3-bit units of ``code [T, DS]`` (``tqcache.codec.packing``: 32 codes in three words W0, W1,
     H) at ``ptr_row [T]``: whole int32 words (``WORDS``, rows 4-byte aligned) or their bytes.
 
     First the nibble words ``N_q`` of each unit's groups q (nibble j = code 8q + j): those are the 4-bit stream
     of the codes, two tensor-core products like every other width (:func:`_half_dot` with 4 bits; a 3-bit code
-    fills bits 0–2 of its nibble). Then per unit ``W_k = N_2k & 0x33.. | (N_2k+1 & 0x33..) << 2`` and ``H`` =
-    the four groups' bit-2 planes moved to bits (2, 3, 0, 1) of each nibble: its two halves from groups (0, 1)
-    and (2, 3) side by side, added across the pair (disjoint bits) — integer operations on ``[T, DS/8]`` words
-    instead of more products."""
+    fills bits 0–2 of its nibble); then :func:`_unit3_from_nibbles`."""
     NW4: tl.constexpr = DS // 8 if DS // 8 >= 16 else 16  # tl.dot's N ≥ 16: nibble words past DS/8 are zero
-    U: tl.constexpr = NW4 // 4
-    T: tl.constexpr = code.shape[0]
     nib = _half_dot(code, 4, DS, NW4, 0) | (_half_dot(code, 4, DS, NW4, 1) << 16)  # [T, NW4]: word 4u + q
+    _unit3_from_nibbles(ptr_row, tmask, nib, DS, WORDS)
+
+
+@triton.jit
+def _unit3_from_nibbles(ptr_row, tmask, nib, DS: tl.constexpr, WORDS: tl.constexpr):
+    """Store the 3-bit units of a row from its nibble words ``nib [T, NW4]`` (word 4u + q: nibble j = code 8q + j
+    of unit u; words past DS/8 are ignored): per unit ``W_k = N_2k & 0x33.. | (N_2k+1 & 0x33..) << 2`` and ``H``
+    = the four groups' bit-2 planes moved to bits (2, 3, 0, 1) of each nibble — its two halves from groups (0, 1)
+    and (2, 3) side by side, added across the pair (disjoint bits): integer operations on ``[T, NW4]`` words."""
+    NW4: tl.constexpr = nib.shape[1]
+    U: tl.constexpr = NW4 // 4
+    T: tl.constexpr = nib.shape[0]
     e0, e1 = tl.split(tl.reshape(nib, [T, U, 2, 2]))  # q = 2k + e -> [T, U, 2(k)] each
     LO2: tl.constexpr = 0x33333333
     HI1: tl.constexpr = 0x44444444
@@ -184,13 +137,80 @@ def _unit3_store(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
 
 
 @triton.jit
-def _unit3_put(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
-    """The 3-bit units of ``code [T, DS]`` stored: :func:`_unit3_store_tiles` for segments of a multiple of 128
-    channels, :func:`_unit3_store` for the others (64: the tiles' registers cost a program per SM)."""
-    if DS % 128 == 0:
-        _unit3_store_tiles(ptr_row, tmask, code, DS, WORDS)
+def _thread_major(code, DS: tl.constexpr):
+    """``code [T, DS]`` computed against the rotation's columns in *thread order* (:func:`thread_order`: column
+    ``8g + 2t + e`` holds coordinate ``(DS/4)·t + 2g + e``), viewed in natural coordinate order. On the GPU the
+    rotation product's accumulator gives thread t of a quad columns ``8g + 2t + {0, 1}`` of every 8-column tile,
+    so in this view each thread holds DS/4 consecutive coordinates of its rows — whole words of codes — and the
+    view is a relabelling of registers, no data moves."""
+    T: tl.constexpr = code.shape[0]
+    return tl.reshape(tl.permute(tl.reshape(code, [T, DS // 8, 4, 2]), (0, 2, 1, 3)), [T, DS])
+
+
+@triton.jit
+def _pair(x, T: tl.constexpr, NW: tl.constexpr, N: tl.constexpr, SH: tl.constexpr):
+    """``x [T, NW, N]`` → ``[T, NW, N/2]``: entry i is ``x[2i] + x[2i + 1] · 2^SH`` (int32: a shift-add, mod 2^32;
+    fp32: one multiply-add)."""
+    a, b = tl.split(tl.reshape(x, [T, NW, N // 2, 2]))
+    if x.dtype == tl.int32:
+        y = a + (b << SH)
     else:
-        _unit3_store(ptr_row, tmask, code, DS, WORDS)
+        y = tl.fma(b, (1 << SH) * 1.0, a)
+    return y
+
+
+@triton.jit
+def _sum_tree(x, T: tl.constexpr, NW: tl.constexpr, N: tl.constexpr, SH: tl.constexpr):
+    """``Σ_i x[.., i] · 2^(SH·i)`` over the last axis of ``x [T, NW, N]`` (N = 4, 8 or 16) as a tree of
+    :func:`_pair` steps: ``[T, NW]``."""
+    x = _pair(x, T, NW, N, SH)
+    x = _pair(x, T, NW, N // 2, 2 * SH)
+    if N >= 8:
+        x = _pair(x, T, NW, N // 4, 4 * SH)
+    if N >= 16:
+        x = _pair(x, T, NW, N // 8, 8 * SH)
+    return tl.reshape(x, [T, NW])
+
+
+@triton.jit
+def _words_local(code, BITS: tl.constexpr, DS: tl.constexpr):
+    """The LSB-first words ``[T, DS·BITS/32]`` int32 of ``code [T, DS]`` (natural order; BITS 2 or 4). With the
+    codes in :func:`_thread_major`'s view every operand is in the thread's own registers: about one operation per
+    code, no tensor-core product, no shared memory. Two forms of the codes, as the level searches give them:
+
+    * fp32 whole numbers (:func:`_levels_sym`): multiply-adds within each 16-bit half (exact: every sum stays
+      below 2^16), then ``2^23 +`` the half puts its bits at the bottom of the fp32 pattern — one add and one bit
+      operation per half;
+    * int32 fp32 patterns of ``2^23 + code`` (:func:`_levels_grid` with BIAS: its estimate is that number already):
+      ``Σ_i bits_i << (BITS·i)`` mod 2^32, one shift-add per code, less the constant the 2^23 terms add up to.
+    """
+    T: tl.constexpr = code.shape[0]
+    NWD: tl.constexpr = DS * BITS // 32
+    if code.dtype == tl.int32:
+        w = _sum_tree(tl.reshape(code, [T, NWD, 32 // BITS]), T, NWD, 32 // BITS, BITS)
+        # Σ_i 2^23 · 2^(BITS·i) mod 2^32, as a signed int32
+        OFF: tl.constexpr = (0x4B000000 * ((1 << 32) - 1) // ((1 << BITS) - 1)) % (1 << 32)
+        SOFF: tl.constexpr = OFF - (1 << 32) if OFF >= (1 << 31) else OFF
+        w = w - SOFF
+    else:
+        h = _sum_tree(tl.reshape(code, [T, 2 * NWD, 16 // BITS]), T, 2 * NWD, 16 // BITS, BITS)
+        lo, hi = tl.split(tl.reshape((h + 8388608.0).to(tl.int32, bitcast=True), [T, NWD, 2]))
+        w = (lo & 0xFFFF) | (hi << 16)  # (the shift drops hi's exponent bits)
+    return w
+
+
+@triton.jit
+def _pack_store_local(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr):
+    """:func:`_pack_store`'s words (WORDS) from codes in the rotation's thread order (either form of
+    :func:`_words_local`), packed in registers."""
+    nat = _thread_major(code, DS)
+    if BITS == 3:
+        _unit3_from_nibbles(ptr_row, tmask, _words_local(nat, 4, DS), DS, True)
+    else:
+        NWD: tl.constexpr = DS * BITS // 32
+        j = tl.arange(0, NWD)[None, :]
+        ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
+        tl.store(ptr[:, None] + j, _words_local(nat, BITS, DS), mask=tmask[:, None])
 
 
 @triton.jit
@@ -214,7 +234,7 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         j = tl.arange(0, NW)[None, :]
         if BITS == 3:
             tl.static_assert(DS % 32 == 0, "3-bit word stores need whole units")
-            _unit3_put(ptr_row, tmask, code, DS, True)
+            _unit3_store(ptr_row, tmask, code, DS, True)
         else:
             word = _half_dot(code, BITS, DS, NW, 0) | (_half_dot(code, BITS, DS, NW, 1) << 16)
             ptr = ptr_row.to(tl.pointer_type(tl.int32), bitcast=True)
@@ -229,7 +249,7 @@ def _pack_store(ptr_row, tmask, code, BITS: tl.constexpr, DS: tl.constexpr, WORD
         # covers only the groups after them (a group g of the tail sits at byte 3g either way).
         G3: tl.constexpr = 4 * (DS // 32) if BITS == 3 else 0
         if G3 > 0:
-            _unit3_put(ptr_row, tmask, code, DS, False)
+            _unit3_store(ptr_row, tmask, code, DS, False)
         if BITS == 3 or BITS == 5:  # 8 codes = BITS bytes, from two products of 4 codes (≤ 20 bits each)
             if G3 < NU:
                 lo = _pack_dot(code, BITS, DS, 8, 0, 4, NW).to(tl.int64)
@@ -313,7 +333,7 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
             s = tl.where(a > PB[j] * SC, 1.0, 0.0)
             m += s
             csq = tl.fma(tl.sum(s, 1), LQ[j + 1] - LQ[j], csq)
-        code = tl.where(pos, HALF + m, m)
+        code = tl.fma(pos.to(tl.float32), HALF * 1.0, m)  # (a 0/1 value, not a predicate kept live till the packing)
     mag = csq
     if WANT_MAG:
         mag = tl.zeros(y.shape, tl.float32) + LS[0]
@@ -324,7 +344,7 @@ def _levels_sym(y, PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, EXACT: 
 
 @triton.jit
 def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.constexpr, HALF: tl.constexpr,
-                 WANT_MAG: tl.constexpr, ASM: tl.constexpr):
+                 WANT_MAG: tl.constexpr, ASM: tl.constexpr, BIAS: tl.constexpr = 0.0):
     """Code, the row's Σ levels² and |level| of normalised coordinates for a symmetric codebook, in a fixed
     handful of operations whatever the bit width (the GPU's path; :func:`grid_map` finds the constants).
 
@@ -336,7 +356,8 @@ def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.const
     pb_0 .. pb_{P−1}, +inf``; ``[32, 64)``: levels²; ``[64, 96)``: |levels| — addressed by those bits directly.
     7 bounds (4 bits) cost 21 ``set``/add/fma per value on the comparison path, 15 (5 bits) 45; this costs ~9.
     Ties and the returned types are those of :func:`_levels_sym` (non-EXACT): the comparison is exact, and the
-    squared level is the table's, bit-identical to ``levels[idx]²``.
+    squared level is the table's, bit-identical to ``levels[idx]²``. With BIAS = 2^23 the code comes as the
+    whole number 2^23 + code, i.e. the code in the low bits of its fp32 pattern (one subtraction fewer).
     """
     if len(ASM) > 0:  # the same steps in PTX, the table read by a warp shuffle: lane k holds entry k of each row
         # (loaded per row of the tile — two per thread — with the row norm ``nrow`` only fixing the layout)
@@ -360,7 +381,9 @@ def _levels_grid(y, nrow, TG, GC1: tl.constexpr, GC2: tl.constexpr, GA: tl.const
         mag = msq
         if WANT_MAG:
             mag = tl.load(tab + 64 + mi)
-    code = tl.where(y > 0, mf + (HALF - 8388608.0), mf - 8388608.0)  # sign-magnitude: L/2 + m or m
+    if BIAS == 0.0:
+        mf = mf - 8388608.0
+    code = tl.fma((y > 0).to(tl.float32), HALF * 1.0, mf)  # sign-magnitude: L/2 + m or m (+ BIAS = 2^23)
     return code, tl.sum(msq, 1), mag
 
 
@@ -387,11 +410,14 @@ def grid_asm(g: tuple[float, float, float], want_mag: bool) -> str:
     c1, c2, ga = ("0f%08X" % struct.unpack("<I", struct.pack("<f", v))[0] for v in g)
     n = 3 if want_mag else 2
     y, t1, t2, t3 = (f"${n + i}" for i in range(4))
-    return ("{\n.reg .f32 a, am, t, u, p;\n.reg .pred q;\n.reg .u32 ub;\n"
+    return ("{\n.reg .f32 a, am, t, u, p, le;\n.reg .u32 ub;\n"
             f"abs.f32 a, {y};\nmin.f32 am, a, {ga};\nfma.rn.f32 t, am, {c2}, {c1};\n"
             "fma.rn.f32 u, am, t, 0f4B000000;\nmov.b32 ub, u;\n"
             f"shfl.sync.idx.b32 p, {t1}, ub, 0x1f, 0xffffffff;\n"
-            "setp.le.f32 q, a, p;\n@q sub.u32 ub, ub, 1;\n"
+            # 1.0 where |y| <= the bound, subtracted in fp32 (exact at 2^23 + m0). (A predicate per value, guarding
+            # an integer subtract, ran ptxas out of predicate registers once the packing left many values in
+            # flight: 90 P2R per tile, 4-bit keys.)
+            "set.le.f32.f32 le, a, p;\nsub.f32 u, u, le;\nmov.b32 ub, u;\n"
             f"shfl.sync.idx.b32 $1, {t2}, ub, 0x1f, 0xffffffff;\n"
             + (f"shfl.sync.idx.b32 $2, {t3}, ub, 0x1f, 0xffffffff;\n" if want_mag else "")
             + "mov.b32 $0, ub;\n}")
@@ -417,7 +443,7 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
                    D: tl.constexpr, DS: tl.constexpr, BITS: tl.constexpr, NCOL: tl.constexpr,
                    PIECES: tl.constexpr, NORM_CORR: tl.constexpr, QJL: tl.constexpr, DC: tl.constexpr,
                    HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr,
-                   TG, G: tl.constexpr, GASM: tl.constexpr):
+                   TG, G: tl.constexpr, GASM: tl.constexpr, LOCAL: tl.constexpr):
     """Quantize + pack one segment of the tile ``xin [T, D]`` (input dtype, channel-scaled).
 
     HOIST: ``r`` is the segment's rotation block ``[D, DS]``, loaded once per program, and the segment is one
@@ -437,6 +463,7 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         n = tl.sqrt(tl.sum(tl.where(segm[None, :], xf * xf, 0.0), 1))
     nc = tl.maximum(n, 1e-30)
     inv = rs / nc
+    GRID: tl.constexpr = len(G) > 0 and not EXACT
     for c0 in tl.static_range(0, DS, DC):
         if not HOIST:
             y = _rot_dot(xin, _load_rot(R, col0 + c0, D, DC, NCOL), PIECES)
@@ -445,8 +472,10 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
             yn = y * inv[:, None]
         # Each returns the stored code, the row's Σ levels² and (QJL) |level| per value.
-        if len(G) > 0 and not EXACT:  # G = (GC1, GC2, GA): the estimate-and-correct path
-            code, csq_r, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM)
+        if GRID:  # G = (GC1, GC2, GA): the estimate-and-correct path (LOCAL: codes as the fp32 whole numbers
+            # 2^23 + code, whose bit patterns the packing adds up)
+            code, csq_r, mag = _levels_grid(yn, n, TG, G[0], G[1], G[2], len(LS), QJL, GASM,
+                                            8388608.0 if LOCAL else 0.0)
         elif SYM and not EXACT:  # |y| against the bounds times n / rs: a multiply per row and bound, not per value
             code, csq_r, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
         elif SYM:
@@ -454,12 +483,17 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
         else:
             code, csq_r, mag = _levels_search(yn, LV, BD, BITS)
         csq += csq_r
-        # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the interpreter;
-        # 8-bit codes are stored as they are.
-        code = code if BITS == 8 else code.to(tl.float32 if EXACT else tl.float16)
         # (3 bits: a chunk of a longer segment is DC ≥ 64 codes, whole 32-code units, so the segment's units
         # continue at byte 3·c0/8 as the stream would)
-        _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
+        if LOCAL:
+            # (2^23 + code from the estimate, as its fp32 pattern; the others' whole numbers as fp32)
+            _pack_store_local(oc_row + c0 * BITS // 8, tmask,
+                              code.to(tl.int32, bitcast=True) if GRID else code.to(tl.float32), BITS, DC)
+        else:
+            # Codes enter the packing products as whole numbers: fp16 on the GPU, fp32 (exact dot) in the
+            # interpreter; 8-bit codes are stored as they are.
+            code = code if BITS == 8 else code.to(tl.float32 if EXACT else tl.float16)
+            _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
         if QJL:
             c = tl.where(y > 0, mag, -mag) if SYM else mag
             e = tl.load(E + (col0 + c0 + tl.arange(0, DC))[:, None] * D + tl.arange(0, D)[None, :])
@@ -492,7 +526,8 @@ def _encode_kernel(
     QJL: tl.constexpr, NORM_CORR: tl.constexpr, HAS_CS: tl.constexpr, CS_BF16: tl.constexpr, CS_MUL16: tl.constexpr,
     PIECES: tl.constexpr,
     HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr,
-    BLOCK_T: tl.constexpr, DC: tl.constexpr, WORDS: tl.constexpr, WORDS_QJL: tl.constexpr,
+    BLOCK_T: tl.constexpr, DC: tl.constexpr, WORDS: tl.constexpr, WORDS_QJL: tl.constexpr, LOCAL: tl.constexpr,
+    X_REGS: tl.constexpr = False,
     # SYM: per segment, positive bounds, levels and levels² (fp32; see _levels_sym)
     PB0: tl.constexpr = (), LS0: tl.constexpr = (), LQ0: tl.constexpr = (),
     PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (),
@@ -522,6 +557,8 @@ def _encode_kernel(
 
         x = tl.load(X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_d[None, :],
                     mask=tmask[:, None], other=0.0)
+        if X_REGS:  # the tile through registers (identity moves): see encode_into
+            x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
         if HAS_CS and CS_MUL16:  # bf16 x and a bf16-exact 1/s: their product is exact in fp32, so one bf16x2
             # multiply (rounded once) gives the fp32 path's bf16(x · (1/s)) bit for bit, at a quarter of its ops
             c = tl.load(CS + h * stride_csh + offs_d).to(tl.bfloat16)
@@ -543,13 +580,13 @@ def _encode_kernel(
 
         DC0: tl.constexpr = DC if DC < D0 else D0
         sc0, xr0 = _quant_segment(x, seg == 0, r0, R, 0, rs0, LV, BD, PB0, LS0, LQ0, E, oc_row, tmask,
-                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT, WORDS, TG, G0, GASM0)
+                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT, WORDS, TG, G0, GASM0, LOCAL)
         tl.store(on_row, sc0, mask=tmask)
         if D1 > 0:
             DC1: tl.constexpr = DC if DC < D1 else D1
             sc1, xr1 = _quant_segment(x, seg == 1, r1, R, D0, rs1, LV + 256, BD + 256, PB1, LS1, LQ1, E,
                                       oc_row + D0 * B0 // 8, tmask, D, D1, B1, NCOL, PIECES, NORM_CORR, QJL, DC1,
-                                      HOIST, SYM, EXACT, WORDS, TG + 96, G1, GASM1)
+                                      HOIST, SYM, EXACT, WORDS, TG + 96, G1, GASM1, LOCAL)
             tl.store(on_row + 1, sc1, mask=tmask)
 
         if QJL:
@@ -659,8 +696,20 @@ def grid_map(pb: tuple[float, ...]) -> tuple[float, float, float] | None:
 _ENC_CACHE: dict = {}
 
 
-def _enc_matrices(codec, device):
-    key = codec_key(codec, device)
+def thread_order(width: int) -> torch.Tensor:
+    """Coordinate held by each column of a ``width``-column chunk in *thread order*: column ``8g + 2t + e``
+    holds coordinate ``(width/4)·t + 2g + e`` (t < 4, e < 2). The tensor-core accumulator of ``x @ R`` gives lane
+    t of each quad columns ``8g + 2t + {0, 1}`` of every 8-column tile, so with ``R``'s columns in this order a
+    thread computes width/4 consecutive coordinates — whole words of 2-, 3- and 4-bit codes, which it then packs
+    in its own registers (:func:`_pack_store_local`). The stored codes are in natural order either way."""
+    c = torch.arange(width)
+    return (width // 4) * ((c % 8) // 2) + 2 * (c // 8) + c % 2
+
+
+def _enc_matrices(codec, device, chunk: int = 0):
+    """The kernel's constant tensors and constexprs for ``codec`` on ``device``; ``chunk`` > 0: the rotation's
+    columns (and the unrotation's rows) in :func:`thread_order` per chunk of ``min(chunk, d_s)`` of each segment."""
+    key = codec_key(codec, device) + (chunk,)
     hit = cached(_ENC_CACHE, key, (codec,))
     if hit is not None:
         return hit
@@ -681,6 +730,10 @@ def _enc_matrices(codec, device):
     for s, (d_s, b_s) in enumerate(codec.segments):
         rot, levels, bounds = (t.to(device) for t in codec._seg(s))
         ch = perm[off : off + d_s]
+        if chunk:
+            w = min(chunk, d_s)
+            order = (torch.arange(0, d_s, w)[:, None] + thread_order(w)[None, :]).reshape(-1).to(device)
+            rot = rot[order]  # rows of rot = rotated coordinates = columns of R
         R[ch, off : off + d_s] = rot.T
         E[off : off + d_s][:, ch] = rot
         seg[ch] = s
@@ -807,7 +860,17 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     if on_cpu:
         patch_interpreter()
     exact = on_cpu if exact is None else bool(exact)
-    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, sym_consts = _enc_matrices(codec, x.device)
+    hoist = d_hoist(codec)
+    dc = 128 if hoist else 64
+    # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
+    # allocates); a misaligned view of the caller's gets byte stores.
+    words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
+        aligned4(fields["codes"], (codec.segments[0][0] * codec.segments[0][1]) // 8)
+    # Codes packed in registers (2-4 bits, power-of-two chunks of 32-128 codes): the rotation's columns in thread
+    # order. Else the tensor-core packing products (5 bits, byte stores of a misaligned buffer).
+    local = words and all(b_s in (2, 3, 4) and min(dc, d_s) in (32, 64, 128) for d_s, b_s in codec.segments)
+    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, sym_consts = _enc_matrices(
+        codec, x.device, dc if local else 0)
     if not signs_only or on_cpu:
         # Haar rotations, and the CPU interpreter (its tl.dot mishandles bf16 operands): plain fp32 products.
         pieces = 0
@@ -820,11 +883,6 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     (D0, B0), (D1, B1) = (codec.segments + [(0, 0)])[:2]
     oc, on = fields["codes"], fields["norms"]
     os_, og = (fields["qjl_signs"], fields["qjl_norms"]) if codec.qjl else (oc, on)
-    # Rotation blocks held by each persistent program for its whole life when they fit (≤ 64 KB: d ≤ 128);
-    # d = 256 streams [d, 64] chunks from L2 per tile instead.
-    # (A hoisted block is one chunk: DC = 128 covers every segment of d ≤ 128.)
-    # QJL streams too: its [d, 64] sketch and unrotation tiles need the shared memory.
-    hoist = d <= 128 and d * (D0 + D1) * R.element_size() <= 65536 and not codec.qjl
     # Tokens per tile (H100 sweeps, benchmarks/results/encode_h100*.json): 64 fills one warpgroup's MMA (3 bits
     # too, since codes leave as whole words: 111 -> 47 µs for turbo3 values). d = 256 too: its rotation streams
     # from L2 in [256, 64] chunks once per tile, so 16-token tiles read 16× their input from L2 (turbo4 values,
@@ -832,11 +890,6 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     bt = block_t or 64
     n_tiles = -(-N // bt)
     n_items = B * H * n_tiles
-    # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
-    # allocates); a misaligned view of the caller's gets byte stores.
-    dc = 128 if hoist else 64
-    words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
-        aligned4(oc, (D0 * B0) // 8)
     words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and aligned4(os_)
     consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
@@ -844,17 +897,24 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         HKV=H, D=d, D0=D0, B0=B0, D1=D1, B1=B1,
         QJL=bool(codec.qjl), NORM_CORR=bool(codec.norm_correction), HAS_CS=bool(codec.use_channel_scale),
         CS_BF16=codec.bf16_working,
-        # (the interpreter runs no PTX: it keeps the fp32 product and rounds by hand). Not with a quadratic level
-        # search: there the bf16x2 scaling measured slower (H100, 4-bit keys 55.2 -> 56.4 µs, 5-bit 60.1 -> 61.6;
-        # 3-bit keys 50.0 -> 47.6).
+        # (the interpreter runs no PTX: it keeps the fp32 product and rounds by hand). Not with the quadratic level
+        # search and the packing products (5 bits): slower there (H100, 5-bit keys 60.2 -> 63.4 µs; 4-bit keys,
+        # packed in registers, 49.9 -> 48.4).
         CS_MUL16=bool(codec.bf16_working and x.dtype == torch.bfloat16 and pieces == 1 and cs_mul16
-                      and not any(k in (sym_consts or {}) for k in ("G0", "G1"))),
+                      and (local or not any(k in (sym_consts or {}) for k in ("G0", "G1")))),
         PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), EXACT=exact, BLOCK_T=bt,
         # Two or three stages prefetch the next tiles' x: three for 64-token tiles of one piece (turbo4 values
         # 92 -> 66 µs, turbo3 72 -> 47, H100), two for three pieces (their registers: turbo3 keys 116 -> 105 µs);
         # streamed operands and the gathers of the general-codebook path stay single-buffered (the latter also
         # trips Triton 3.6's pipeliner on the packing dot).
-        DC=dc, WORDS=words, WORDS_QJL=words_qjl, num_warps=num_warps,
+        DC=dc, WORDS=words, WORDS_QJL=words_qjl, LOCAL=local,
+        # The rotation's left operand from registers rather than straight from the x tile's shared-memory stage:
+        # the pipeliner then keeps two stages of x instead of three (70 KB instead of 86: three programs per SM),
+        # as the scaled keys always did. H100, same process: turbo4 values 46.9 -> 45.1 µs, turbo3 43.0 -> 41.9,
+        # turbo3.5 56.8 -> 49.3. (bf16 x of one piece; the scaled keys' multiply does it anyway.)
+        X_REGS=bool(x.device.type == "cuda" and hoist and pieces == 1 and x.dtype == torch.bfloat16
+                    and not codec.use_channel_scale),
+        num_warps=num_warps,
         num_stages=num_stages or ((3 if bt >= 64 and pieces <= 1 else 2) if hoist and sym_consts is not None else 1),
     )
     if x.device.type == "cuda":
@@ -874,6 +934,14 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
 # built in encode_into from everything the checks, the constants and Triton's specialization depend on.
 _PLANS = Plans()
 _ENCODE = Replay(_encode_kernel)
+
+
+def d_hoist(codec) -> bool:
+    """Whether each persistent program holds its rotation blocks for its whole life: when they fit (d ≤ 128: ±1
+    entries in bf16, ≤ 32 KB); d = 256 streams [d, 64] chunks from L2 per tile instead (a hoisted block is one
+    chunk: DC = 128 covers every segment of d ≤ 128). QJL streams too: its [d, 64] sketch and unrotation tiles
+    need the shared memory."""
+    return codec.dim <= 128 and not codec.qjl
 
 
 def _encode_args(x, fields, start, consts, qjl, n_tiles, n_items) -> tuple:
