@@ -701,7 +701,9 @@ def thread_order(width: int) -> torch.Tensor:
     holds coordinate ``(width/4)·t + 2g + e`` (t < 4, e < 2). The tensor-core accumulator of ``x @ R`` gives lane
     t of each quad columns ``8g + 2t + {0, 1}`` of every 8-column tile, so with ``R``'s columns in this order a
     thread computes width/4 consecutive coordinates — whole words of 2-, 3- and 4-bit codes, which it then packs
-    in its own registers (:func:`_pack_store_local`). The stored codes are in natural order either way."""
+    in its own registers (:func:`_pack_store_local`). The stored codes are in natural order either way, and the
+    result does not depend on the layout: on a GPU whose accumulator spreads columns otherwise the packing is as
+    exact, only no longer free of data movement."""
     c = torch.arange(width)
     return (width // 4) * ((c % 8) // 2) + 2 * (c // 8) + c % 2
 
