@@ -98,7 +98,7 @@ def _unit3_store(ptr_row, tmask, code, DS: tl.constexpr, WORDS: tl.constexpr):
     H) at ``ptr_row [T]``: whole int32 words (``WORDS``, rows 4-byte aligned) or their bytes.
 
     First the nibble words ``N_q`` of each unit's groups q (nibble j = code 8q + j): those are the 4-bit stream
-    of the codes, two tensor-core products like every other width (:func:`_half_dot` with 4 bits; a 3-bit code
+    of the codes, two tensor-core products (:func:`_half_dot` with 4 bits; a 3-bit code
     fills bits 0–2 of its nibble); then :func:`_unit3_from_nibbles`."""
     NW4: tl.constexpr = DS // 8 if DS // 8 >= 16 else 16  # tl.dot's N ≥ 16: nibble words past DS/8 are zero
     nib = _half_dot(code, 4, DS, NW4, 0) | (_half_dot(code, 4, DS, NW4, 1) << 16)  # [T, NW4]: word 4u + q
