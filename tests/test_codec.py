@@ -961,6 +961,25 @@ def test_query_aware_channel_scale_per_head_lowers_score_error():
         TurboQuantizer(d, 3, channel_scale=True, heads=2).calibrate(torch.randn(3, 5, d))
 
 
+def test_four_bit_key_scales_are_powers_of_two():
+    """Calibration rounds the scales of channel-scaled codecs whose segments are all 4-bit to powers of two (within
+    √2 of the formula: the encode kernel folds them into its rotation); other widths keep the nearest scale whose
+    reciprocal is exact in bf16."""
+    g = gen(77)
+    x = torch.randn(1, 2, 300, 64, generator=g) * torch.exp(torch.randn(64, generator=g))
+    c4 = TurboQuantizer(64, 4, channel_scale=True, heads=2, seed=1)
+    c3 = TurboQuantizer(64, 3, channel_scale=True, heads=2, seed=1)
+    c4.calibrate(x)
+    c3.calibrate(x)
+    assert c4.pow2_scales and not c3.pow2_scales
+    assert not TurboQuantizer(64, 4).pow2_scales  # no channel scale
+    s4, s3 = c4.channel_scale, c3.channel_scale
+    assert torch.equal(s4, torch.exp2(torch.round(torch.log2(s4))))
+    assert not torch.equal(s3, torch.exp2(torch.round(torch.log2(s3))))
+    r = (s4 / s3).log2().abs()  # s3: the formula to within 1.2 %
+    assert r.max() <= 0.5 + 0.02
+
+
 def test_is_calibrated_follows_the_flag_and_reads_it_once_per_state(monkeypatch):
     # Every decode step asks whether a codec is calibrated; on a GPU each bool() of the flag is a device sync.
     c = TurboQuantizer(64, 4, channel_scale=True, seed=1)

@@ -1335,6 +1335,42 @@ def test_encode_with_scales_from_before_v16():
     assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ"
 
 
+def test_encode_folds_power_of_two_key_scales(monkeypatch):
+    """4-bit keys with power-of-two scales on bf16 input: the kernel folds the scales into one rotation per KV head
+    and gives each (batch, KV head) pair its own programs — two per pair here, taking alternate tiles of three —
+    and must still write the codec's codes and norms."""
+    import importlib
+
+    enc = importlib.import_module("tqcache.kernels.encode")
+    c = TurboQuantizer(128, 4, channel_scale=True, heads=3, seed=21).to(DEV)
+    g = _gen(2121)
+    x = (torch.randn(2, 3, 150, 128, generator=g) * torch.exp(torch.randn(128, generator=g))).to(DEV, torch.bfloat16)
+    c.calibrate(x)
+    assert c.pow2_scales
+    seen = {}
+    launch = enc._ENCODE
+
+    def record(key, grid, args, meta):
+        seen.update(grid=grid, fold=meta["FOLD"])
+        return launch(key, grid, args, meta)
+
+    monkeypatch.setattr(enc, "_ENCODE", record)
+    fields = {n: torch.full((2, 3, 160, w), 7, dtype=t, device=DEV) for n, (w, t) in c.field_widths().items()}
+    encode_into(c, x, fields, 4, exact=False, programs_per_sm=12 if DEV == "cpu" else None)
+    assert seen["fold"]
+    if DEV == "cpu":
+        assert seen["grid"] == (12,)  # 6 pairs × 2 programs
+    ref = c.quantize(x)
+    from tqcache.codec.packing import unpack_bits
+
+    got = fields["codes"][:, :, 4:154]
+    diff = unpack_bits(got, 4, 128) != unpack_bits(ref["codes"], 4, 128)
+    assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ"
+    dn = (fields["norms"][:, :, 4:154].float() - ref["norms"].float()).abs()
+    assert torch.all(dn <= ref["norms"].float() * 2.0**-10 + 1e-7)
+    assert torch.all(fields["codes"][:, :, :4] == 7) and torch.all(fields["codes"][:, :, 154:] == 7)
+
+
 def test_encode_plan_sees_calibration():
     c = TurboQuantizer(64, 4, seed=6, channel_scale=True).to(DEV)  # needs calibration: scales from the data
     x = torch.randn(1, 2, 8, 64, generator=_gen(26)).to(DEV)

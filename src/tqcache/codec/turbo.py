@@ -83,6 +83,13 @@ def bf16_reciprocal_scale(s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(out), s.float(), out)
 
 
+def pow2_scale(s: torch.Tensor) -> torch.Tensor:
+    """``s`` rounded to the nearest power of two in the log domain (within a factor √2). Then ``x · (1/s)`` of a
+    bf16 ``x`` is itself a bf16 value (an exponent shift), so the encode kernel folds the scale into the rotation
+    instead of multiplying every tile (:attr:`TurboQuantizer.pow2_scales`)."""
+    return torch.exp2(torch.round(torch.log2(s.float())))
+
+
 def derive_seed(seed: int, *tags: int) -> int:
     """Mix ``seed`` with integer tags (splitmix64), giving independent 63-bit seeds per layer/segment/role."""
     z = int(seed) & 0xFFFFFFFFFFFFFFFF
@@ -343,7 +350,9 @@ class TurboQuantizer(torch.nn.Module):
                 ratio = x_sq / (q_sq + 1e-6 * q_sq.mean(-1, keepdim=True) + _TINY)
             s = ratio.pow(0.25)
             s = s / s.pow(2).mean(-1, keepdim=True).sqrt()
-            if self.bf16_working:  # 1/s exact in bf16: the encode kernel's one-multiply scaling
+            if self.pow2_scales:  # powers of two: the encode kernel folds them into the rotation
+                s = pow2_scale(s)
+            elif self.bf16_working:  # 1/s exact in bf16: the encode kernel's one-multiply scaling
                 s = bf16_reciprocal_scale(s)
             self.channel_scale.copy_(s)
         if self.split == "outliers" and len(self.segments) > 1:
@@ -356,6 +365,18 @@ class TurboQuantizer(torch.nn.Module):
         self.calibrated.fill_(True)
 
     # ------------------------------------------------------------------ quantize / dequantize
+    @property
+    def pow2_scales(self) -> bool:
+        """True when calibration rounds the channel scales to powers of two: channel-scaled codecs whose segments
+        are all 4-bit (turbo4's and k4v3's keys).
+
+        Why: ``x · (1/s)`` is then exact, so the encode kernel multiplies by a per-head rotation with the scale
+        folded in rather than scaling every tile (H100, 4-bit keys, 32K tokens × 8 heads: 46.3 → 43.8 µs). Only at
+        4 bits: measured with ``tqcache eval`` (docs/fidelity.md, v21), power-of-two scales left 4-bit keys' KL as
+        it was (SmolLM2 turbo4 0.00337 → 0.00328, Gemma-3 0.00227 → 0.00224) but raised 3-bit keys' (SmolLM2 turbo3
+        0.01058 → 0.01312). Scales saved before keep their values; the kernel checks what it is given."""
+        return self.bf16_working and all(b == 4 for _, b in self.segments)
+
     @property
     def bf16_working(self) -> bool:
         """True when the channel-scaled input is rounded to bf16 before the rotation (channel scaling with

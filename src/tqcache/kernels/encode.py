@@ -530,7 +530,7 @@ def _encode_kernel(
     PIECES: tl.constexpr,
     HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_T: tl.constexpr, DC: tl.constexpr, WORDS: tl.constexpr, WORDS_QJL: tl.constexpr, LOCAL: tl.constexpr,
-    X_REGS: tl.constexpr = False,
+    X_REGS: tl.constexpr = False, FOLD: tl.constexpr = False,
     # SYM: per segment, positive bounds, levels and levels² (fp32; see _levels_sym)
     PB0: tl.constexpr = (), LS0: tl.constexpr = (), LQ0: tl.constexpr = (),
     PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (),
@@ -538,7 +538,9 @@ def _encode_kernel(
     G0: tl.constexpr = (), G1: tl.constexpr = (), GASM0: tl.constexpr = "", GASM1: tl.constexpr = "",
 ):
     """Persistent grid: program p encodes tiles p, p + P, ... of the ``n_items = B·Hkv·n_tiles`` token tiles,
-    so the rotation blocks (HOIST) are read from L2 once per program, not once per tile."""
+    so the rotation blocks (HOIST) are read from L2 once per program, not once per tile. FOLD: the key scales
+    are powers of two folded into a rotation per KV head (``R [Hkv, D, D0]``), and the grid is G programs per
+    (batch, KV head) pair, each keeping its pair's rotation and taking its tiles g, g + G, ..."""
     offs_d = tl.arange(0, D)
     NCOL: tl.constexpr = D0 + D1
     seg = tl.load(SEG + offs_d)
@@ -549,15 +551,31 @@ def _encode_kernel(
     # Two equal segments (turbo3.5, turbo2.5): one [D, D0 + D1] product for both, not two of half the width (H100:
     # turbo3.5 keys / values 51.5 / 49.5 -> 49.4 / 46.9 µs).
     ONE: tl.constexpr = HOIST and D1 > 0 and D0 == D1
-    if ONE:
+    if FOLD:  # G programs per (batch, KV head) pair; R [Hkv, D, NCOL] holds each head's scaled rotation
+        G = tl.num_programs(0) // (n_items // n_tiles)
+        pair = tl.program_id(0) // G
+        r0 = _load_rot(R + (pair % HKV) * D * NCOL, 0, D, D0, NCOL)
+    elif ONE:
         r0 = _load_rot(R, 0, D, NCOL, NCOL)
     elif HOIST:
         r0 = _load_rot(R, 0, D, D0, NCOL)
         if D1 > 0:
             r1 = _load_rot(R, D0, D, D1, NCOL)
-    for item in range(tl.program_id(0), n_items, tl.num_programs(0)):
-        pid_bh = item // n_tiles
-        pid_t = item % n_tiles
+    if FOLD:  # this pair's tiles g, g + G, ...
+        i0 = tl.program_id(0) % G
+        i_step = G
+        i_end = n_tiles
+    else:  # every pair's tiles, p, p + P, ... of all B·Hkv·n_tiles
+        i0 = tl.program_id(0)
+        i_step = tl.num_programs(0)
+        i_end = n_items
+    for item in range(i0, i_end, i_step):
+        if FOLD:
+            pid_bh = pair
+            pid_t = item
+        else:
+            pid_bh = item // n_tiles
+            pid_t = item % n_tiles
         b = pid_bh // HKV
         h = pid_bh % HKV
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -567,7 +585,9 @@ def _encode_kernel(
                     mask=tmask[:, None], other=0.0)
         if X_REGS:  # the tile through registers (identity moves): see encode_into
             x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-        if HAS_CS and CS_MUL16:  # bf16 x and a bf16-exact 1/s: their product is exact in fp32, so one bf16x2
+        if FOLD:  # the scale is in the rotation
+            pass
+        elif HAS_CS and CS_MUL16:  # bf16 x and a bf16-exact 1/s: their product is exact in fp32, so one bf16x2
             # multiply (rounded once) gives the fp32 path's bf16(x · (1/s)) bit for bit, at a quarter of its ops
             c = tl.load(CS + h * stride_csh + offs_d).to(tl.bfloat16)
             x = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, c[None, :]], dtype=tl.bfloat16,
@@ -793,7 +813,10 @@ def _enc_matrices(codec, device, chunk: int = 0):
     # 1/s exact in bf16 (codecs calibrated since v16 choose their scales so; older saved ones may not be): the
     # kernel may then scale bf16 input with one bf16x2 multiply (CS_MUL16)
     cs_mul16 = device.type == "cuda" and bool(torch.equal(cs, cs.to(torch.bfloat16).float()))
-    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, E.contiguous(), sk.contiguous(), signs_only, cs_mul16,
+    # powers of two (TurboQuantizer.pow2_scales): the kernel may fold 1/s into the rotation (FOLD). (Both checks read
+    # the device once per codec state, here, not per launch plan.)
+    cs_pow2 = bool(torch.equal(cs, torch.exp2(torch.round(torch.log2(cs)))))
+    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, E.contiguous(), sk.contiguous(), signs_only, cs_mul16, cs_pow2,
            sym_consts if sym else None)
     return remember(_ENC_CACHE, key, (codec,), out)
 
@@ -846,7 +869,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
             return
         n_tiles = -(-N // bt)
         n_items = x.shape[0] * x.shape[1] * n_tiles
-        _ENCODE((key, int_width(start)), (min(n_items, max_programs),),
+        _ENCODE((key, int_width(start)), (_grid(n_items, n_tiles, max_programs, meta["FOLD"]),),
                 _encode_args(x, fields, start, consts, qjl, n_tiles, n_items), meta)
         return
     why = encode_unsupported_reason(codec, x)
@@ -886,7 +909,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     # Codes packed in registers (2-4 bits, power-of-two chunks of 32-128 codes): the rotation's columns in thread
     # order. Else the tensor-core packing products (5 bits, byte stores of a misaligned buffer).
     local = words and all(b_s in (2, 3, 4) and min(dc, d_s) in (32, 64, 128) for d_s, b_s in codec.segments)
-    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, sym_consts = _enc_matrices(
+    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, cs_pow2, sym_consts = _enc_matrices(
         codec, x.device, dc if local else 0)
     if not signs_only or on_cpu:
         # Haar rotations, and the CPU interpreter (its tl.dot mishandles bf16 operands): plain fp32 products.
@@ -908,6 +931,14 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     n_tiles = -(-N // bt)
     n_items = B * H * n_tiles
     words_qjl = bool(codec.qjl) and min(dc, d) % 32 == 0 and aligned4(os_)
+    # Power-of-two key scales (TurboQuantizer.pow2_scales) on bf16 input: x · (1/s) is exact, so it is folded into
+    # a rotation per KV head, R_h = diag(1/s_h) · R (exact: ±2^k in bf16), and the tiles skip the scaling — its
+    # copy, shared-memory pass, conversion and multiply per tile (H100, turbo4 keys 46.3 -> 43.8 µs). One segment,
+    # hoisted rotation, the GPU's arithmetic (the exact path takes norms from the scaled input).
+    fold = bool(codec.use_channel_scale and codec.bf16_working and hoist and D1 == 0 and not exact
+                and x.dtype == torch.bfloat16 and pieces <= 1 and cs_pow2)
+    if fold:
+        R = (cs.expand(H, d)[:, :, None] * R.float()[None]).to(R.dtype).contiguous()
     consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
@@ -919,6 +950,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # packed in registers, 49.9 -> 48.4).
         CS_MUL16=bool(codec.bf16_working and x.dtype == torch.bfloat16 and pieces == 1 and cs_mul16
                       and (local or not any(k in (sym_consts or {}) for k in ("G0", "G1")))),
+        FOLD=fold,
         PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), EXACT=exact, BLOCK_T=bt,
         # Two or three stages prefetch the next tiles' x: three for 64-token tiles of one piece (turbo4 values
         # 92 -> 66 µs, turbo3 72 -> 47, H100), two for three pieces (their registers: turbo3 keys 116 -> 105 µs);
@@ -930,7 +962,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # as the scaled keys always did. H100, same process: turbo4 values 46.9 -> 45.1 µs, turbo3 43.0 -> 41.9,
         # turbo3.5 56.8 -> 49.3. (bf16 x of one piece; the scaled keys' multiply does it anyway.)
         X_REGS=bool(x.device.type == "cuda" and hoist and pieces == 1 and x.dtype == torch.bfloat16
-                    and not codec.use_channel_scale),
+                    and (fold or not codec.use_channel_scale)),
         num_warps=num_warps,
         num_stages=num_stages or ((3 if bt >= 64 and pieces <= 1 else 2) if hoist and sym_consts is not None else 1),
     )
@@ -943,7 +975,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     else:
         max_programs = programs_per_sm or 4  # the interpreter: a few programs, each looping
     key = (codec_key(codec, x.device),) + key[1:]  # the codec's state after any calibration above
-    _ENCODE((key, int_width(start)), (min(n_items, max_programs),), args, meta)
+    _ENCODE((key, int_width(start)), (_grid(n_items, n_tiles, max_programs, meta["FOLD"]),), args, meta)
     _PLANS.put(codec, key, (bt, max_programs, meta, consts, bool(codec.qjl)))
 
 
@@ -959,6 +991,15 @@ def d_hoist(codec) -> bool:
     chunk: DC = 128 covers every segment of d ≤ 128). QJL streams too: its [d, 64] sketch and unrotation tiles
     need the shared memory."""
     return codec.dim <= 128 and not codec.qjl
+
+
+def _grid(n_items: int, n_tiles: int, max_programs: int, fold: bool) -> int:
+    """Programs to launch: every item's own when there are few, else as many as the GPU holds at once; FOLD: a
+    whole number G ≥ 1 of programs per (batch, KV head) pair, at most one per tile."""
+    if not fold:
+        return min(n_items, max_programs)
+    n_bh = n_items // n_tiles
+    return n_bh * max(1, min(max_programs // n_bh, n_tiles))
 
 
 def _encode_args(x, fields, start, consts, qjl, n_tiles, n_items) -> tuple:
