@@ -16,7 +16,7 @@ The encode kernel is compiled the same way from the arguments ``encode_into`` wo
 swapped for one that records them; 4096 tokens × 8 heads of bf16 values, or ``--key`` calibrated keys), with what
 the launcher decides differently on a GPU put back: the ±1 rotation in bf16 and one bf16 piece (the CPU keeps
 fp32 and tf32x3 products; counts before v21 were of that form), the level search's PTX, the scaled keys' bf16x2
-multiply and the values' tile through registers. Prints the loop's instructions per 64-token tile, registers and
+multiply or folded scales, and the tile through registers. Prints the loop's instructions per 64-token tile, registers and
 shared memory.
 """
 
@@ -117,21 +117,24 @@ def compile_encode(enc, scheme: str, d: int, key: bool = False):
     finally:
         enc._ENCODE = launcher
     args, meta = seen["args"], seen["meta"]
-    # What encode_into decides on a GPU (see its launcher): args[4] is the rotation, args[5] its post-scales.
-    R = args[4]
-    mags = R.abs()[R != 0]
+    # What encode_into decides on a GPU (see its launcher): args[4] is the rotation, args[5] its post-scales,
+    # args[7] the reciprocal channel scales. FOLD (power-of-two key scales): the rotation is [Hkv, D, D0], each head's
+    # scaled by its 1/s; its first head divided by those scales gives the plain rotation back (exactly).
+    R, cs = args[4], args[7]
+    fold = bool(meta.get("FOLD"))
+    R0 = R[0] / cs[0][:, None] if fold else R
+    mags = R0.abs()[R0 != 0]
     if meta["HOIST"] and bool(torch.all(mags == mags[0])):
-        args[4] = torch.sign(R).to(torch.bfloat16)
+        args[4] = (torch.sign(R) * cs.expand(R.shape[0], -1)[:, :, None] if fold else torch.sign(R)).to(torch.bfloat16)
         args[5] = torch.tensor([float(mags[0])] * 2)
         meta["PIECES"] = 1 if (codec.bf16_working or not codec.use_channel_scale) else 3
     for s in ("0", "1"):
         if meta.get("G" + s):
             meta["GASM" + s] = enc.grid_asm(meta["G" + s], bool(codec.qjl))
-    cs = args[7]
     meta["CS_MUL16"] = bool(codec.bf16_working and meta["PIECES"] == 1 and torch.equal(cs, cs.to(torch.bfloat16).float())
                             and (meta.get("LOCAL") or not (meta.get("G0") or meta.get("G1"))))
     if "X_REGS" in enc._encode_kernel.arg_names:
-        meta["X_REGS"] = bool(meta["HOIST"] and meta["PIECES"] == 1 and not codec.use_channel_scale)
+        meta["X_REGS"] = bool(meta["HOIST"] and meta["PIECES"] == 1 and (fold or not codec.use_channel_scale))
     return enc._encode_kernel.warmup(*args, grid=(1,), **meta)
 
 

@@ -447,9 +447,9 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     """Quantize + pack one segment of the tile ``xin [T, D]`` (input dtype, channel-scaled).
 
     HOIST: ``r`` is the segment's rotation block ``[D, DS]``, loaded once per program, and the segment is one
-    chunk (DC = DS); PRE (and HOIST): ``r`` is the rotated segment itself, ``[T, DS]`` fp32; else ``[D, DC]`` chunks
-    are streamed from ``R``. Returns the fp16 scale ``[T]`` and, with
-    QJL, ``c[idx] @ rot`` in original channel order ``[T, D]`` fp32.
+    chunk (DC = DS); PRE (and HOIST): ``r`` is the rotated segment itself, ``[T, DS]`` fp32; else ``[D, DC]``
+    chunks are streamed from ``R``. Returns the fp16 scale ``[T]`` and, with QJL, ``c[idx] @ rot`` in original
+    channel order ``[T, D]`` fp32.
     """
     csq = tl.zeros((xin.shape[0],), tl.float32)
     xr = tl.zeros(xin.shape, tl.float32)
@@ -746,6 +746,8 @@ def thread_order(width: int) -> torch.Tensor:
 def _enc_matrices(codec, device, chunk: int = 0):
     """The kernel's constant tensors and constexprs for ``codec`` on ``device``; ``chunk`` > 0: the rotation's
     columns (and the unrotation's rows) in :func:`thread_order` per chunk of ``min(chunk, d_s)`` of each segment."""
+    from ..codec.turbo import pow2_scale
+
     key = codec_key(codec, device) + (chunk,)
     hit = cached(_ENC_CACHE, key, (codec,))
     if hit is not None:
@@ -815,7 +817,7 @@ def _enc_matrices(codec, device, chunk: int = 0):
     cs_mul16 = device.type == "cuda" and bool(torch.equal(cs, cs.to(torch.bfloat16).float()))
     # powers of two (TurboQuantizer.pow2_scales): the kernel may fold 1/s into the rotation (FOLD). (Both checks read
     # the device once per codec state, here, not per launch plan.)
-    cs_pow2 = bool(torch.equal(cs, torch.exp2(torch.round(torch.log2(cs)))))
+    cs_pow2 = bool(torch.equal(cs, pow2_scale(cs)))
     out = (R.contiguous(), rs, seg, cs, lv, bd, tg, E.contiguous(), sk.contiguous(), signs_only, cs_mul16, cs_pow2,
            sym_consts if sym else None)
     return remember(_ENC_CACHE, key, (codec,), out)
@@ -900,7 +902,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
     if on_cpu:
         patch_interpreter()
     exact = on_cpu if exact is None else bool(exact)
-    hoist = d_hoist(codec)
+    hoist = _hoisted(codec)
     dc = 128 if hoist else 64
     # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
     # allocates); a misaligned view of the caller's gets byte stores.
@@ -985,7 +987,7 @@ _PLANS = Plans()
 _ENCODE = Replay(_encode_kernel)
 
 
-def d_hoist(codec) -> bool:
+def _hoisted(codec) -> bool:
     """Whether each persistent program holds its rotation blocks for its whole life: when they fit (d ≤ 128: ±1
     entries in bf16, ≤ 32 KB); d = 256 streams [d, 64] chunks from L2 per tile instead (a hoisted block is one
     chunk: DC = 128 covers every segment of d ≤ 128). QJL streams too: its [d, 64] sketch and unrotation tiles
