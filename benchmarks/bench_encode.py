@@ -106,11 +106,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--schemes", default="turbo4,turbo3,turbo2,k4v3")
     ap.add_argument("--N", type=int, default=32768)
+    ap.add_argument("--d", type=int, default=128, help="head_dim")
     ap.add_argument("--sweep", default="", help="comma-separated schemes to sweep the launch configuration for")
     ap.add_argument("--old", default=None, help="path of an earlier encode.py to A/B against")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--out", default="benchmarks/results/encode_h100.json")
     a = ap.parse_args()
+    global D
+    D = a.d
     dev = torch.device("cuda")
     old_mod = None
     if a.old:

@@ -124,7 +124,7 @@ def compile_encode(enc, scheme: str, d: int, key: bool = False):
     fold = bool(meta.get("FOLD"))
     R0 = R[0] / cs[0][:, None] if fold else R
     mags = R0.abs()[R0 != 0]
-    if meta["HOIST"] and bool(torch.all(mags == mags[0])):
+    if (meta["HOIST"] or meta.get("BFLY")) and bool(torch.all(mags == mags[0])):
         args[4] = (torch.sign(R) * cs.expand(R.shape[0], -1)[:, :, None] if fold else torch.sign(R)).to(torch.bfloat16)
         args[5] = torch.tensor([float(mags[0])] * 2)
         meta["PIECES"] = 1 if (codec.bf16_working or not codec.use_channel_scale) else 3
@@ -132,9 +132,13 @@ def compile_encode(enc, scheme: str, d: int, key: bool = False):
         if meta.get("G" + s):
             meta["GASM" + s] = enc.grid_asm(meta["G" + s], bool(codec.qjl))
     meta["CS_MUL16"] = bool(codec.bf16_working and meta["PIECES"] == 1 and torch.equal(cs, cs.to(torch.bfloat16).float())
-                            and (meta.get("LOCAL") or not (meta.get("G0") or meta.get("G1"))))
+                            and (meta.get("LOCAL") or not (meta.get("G0") or meta.get("G1")))) or bool(
+        meta.get("BFLY") and not codec.use_channel_scale and meta["PIECES"] == 1)  # (BFLY: the sign multiply)
     if "X_REGS" in enc._encode_kernel.arg_names:
-        meta["X_REGS"] = bool(meta["HOIST"] and meta["PIECES"] == 1 and (fold or not codec.use_channel_scale))
+        meta["X_REGS"] = bool((meta["HOIST"] or meta.get("BFLY")) and meta["PIECES"] == 1
+                              and (fold or not codec.use_channel_scale))
+    if meta.get("BFLY"):  # three x stages on the GPU (encode_into)
+        meta["num_stages"] = 3
     return enc._encode_kernel.warmup(*args, grid=(1,), **meta)
 
 

@@ -958,7 +958,11 @@ ENC_CASES = [
     # 5-bit keys (k5v3), and 5 bits at d = 64
     (128, 5, False, torch.bfloat16, "hadamard", "halves", "heads", 37),
     (64, 5, False, torch.float32, "hadamard", "halves", False, 20),
-    (256, 5, False, torch.bfloat16, "hadamard", "halves", "heads", 9),  # streamed rotation, 64-channel chunks
+    (256, 5, False, torch.bfloat16, "hadamard", "halves", "heads", 9),
+    # d = 256: the butterfly on one [128, 128] block (Hadamard, one segment), with scales and input pieces; a Haar
+    # rotation streams [256, 64] chunks
+    (256, 3, False, torch.float16, "hadamard", "halves", "heads", 9),
+    (256, 2, False, torch.float32, "haar", "halves", False, 9),
 ]
 
 
@@ -1369,6 +1373,58 @@ def test_encode_folds_power_of_two_key_scales(monkeypatch):
     dn = (fields["norms"][:, :, 4:154].float() - ref["norms"].float()).abs()
     assert torch.all(dn <= ref["norms"].float() * 2.0**-10 + 1e-7)
     assert torch.all(fields["codes"][:, :, :4] == 7) and torch.all(fields["codes"][:, :, 154:] == 7)
+
+
+@pytest.mark.parametrize("rot,bits,cs", [("hadamard", 4, False), ("hadamard", 3, True), ("haar", 4, False)])
+def test_encode_butterfly_at_head_dim_256(rot, bits, cs, monkeypatch):
+    """Head_dim 256 with a Hadamard rotation runs as two products on one [128, 128] block (BFLY) — with per-head
+    scales, whose sign vector joins them — and a Haar rotation, which has no such structure, streams its chunks;
+    both must write the codec's codes and norms."""
+    import importlib
+
+    enc = importlib.import_module("tqcache.kernels.encode")
+    c = TurboQuantizer(256, bits, rotation=rot, channel_scale=cs, heads=2 if cs else None, seed=5).to(DEV)
+    g = _gen(256 + bits)
+    x = (torch.randn(1, 2, 70, 256, generator=g) * (0.5 + 3 * torch.rand(256, generator=g))).to(DEV, torch.bfloat16)
+    c.calibrate(x)
+    seen = {}
+    launch = enc._ENCODE
+
+    def record(key, grid, args, meta):
+        seen.update(bfly=meta["BFLY"], dc=meta["DC"])
+        return launch(key, grid, args, meta)
+
+    monkeypatch.setattr(enc, "_ENCODE", record)
+    fields = {n: torch.full((1, 2, 75, w), 7, dtype=t, device=DEV) for n, (w, t) in c.field_widths().items()}
+    encode_into(c, x, fields, 2, exact=False)
+    assert seen["bfly"] == (rot == "hadamard")
+    assert seen["dc"] == (128 if rot == "hadamard" else 64)
+    ref = c.quantize(x)
+    from tqcache.codec.packing import unpack_codes
+
+    got = fields["codes"][:, :, 2:72]
+    diff = unpack_codes(got, bits, 256) != unpack_codes(ref["codes"], bits, 256)
+    assert int(diff.sum()) <= 2, f"{int(diff.sum())} codes differ"
+    dn = (fields["norms"][:, :, 2:72].float() - ref["norms"].float()).abs()
+    assert torch.all(dn <= ref["norms"].float() * 2.0**-10 + 1e-7)
+    assert torch.all(fields["codes"][:, :, :2] == 7) and torch.all(fields["codes"][:, :, 72:] == 7)
+
+
+def test_encode_butterfly_factors_only_sylvester_blocks():
+    """``_butterfly`` accepts exactly ``[[A, A], [tA, −tA]]`` with t = ±1 per row."""
+    from tqcache.kernels.encode import _butterfly
+
+    g = _gen(77)
+    a = torch.sign(torch.randn(8, 8, generator=g))
+    t = torch.sign(torch.randn(8, generator=g))
+    r = torch.cat([torch.cat([a, a], 1), torch.cat([t[:, None] * a, -t[:, None] * a], 1)], 0)
+    r00, tt = _butterfly(r)
+    assert torch.equal(r00, a) and torch.equal(tt, t)
+    x = torch.randn(5, 16, generator=g)
+    assert torch.allclose(torch.cat([x[:, :8] @ a + (x[:, 8:] * t) @ a, x[:, :8] @ a - (x[:, 8:] * t) @ a], 1), x @ r)
+    bad = r.clone()
+    bad[3, 12] *= -1
+    assert _butterfly(bad) is None
 
 
 def test_encode_plan_sees_calibration():

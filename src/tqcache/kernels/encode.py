@@ -438,18 +438,42 @@ def _levels_search(y, LV, BD, BITS: tl.constexpr):
 
 
 @triton.jit
+def _scaled(x, c, MUL16: tl.constexpr, ROUND16: tl.constexpr, PIECES: tl.constexpr):
+    """``x · c`` (``c [D]`` fp32 reciprocal channel scales, broadcast over the rows). MUL16: bf16 ``x`` and a
+    bf16-exact ``c``: their product is exact in fp32, so one bf16x2 multiply (rounded once) gives the fp32 path's
+    ``bf16(x · c)`` bit for bit, at a quarter of its ops. ROUND16: the codec's bf16 working space (one exact
+    piece; PIECES = 0 — fp32 products, and the interpreter, whose bf16 casts truncate — rounds to nearest even
+    by hand)."""
+    if MUL16:
+        y = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, c.to(tl.bfloat16)[None, :]],
+                                      dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        y = x.to(tl.float32) * c[None, :]
+        if ROUND16:
+            if PIECES == 0:
+                bits = y.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                y = bits.to(tl.float32, bitcast=True)
+            else:
+                y = y.to(tl.bfloat16)
+    return y  # (one return: Triton wants every return of one type, dead branches included)
+
+
+@triton.jit
 def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
                    PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, E, oc_row, tmask,
                    D: tl.constexpr, DS: tl.constexpr, BITS: tl.constexpr, NCOL: tl.constexpr,
                    PIECES: tl.constexpr, NORM_CORR: tl.constexpr, QJL: tl.constexpr, DC: tl.constexpr,
                    HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr,
-                   TG, G: tl.constexpr, GASM: tl.constexpr, LOCAL: tl.constexpr, PRE: tl.constexpr = False):
+                   TG, G: tl.constexpr, GASM: tl.constexpr, LOCAL: tl.constexpr, PRE: tl.constexpr = False,
+                   y2=None, BFLY: tl.constexpr = False):
     """Quantize + pack one segment of the tile ``xin [T, D]`` (input dtype, channel-scaled).
 
     HOIST: ``r`` is the segment's rotation block ``[D, DS]``, loaded once per program, and the segment is one
-    chunk (DC = DS); PRE (and HOIST): ``r`` is the rotated segment itself, ``[T, DS]`` fp32; else ``[D, DC]``
-    chunks are streamed from ``R``. Returns the fp16 scale ``[T]`` and, with QJL, ``c[idx] @ rot`` in original
-    channel order ``[T, D]`` fp32.
+    chunk (DC = DS); PRE (and HOIST): ``r`` is the rotated segment itself, ``[T, DS]`` fp32; BFLY (PRE, HOIST):
+    ``r`` and ``y2`` are its two chunks ``[T, DS/2]`` (DC = DS/2; see the kernel); else ``[D, DC]`` chunks are
+    streamed from ``R``. Returns the fp16 scale ``[T]`` and, with QJL, ``c[idx] @ rot`` in original channel
+    order ``[T, D]`` fp32.
     """
     csq = tl.zeros((xin.shape[0],), tl.float32)
     xr = tl.zeros(xin.shape, tl.float32)
@@ -460,7 +484,10 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     if HOIST and not EXACT:
         # ‖x_s‖ from the rotated row itself (the rotation is orthogonal up to rs): no fp32 copy of the input
         # tile, no channel mask. It differs from torch's ‖x_s‖ by fp32 rounding only (boundary ties, ≤ 1 ulp).
-        n = tl.sqrt(tl.sum(y * y, 1)) * rs
+        if BFLY:
+            n = tl.sqrt(tl.sum(y * y, 1) + tl.sum(y2 * y2, 1)) * rs
+        else:
+            n = tl.sqrt(tl.sum(y * y, 1)) * rs
     else:
         xf = xin.to(tl.float32)
         n = tl.sqrt(tl.sum(tl.where(segm[None, :], xf * xf, 0.0), 1))
@@ -470,6 +497,8 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     for c0 in tl.static_range(0, DS, DC):
         if not HOIST:
             y = _rot_dot(xin, _load_rot(R, col0 + c0, D, DC, NCOL), PIECES)
+        if BFLY and c0 > 0:
+            y = y2
         if EXACT:  # the torch codec divides; the CPU interpreter matches it bit for bit
             yn = (y * rs) / nc[:, None]
         else:  # one multiply: differs from the division by ≤ 1 ulp, i.e. only for boundary ties
@@ -530,7 +559,7 @@ def _encode_kernel(
     PIECES: tl.constexpr,
     HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_T: tl.constexpr, DC: tl.constexpr, WORDS: tl.constexpr, WORDS_QJL: tl.constexpr, LOCAL: tl.constexpr,
-    X_REGS: tl.constexpr = False, FOLD: tl.constexpr = False,
+    X_REGS: tl.constexpr = False, FOLD: tl.constexpr = False, BFLY: tl.constexpr = False,
     # SYM: per segment, positive bounds, levels and levels² (fp32; see _levels_sym)
     PB0: tl.constexpr = (), LS0: tl.constexpr = (), LQ0: tl.constexpr = (),
     PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (),
@@ -551,7 +580,9 @@ def _encode_kernel(
     # Two equal segments (turbo3.5, turbo2.5): one [D, D0 + D1] product for both, not two of half the width (H100:
     # turbo3.5 keys / values 51.5 / 49.5 -> 49.4 / 46.9 µs).
     ONE: tl.constexpr = HOIST and D1 > 0 and D0 == D1
-    if FOLD:  # G programs per (batch, KV head) pair; R [Hkv, D, NCOL] holds each head's scaled rotation
+    if BFLY:  # R is the [D/2, D/2] block R00
+        r0 = tl.load(R + tl.arange(0, D // 2)[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :])
+    elif FOLD:  # G programs per (batch, KV head) pair; R [Hkv, D, NCOL] holds each head's scaled rotation
         G = tl.num_programs(0) // (n_items // n_tiles)
         pair = tl.program_id(0) // G
         r0 = _load_rot(R + (pair % HKV) * D * NCOL, 0, D, D0, NCOL)
@@ -581,41 +612,52 @@ def _encode_kernel(
         offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         tmask = offs_t < N
 
-        x = tl.load(X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_d[None, :],
-                    mask=tmask[:, None], other=0.0)
-        if X_REGS:  # the tile through registers (identity moves): see encode_into
+        if BFLY:
+            # Head_dim 256, one segment, a Hadamard rotation: R = [[R00, R00], [R10, −R10]] with R10 = diag(t)·R00
+            # (encode_into checks it), so y = [a + b, a − b] with a = x_lo @ R00 and b = (x_hi·t) @ R00 — two
+            # [T, 128] × [128, 128] products on one block kept for the program's life, instead of [T, 256] ×
+            # [256, 256] streamed from L2 in [256, 64] chunks per tile. t is folded into the high half of CS (which
+            # holds [1, t] when the codec has no channel scale): x_hi·t is exact.
+            HD: tl.constexpr = D // 2
+            offs_h = tl.arange(0, HD)
+            xp = X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_h[None, :]
+            x = tl.load(xp, mask=tmask[:, None], other=0.0)
+            xh = tl.load(xp + HD, mask=tmask[:, None], other=0.0)
+            if HAS_CS:
+                x = _scaled(x, tl.load(CS + h * stride_csh + offs_h), CS_MUL16, CS_BF16, PIECES)
+            elif X_REGS:
+                x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+            xh = _scaled(xh, tl.load(CS + h * stride_csh + HD + offs_h), CS_MUL16, CS_BF16, PIECES)
+        else:
+            x = tl.load(X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_d[None, :],
+                        mask=tmask[:, None], other=0.0)
+        if X_REGS and not BFLY:  # the tile through registers (identity moves): see encode_into
             x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-        if FOLD:  # the scale is in the rotation
+        if FOLD or BFLY:  # the scale is in the rotation (BFLY: scaled above, per half)
             pass
-        elif HAS_CS and CS_MUL16:  # bf16 x and a bf16-exact 1/s: their product is exact in fp32, so one bf16x2
-            # multiply (rounded once) gives the fp32 path's bf16(x · (1/s)) bit for bit, at a quarter of its ops
-            c = tl.load(CS + h * stride_csh + offs_d).to(tl.bfloat16)
-            x = tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [x, c[None, :]], dtype=tl.bfloat16,
-                                          is_pure=True, pack=2)
-        elif HAS_CS:  # the reciprocal channel scale: one shared vector (stride_csh = 0) or one per KV head
-            x = x.to(tl.float32) * tl.load(CS + h * stride_csh + offs_d)[None, :]
-            if CS_BF16:  # the codec's bf16 working space (TurboQuantizer.bf16_working): one exact piece
-                if PIECES == 0:  # fp32 products (and the interpreter, whose bf16 casts truncate): RNE by hand
-                    bits = x.to(tl.int32, bitcast=True)
-                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-                    x = bits.to(tl.float32, bitcast=True)
-                else:
-                    x = x.to(tl.bfloat16)
+        elif HAS_CS:  # the reciprocal channel scale: one shared vector (stride_csh = 0) or one per KV head; the
+            # codec's bf16 working space (TurboQuantizer.bf16_working) rounds it to one exact bf16 piece
+            x = _scaled(x, tl.load(CS + h * stride_csh + offs_d), CS_MUL16, CS_BF16, PIECES)
 
         slot = start + offs_t
         oc_row = OC + b * stride_ocb + h * stride_och + slot * stride_oct
         on_row = ON + b * stride_onb + h * stride_onh + slot * stride_ont
 
         DC0: tl.constexpr = DC if DC < D0 else D0
-        if ONE:  # both segments rotated by one product, its halves split apart (whole 8-column tiles each: the
+        if BFLY:  # the segment's two chunks, y = [a + b, a − b]
+            a = _rot_dot(x, r0, PIECES)
+            bq = _rot_dot(xh, r0, PIECES)
+            q0 = a + bq
+            q1 = a - bq
+        elif ONE:  # both segments rotated by one product, its halves split apart (whole 8-column tiles each: the
             # split is a relabelling of registers)
             q0, q1 = tl.split(tl.permute(tl.reshape(_rot_dot(x, r0, PIECES), [BLOCK_T, 2, D0]), (0, 2, 1)))
         else:  # each segment's rotation block
             q0 = r0
             q1 = r1
         sc0, xr0 = _quant_segment(x, seg == 0, q0, R, 0, rs0, LV, BD, PB0, LS0, LQ0, E, oc_row, tmask,
-                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST, SYM, EXACT, WORDS, TG, G0, GASM0, LOCAL,
-                                  ONE)
+                                  D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST or BFLY, SYM, EXACT, WORDS, TG, G0,
+                                  GASM0, LOCAL, ONE or BFLY, y2=q1, BFLY=BFLY)
         tl.store(on_row, sc0, mask=tmask)
         if D1 > 0:
             DC1: tl.constexpr = DC if DC < D1 else D1
@@ -903,16 +945,22 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         patch_interpreter()
     exact = on_cpu if exact is None else bool(exact)
     hoist = _hoisted(codec)
-    dc = 128 if hoist else 64
-    # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
-    # allocates); a misaligned view of the caller's gets byte stores.
-    words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
-        aligned4(fields["codes"], (codec.segments[0][0] * codec.segments[0][1]) // 8)
-    # Codes packed in registers (2-4 bits, power-of-two chunks of 32-128 codes): the rotation's columns in thread
-    # order. Else the tensor-core packing products (5 bits, byte stores of a misaligned buffer).
-    local = words and all(b_s in (2, 3, 4) and min(dc, d_s) in (32, 64, 128) for d_s, b_s in codec.segments)
-    R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, cs_pow2, sym_consts = _enc_matrices(
-        codec, x.device, dc if local else 0)
+    # Head_dim 256 in one segment: a Hadamard rotation factors into two products on one [128, 128] block (BFLY,
+    # checked on the matrix below; else the [256, 64] chunks stream from L2).
+    bfly_try = d == 256 and len(codec.segments) == 1 and not codec.qjl and not exact
+    for dc in ((128, 64) if bfly_try else (128 if hoist else 64,)):
+        # Whole 32-bit word stores where every row and segment start is 4-byte aligned (always, in buffers the cache
+        # allocates); a misaligned view of the caller's gets byte stores.
+        words = all(b_s == 8 or (min(dc, d_s) * b_s) % 32 == 0 for d_s, b_s in codec.segments) and \
+            aligned4(fields["codes"], (codec.segments[0][0] * codec.segments[0][1]) // 8)
+        # Codes packed in registers (2-4 bits, power-of-two chunks of 32-128 codes): the rotation's columns in
+        # thread order. Else the tensor-core packing products (5 bits, byte stores of a misaligned buffer).
+        local = words and all(b_s in (2, 3, 4) and min(dc, d_s) in (32, 64, 128) for d_s, b_s in codec.segments)
+        R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, cs_pow2, sym_consts = _enc_matrices(
+            codec, x.device, dc if local else 0)
+        bfly = _butterfly(R) if bfly_try and dc == 128 else None
+        if bfly is not None or not bfly_try:
+            break
     if not signs_only or on_cpu:
         # Haar rotations, and the CPU interpreter (its tl.dot mishandles bf16 operands): plain fp32 products.
         pieces = 0
@@ -941,6 +989,13 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
                 and x.dtype == torch.bfloat16 and pieces <= 1 and cs_pow2)
     if fold:
         R = (cs.expand(H, d)[:, :, None] * R.float()[None]).to(R.dtype).contiguous()
+    if bfly is not None:  # R00, and the sign vector t folded into the high half of the reciprocal scales
+        R, t = bfly
+        if codec.use_channel_scale:
+            cs = torch.cat([cs[:, : d // 2], cs[:, d // 2 :] * t], 1).contiguous()
+        else:
+            cs = torch.cat([torch.ones_like(t), t]).reshape(1, d).contiguous()
+    sign16 = x.device.type == "cuda" and x.dtype == torch.bfloat16 and pieces == 1
     consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
@@ -951,8 +1006,9 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # search and the packing products (5 bits): slower there (H100, 5-bit keys 60.2 -> 63.4 µs; 4-bit keys,
         # packed in registers, 49.9 -> 48.4).
         CS_MUL16=bool(codec.bf16_working and x.dtype == torch.bfloat16 and pieces == 1 and cs_mul16
-                      and (local or not any(k in (sym_consts or {}) for k in ("G0", "G1")))),
-        FOLD=fold,
+                      and (local or not any(k in (sym_consts or {}) for k in ("G0", "G1"))))
+        or (bfly is not None and not codec.use_channel_scale and sign16),  # BFLY: x_hi·t as one bf16x2 multiply
+        FOLD=fold, BFLY=bfly is not None,
         PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), EXACT=exact, BLOCK_T=bt,
         # Two or three stages prefetch the next tiles' x: three for 64-token tiles of one piece (turbo4 values
         # 92 -> 66 µs, turbo3 72 -> 47, H100), two for three pieces (their registers: turbo3 keys 116 -> 105 µs);
@@ -963,10 +1019,13 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # the pipeliner then keeps two stages of x instead of three (70 KB instead of 86: three programs per SM),
         # as the scaled keys always did. H100, same process: turbo4 values 46.9 -> 45.1 µs, turbo3 43.0 -> 41.9,
         # turbo3.5 56.8 -> 49.3. (bf16 x of one piece; the scaled keys' multiply does it anyway.)
-        X_REGS=bool(x.device.type == "cuda" and hoist and pieces == 1 and x.dtype == torch.bfloat16
-                    and (fold or not codec.use_channel_scale)),
+        X_REGS=bool(x.device.type == "cuda" and (hoist or bfly is not None) and pieces == 1
+                    and x.dtype == torch.bfloat16 and (fold or not codec.use_channel_scale)),
         num_warps=num_warps,
-        num_stages=num_stages or ((3 if bt >= 64 and pieces <= 1 else 2) if hoist and sym_consts is not None else 1),
+        # (BFLY: three; two programs per SM, by registers. H100, 32K tokens × 8 heads, turbo4 keys: 2 -> 3 stages
+        # 106.4 -> 90.0 µs, 4 -> 131, benchmarks/results/encode_h100_v22_d256_stages.json)
+        num_stages=num_stages or (3 if bfly is not None else
+                                  (3 if bt >= 64 and pieces <= 1 else 2) if hoist and sym_consts is not None else 1),
     )
     if x.device.type == "cuda":
         # Persistent grid: exactly as many programs as fit on the GPU at once (a partial second wave would leave
@@ -985,6 +1044,19 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
 # built in encode_into from everything the checks, the constants and Triton's specialization depend on.
 _PLANS = Plans()
 _ENCODE = Replay(_encode_kernel)
+
+
+def _butterfly(R: torch.Tensor):
+    """``(R00, t)`` when the kernel rotation ``R [d, d]`` (rows: channels, columns: coordinates, each half in the
+    same order) is ``[[R00, R00], [diag(t)·R00, −diag(t)·R00]]`` with ``t`` a ±1 vector — a Sylvester–Hadamard
+    matrix with random signs is (``H_d = H_2 ⊗ H_{d/2}``) — else None: then ``x @ R = [a + b, a − b]`` with
+    ``a = x_lo @ R00`` and ``b = (x_hi·t) @ R00``, exactly (the entries are ±1, or ±1/√d in fp32)."""
+    h = R.shape[0] // 2
+    r00, r01, r10, r11 = R[:h, :h], R[:h, h:], R[h:, :h], R[h:, h:]
+    t = (torch.sign(r10[:, 0].float()) * torch.sign(r00[:, 0].float()))
+    ok = (bool(torch.all(t.abs() == 1)) and torch.equal(r01, r00) and torch.equal(r11, -r10)
+          and torch.equal(r10, (t[:, None] * r00.float()).to(R.dtype)))
+    return (r00.contiguous(), t) if ok else None
 
 
 def _hoisted(codec) -> bool:
