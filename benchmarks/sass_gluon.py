@@ -137,8 +137,8 @@ def compile_encode(enc, scheme: str, d: int, key: bool = False):
     if "X_REGS" in enc._encode_kernel.arg_names:
         meta["X_REGS"] = bool((meta["HOIST"] or meta.get("BFLY")) and meta["PIECES"] == 1
                               and (fold or not codec.use_channel_scale))
-    if meta.get("BFLY"):  # three x stages on the GPU (encode_into)
-        meta["num_stages"] = 3
+    if meta.get("BFLY"):  # x stages on the GPU (encode_into)
+        meta["num_stages"] = 3 if meta.get("LOCAL") else 2
     return enc._encode_kernel.warmup(*args, grid=(1,), **meta)
 
 

@@ -15,8 +15,10 @@ The permutation and the channel scale (one vector, or one per KV head) are folde
 multiplies by, so it reads ``x`` in its original channel order once. Bytes per token (d = 128, bf16 in, 4 bits
 out): 256 read + 66 written.
 
-How (v11, v16, v21). A persistent grid of as many programs as the GPU holds at once; each keeps its segments' ±1
-rotation blocks in shared memory for its whole life (d ≤ 128) and walks 64-token tiles, two or three in flight.
+How (v11, v16, v21, v22). A persistent grid of as many programs as the GPU holds at once; each keeps its segments'
+±1 rotation blocks in shared memory for its whole life (d ≤ 128; at d = 256 one [128, 128] block of the Hadamard
+rotation, whose two halves a butterfly combines: :func:`_butterfly`) and walks 64-token tiles, two or three in
+flight.
 Per tile: one tensor-core product for the rotation, the norm from the rotated row, the level index — the
 Lloyd–Max codebooks are symmetric, so |y| and its sign suffice, and the sign-magnitude code is ``m + (y > 0)·L/2``
 — and the packing. The rotation's columns are in *thread order* (:func:`thread_order`): the accumulator then
@@ -1022,9 +1024,10 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         X_REGS=bool(x.device.type == "cuda" and (hoist or bfly is not None) and pieces == 1
                     and x.dtype == torch.bfloat16 and (fold or not codec.use_channel_scale)),
         num_warps=num_warps,
-        # (BFLY: three; two programs per SM, by registers. H100, 32K tokens × 8 heads, turbo4 keys: 2 -> 3 stages
-        # 106.4 -> 90.0 µs, 4 -> 131, benchmarks/results/encode_h100_v22_d256_stages.json)
-        num_stages=num_stages or (3 if bfly is not None else
+        # (BFLY: three with codes packed in registers, two programs per SM by registers — H100, 32K tokens × 8
+        # heads, turbo4 keys: 2 -> 3 stages 106.4 -> 90.0 µs, 4: 131 (encode_h100_v22_d256_stages.json); two with
+        # the packing products — 5-bit keys 178 -> 130 µs (encode_h100_v22_d256_stages_b.json))
+        num_stages=num_stages or ((3 if local else 2) if bfly is not None else
                                   (3 if bt >= 64 and pieces <= 1 else 2) if hoist and sym_consts is not None else 1),
     )
     if x.device.type == "cuda":
