@@ -1074,7 +1074,7 @@ def test_encode_grid_level_search(bits, monkeypatch):
     enc._ENC_CACHE.clear()
     try:
         c = TurboQuantizer(128, bits, seed=13).to(DEV)
-        assert enc._enc_matrices(c, DEV)[-1].get("G0") is not None
+        assert enc._enc_matrices(c, DEV)[-2].get("G0") is not None
         g = _gen(500 + bits)
         x = (torch.randn(1, 2, 33, 128, generator=g) * (0.5 + 3 * torch.rand(128, generator=g))).to(DEV)
         x[0, 1, 7] = 0
@@ -1425,6 +1425,28 @@ def test_encode_butterfly_factors_only_sylvester_blocks():
     bad = r.clone()
     bad[3, 12] *= -1
     assert _butterfly(bad) is None
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_cell_map_counts_bounds(d):
+    """The 8-bit cell table gives #{pb < |y|} and the level's square for any |y|: at, just above and just below every
+    bound, and at random points; the kernel path (``exact=False``) then matches the codec."""
+    import importlib
+
+    enc = importlib.import_module("tqcache.kernels.encode")
+    c = TurboQuantizer(d, 8, seed=4)
+    levels, bounds = c._seg(0)[1:]
+    winv, K, t = enc.cell_map(levels, bounds)
+    pb = bounds[128:].float()
+    g = _gen(d + 8)
+    a = torch.cat([pb, torch.nextafter(pb, torch.full_like(pb, 1.0)), torch.nextafter(pb, torch.zeros_like(pb)),
+                   torch.rand(5000, generator=g) * float(pb[-1]) * 1.2, torch.tensor([0.0, 1.0, 3.0])])
+    k = torch.clamp((a * torch.tensor(winv, dtype=torch.float32)).long(), max=K)
+    m = t[K + 1 + k] + (a > t[k]).float()
+    want = (pb[None, :] < a[:, None]).sum(1).float()
+    assert torch.equal(m, want)
+    assert torch.equal(t[2 * (K + 1) + m.long()], levels[128:].float()[m.long()] ** 2)
+    assert enc._enc_matrices(c.to(DEV), DEV)[-1]["CELL0"] == (winv, K)
 
 
 def test_encode_plan_sees_calibration():

@@ -462,13 +462,32 @@ def _scaled(x, c, MUL16: tl.constexpr, ROUND16: tl.constexpr, PIECES: tl.constex
 
 
 @triton.jit
+def _levels_cells(y, CT, WINV: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr, WANT_MAG: tl.constexpr):
+    """Code, the row's Σ levels² and |level| of normalised coordinates for a symmetric codebook of many levels (6–8
+    bits), from a table of uniform cells over |y| narrower than any gap between bounds (:func:`cell_map`): cell
+    ``k = ⌊|y|·WINV⌋`` (fp32, clamped to K) holds at most one positive bound ``pb`` and counts ``m0`` bounds below
+    it, so ``m = #{pb < |y|} = m0 + (|y| > pb)`` — three independent gathers and one that depends on them, instead
+    of a binary search's eight dependent ones. ``CT``: ``[pb per cell (K + 1) | m0 (K + 1) | levels² (HALF) |
+    |levels| (HALF)]`` fp32. Ties as :func:`_levels_sym` (non-EXACT)."""
+    a = tl.abs(y)
+    k = tl.minimum((a * WINV).to(tl.int32), K)
+    m = tl.load(CT + (K + 1) + k) + (a > tl.load(CT + k)).to(tl.float32)
+    mi = m.to(tl.int32)
+    lq = tl.load(CT + 2 * (K + 1) + mi)
+    mag = lq
+    if WANT_MAG:
+        mag = tl.load(CT + 2 * (K + 1) + HALF + mi)
+    return tl.fma((y > 0).to(tl.float32), HALF * 1.0, m), tl.sum(lq, 1), mag
+
+
+@triton.jit
 def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
                    PB: tl.constexpr, LS: tl.constexpr, LQ: tl.constexpr, E, oc_row, tmask,
                    D: tl.constexpr, DS: tl.constexpr, BITS: tl.constexpr, NCOL: tl.constexpr,
                    PIECES: tl.constexpr, NORM_CORR: tl.constexpr, QJL: tl.constexpr, DC: tl.constexpr,
                    HOIST: tl.constexpr, SYM: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr,
                    TG, G: tl.constexpr, GASM: tl.constexpr, LOCAL: tl.constexpr, PRE: tl.constexpr = False,
-                   y2=None, BFLY: tl.constexpr = False):
+                   y2=None, BFLY: tl.constexpr = False, CT=None, CELL: tl.constexpr = ()):
     """Quantize + pack one segment of the tile ``xin [T, D]`` (input dtype, channel-scaled).
 
     HOIST: ``r`` is the segment's rotation block ``[D, DS]``, loaded once per program, and the segment is one
@@ -514,6 +533,8 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             code, csq_r, mag = _levels_sym(y, PB, LS, LQ, EXACT, QJL, (nc / rs)[:, None])
         elif SYM:
             code, csq_r, mag = _levels_sym(yn, PB, LS, LQ, EXACT, QJL, 1.0)
+        elif len(CELL) > 0 and not EXACT:  # CELL = (WINV, K): the cell table (6–8 bits)
+            code, csq_r, mag = _levels_cells(yn, CT, CELL[0], CELL[1], 1 << (BITS - 1), QJL)
         else:
             code, csq_r, mag = _levels_search(yn, LV, BD, BITS)
         csq += csq_r
@@ -549,6 +570,7 @@ def _encode_kernel(
     SEG, CS, stride_csh,  # [D] int32 segment of each original channel; [Hkv or 1, D] fp32 1 / channel scale
     LV, BD,  # [2, 256] fp32 levels, bounds (row = segment)
     TG,  # [2, 96] fp32 per segment: shifted positive bounds, levels², |levels| (see _levels_grid)
+    CT,  # [2, CLEN] fp32 per segment: the cell table of _levels_cells (CELL0 / CELL1)
     E, SK,  # QJL: [D0+D1, D] fp32 unrotation to original order, [D, D] fp32 sketchᵀ with permuted rows
     OC, stride_ocb, stride_och, stride_oct,  # codes   [B, Hkv, cap, wC] uint8
     ON, stride_onb, stride_onh, stride_ont,  # norms   [B, Hkv, cap, S] fp16
@@ -567,6 +589,8 @@ def _encode_kernel(
     PB1: tl.constexpr = (), LS1: tl.constexpr = (), LQ1: tl.constexpr = (),
     # per segment, the (GC1, GC2, GA) of _levels_grid, or () for the comparison chain, and its PTX (GPU) or ""
     G0: tl.constexpr = (), G1: tl.constexpr = (), GASM0: tl.constexpr = "", GASM1: tl.constexpr = "",
+    # per segment, the (WINV, K) of _levels_cells, or (); CLEN: the table's row length
+    CELL0: tl.constexpr = (), CELL1: tl.constexpr = (), CLEN: tl.constexpr = 0,
 ):
     """Persistent grid: program p encodes tiles p, p + P, ... of the ``n_items = B·Hkv·n_tiles`` token tiles,
     so the rotation blocks (HOIST) are read from L2 once per program, not once per tile. FOLD: the key scales
@@ -659,13 +683,14 @@ def _encode_kernel(
             q1 = r1
         sc0, xr0 = _quant_segment(x, seg == 0, q0, R, 0, rs0, LV, BD, PB0, LS0, LQ0, E, oc_row, tmask,
                                   D, D0, B0, NCOL, PIECES, NORM_CORR, QJL, DC0, HOIST or BFLY, SYM, EXACT, WORDS, TG, G0,
-                                  GASM0, LOCAL, ONE or BFLY, y2=q1, BFLY=BFLY)
+                                  GASM0, LOCAL, ONE or BFLY, y2=q1, BFLY=BFLY, CT=CT, CELL=CELL0)
         tl.store(on_row, sc0, mask=tmask)
         if D1 > 0:
             DC1: tl.constexpr = DC if DC < D1 else D1
             sc1, xr1 = _quant_segment(x, seg == 1, q1, R, D0, rs1, LV + 256, BD + 256, PB1, LS1, LQ1, E,
                                       oc_row + D0 * B0 // 8, tmask, D, D1, B1, NCOL, PIECES, NORM_CORR, QJL, DC1,
-                                      HOIST, SYM, EXACT, WORDS, TG + 96, G1, GASM1, LOCAL, ONE)
+                                      HOIST, SYM, EXACT, WORDS, TG + 96, G1, GASM1, LOCAL, ONE, CT=CT + CLEN,
+                                      CELL=CELL1)
             tl.store(on_row + 1, sc1, mask=tmask)
 
         if QJL:
@@ -708,6 +733,31 @@ def encode_unsupported_reason(codec, x: torch.Tensor | None = None) -> str | Non
     if x is not None and x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"input dtype {x.dtype}"
     return None
+
+
+def cell_map(levels: torch.Tensor, bounds: torch.Tensor) -> tuple[float, int, torch.Tensor] | None:
+    """``(WINV, K, table)`` of :func:`_levels_cells` for a symmetric codebook (CPU fp32 table), or None.
+
+    Cells are ``k(a) = ⌊fl32(a · WINV)⌋``, with ``1/WINV`` just under the smallest gap between positive bounds. The
+    map is monotone, so every bound in a lower cell than ``a``'s is below ``a`` and every bound in a higher one is
+    not; only a bound in ``a``'s own cell needs comparing, and the fp32 products checked here (the kernel computes
+    the same) put at most one in each. Cell K collects everything past the last bound."""
+    half = len(levels) // 2
+    pb = bounds[half:].float().cpu()
+    pos = levels[half:].float().cpu()
+    if len(pb) < 2:
+        return None
+    winv = float(torch.tensor(1.0 / (0.98 * float((pb[1:] - pb[:-1]).min())), dtype=torch.float32))
+    k = torch.floor(pb * torch.tensor(winv, dtype=torch.float32)).long()
+    if bool(torch.any(k[1:] <= k[:-1])):  # two bounds in one cell (cannot happen with a gap-wide cell; checked)
+        return None
+    K = int(k[-1]) + 1
+    if K > 4096:
+        return None
+    pbc = torch.full((K + 1,), float("inf"))
+    pbc[k] = pb
+    m0 = torch.searchsorted(k, torch.arange(K + 1)).float()  # #{j : k_j < cell}
+    return winv, K, torch.cat([pbc, m0, pos * pos, pos])
 
 
 @functools.lru_cache(maxsize=256)  # ~15–20 ms per call; every layer's codec of one width shares its codebook
@@ -809,6 +859,7 @@ def _enc_matrices(codec, device, chunk: int = 0):
     signs_only = True
     sym = True
     sym_consts = {}
+    cells, tables = {}, []
     off = 0
     for s, (d_s, b_s) in enumerate(codec.segments):
         rot, levels, bounds = (t.to(device) for t in codec._seg(s))
@@ -824,7 +875,13 @@ def _enc_matrices(codec, device, chunk: int = 0):
         bd[s, : (1 << b_s) - 1] = bounds
         # Lloyd–Max codebooks of the symmetric coordinate density are exactly symmetric (codebook.py enforces
         # it); the register comparison path relies on that, anything else takes the binary search.
-        sym &= b_s <= 5 and bool(torch.equal(levels, -levels.flip(0)) and torch.equal(bounds, -bounds.flip(0)))
+        symmetric = bool(torch.equal(levels, -levels.flip(0)) and torch.equal(bounds, -bounds.flip(0)))
+        sym &= b_s <= 5 and symmetric
+        # 6–8 bits: the cell table instead of the binary search (8-bit keys, H100: see _levels_cells)
+        cm = cell_map(levels, bounds) if symmetric and b_s >= 6 else None
+        if cm is not None:
+            cells[f"CELL{s}"] = cm[:2]
+            tables.append((s, cm[2]))
         if sym:  # compile-time constants of the kernel (fp32 values as Python floats; squares in fp32)
             half = 1 << (b_s - 1)
             pos_lv = levels.float().cpu()[half:]
@@ -862,8 +919,13 @@ def _enc_matrices(codec, device, chunk: int = 0):
     # powers of two (TurboQuantizer.pow2_scales): the kernel may fold 1/s into the rotation (FOLD). (Both checks read
     # the device once per codec state, here, not per launch plan.)
     cs_pow2 = bool(torch.equal(cs, pow2_scale(cs)))
-    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, E.contiguous(), sk.contiguous(), signs_only, cs_mul16, cs_pow2,
-           sym_consts if sym else None)
+    clen = max([len(t) for _, t in tables], default=1)
+    ct = torch.zeros(2, clen)
+    for s, t in tables:
+        ct[s, : len(t)] = t
+    cells["CLEN"] = clen
+    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, ct.to(device), E.contiguous(), sk.contiguous(), signs_only,
+           cs_mul16, cs_pow2, sym_consts if sym else None, cells)
     return remember(_ENC_CACHE, key, (codec,), out)
 
 
@@ -958,7 +1020,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # Codes packed in registers (2-4 bits, power-of-two chunks of 32-128 codes): the rotation's columns in
         # thread order. Else the tensor-core packing products (5 bits, byte stores of a misaligned buffer).
         local = words and all(b_s in (2, 3, 4) and min(dc, d_s) in (32, 64, 128) for d_s, b_s in codec.segments)
-        R, rs, seg, cs, lv, bd, tg, E, sk, signs_only, cs_mul16, cs_pow2, sym_consts = _enc_matrices(
+        R, rs, seg, cs, lv, bd, tg, ct, E, sk, signs_only, cs_mul16, cs_pow2, sym_consts, cells = _enc_matrices(
             codec, x.device, dc if local else 0)
         bfly = _butterfly(R) if bfly_try and dc == 128 else None
         if bfly is not None or not bfly_try:
@@ -998,7 +1060,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         else:
             cs = torch.cat([torch.ones_like(t), t]).reshape(1, d).contiguous()
     sign16 = x.device.type == "cuda" and x.dtype == torch.bfloat16 and pieces == 1
-    consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, E, sk)
+    consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, ct, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
         HKV=H, D=d, D0=D0, B0=B0, D1=D1, B1=B1,
@@ -1011,7 +1073,8 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
                       and (local or not any(k in (sym_consts or {}) for k in ("G0", "G1"))))
         or (bfly is not None and not codec.use_channel_scale and sign16),  # BFLY: x_hi·t as one bf16x2 multiply
         FOLD=fold, BFLY=bfly is not None,
-        PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), EXACT=exact, BLOCK_T=bt,
+        PIECES=pieces, HOIST=hoist, SYM=sym_consts is not None, **(sym_consts or {}), **cells, EXACT=exact,
+        BLOCK_T=bt,
         # Two or three stages prefetch the next tiles' x: three for 64-token tiles of one piece (turbo4 values
         # 92 -> 66 µs, turbo3 72 -> 47, H100), two for three pieces (their registers: turbo3 keys 116 -> 105 µs);
         # streamed operands and the gathers of the general-codebook path stay single-buffered (the latter also
