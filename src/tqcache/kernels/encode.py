@@ -30,7 +30,8 @@ instead, :func:`_half_dot`.) The level index: below 4 bits from comparisons agai
 as compile-time constants (``_levels_sym``: one ``set`` per bound whose 0/1 results the FMA pipe sums into the
 level and its square); from 4 bits by estimate and correction (``_levels_grid``: a fitted quadratic lands within
 one level, one comparison settles it, warp shuffles read the bound and the squared level). Codebooks that are
-not symmetric take a binary search over the bounds in memory.
+not symmetric take a binary search over the bounds in memory; symmetric ones of 6–8 bits a table of uniform cells
+over |y|, each holding at most one bound (``_levels_cells``: one comparison).
 
 Exactness. Codes must equal the torch codec's (``torch.equal``) up to ties. With a Hadamard rotation every
 matrix entry is ``±1/√d_s``, so the kernel multiplies by the exact ±1 matrix on the bf16 tensor cores — one
