@@ -552,13 +552,17 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
             _pack_store(oc_row + c0 * BITS // 8, tmask, code, BITS, DC, WORDS)
         if QJL:
             c = tl.where(y > 0, mag, -mag) if SYM else mag
-            e = tl.load(E + (col0 + c0 + tl.arange(0, DC))[:, None] * D + tl.arange(0, D)[None, :])
-            xr += tl.dot(c, e, input_precision="tf32x3")
+            if not HOIST:
+                e = tl.load(E + (col0 + c0 + tl.arange(0, DC))[:, None] * D + tl.arange(0, D)[None, :])
+                xr += tl.dot(c, e, input_precision="tf32x3")
     if NORM_CORR:
         sc = n / tl.maximum(tl.sqrt(csq), 1e-30)
     else:
         sc = n
     sc = tl.minimum(sc, 65504.0).to(tl.float16)
+    if QJL and HOIST:  # (one chunk: y and c are the whole segment) the residual against what is stored, in rotated
+        # coordinates — the rotation is orthogonal, so its norm is γ's and the kernel sketches it through E·S
+        xr = y * rs - sc.to(tl.float32)[:, None] * c
     return sc, xr
 
 
@@ -572,7 +576,7 @@ def _encode_kernel(
     LV, BD,  # [2, 256] fp32 levels, bounds (row = segment)
     TG,  # [2, 96] fp32 per segment: shifted positive bounds, levels², |levels| (see _levels_grid)
     CT,  # [2, CLEN] fp32 per segment: the cell table of _levels_cells (CELL0 / CELL1)
-    E, SK,  # QJL: [D0+D1, D] fp32 unrotation to original order, [D, D] fp32 sketchᵀ with permuted rows
+    E, SK,  # QJL: [D0+D1, D] fp32 unrotation to original order (HOIST: M = E·SK), [D, D] fp32 sketchᵀ, permuted rows
     OC, stride_ocb, stride_och, stride_oct,  # codes   [B, Hkv, cap, wC] uint8
     ON, stride_onb, stride_onh, stride_ont,  # norms   [B, Hkv, cap, S] fp16
     OS, stride_osb, stride_osh, stride_ost,  # qjl_signs [B, Hkv, cap, D/8] uint8
@@ -619,6 +623,11 @@ def _encode_kernel(
         r0 = _load_rot(R, 0, D, D0, NCOL)
         if D1 > 0:
             r1 = _load_rot(R, D0, D, D1, NCOL)
+    if QJL and HOIST:  # E holds M = E·Sᵀ [D0 + D1, D] (encode_into), each segment's rows kept for the program's life
+        m0 = tl.load(E + tl.arange(0, D0)[:, None] * D + offs_d[None, :])
+        m1 = m0
+        if D1 > 0:
+            m1 = tl.load(E + (D0 + tl.arange(0, D1))[:, None] * D + offs_d[None, :])
     if FOLD:  # this pair's tiles g, g + G, ...
         i0 = tl.program_id(0) % G
         i_step = G
@@ -694,7 +703,19 @@ def _encode_kernel(
                                       CELL=CELL1)
             tl.store(on_row + 1, sc1, mask=tmask)
 
-        if QJL:
+        if QJL and HOIST:
+            # The segments' rotated residuals (fp16 scales, as stored) times the hoisted M_s = E_s·Sᵀ: S·r without
+            # unrotating r, and γ = ‖r‖ from the rotated coordinates.
+            proj = tl.dot(xr0, m0, input_precision="tf32x3")
+            g2 = tl.sum(xr0 * xr0, 1)
+            if D1 > 0:
+                proj += tl.dot(xr1, m1, input_precision="tf32x3")
+                g2 += tl.sum(xr1 * xr1, 1)
+            os_row = OS + b * stride_osb + h * stride_osh + slot * stride_ost
+            _pack_store(os_row, tmask, (proj > 0).to(tl.float32 if EXACT else tl.float16), 1, D, WORDS_QJL)
+            gam = tl.minimum(tl.sqrt(g2), 65504.0).to(tl.float16)
+            tl.store(OG + b * stride_ogb + h * stride_ogh + slot * stride_ogt, gam, mask=tmask)
+        elif QJL:
             # Residual against what is stored (fp16 scales), in the channel-scaled original order.
             xr = sc0.to(tl.float32)[:, None] * xr0
             if D1 > 0:
@@ -1061,6 +1082,8 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         else:
             cs = torch.cat([torch.ones_like(t), t]).reshape(1, d).contiguous()
     sign16 = x.device.type == "cuda" and x.dtype == torch.bfloat16 and pieces == 1
+    if codec.qjl and hoist:  # the sketch of a residual in rotated coordinates: M = E·Sᵀ (float64 on the host)
+        E = _qjl_map(codec, E, sk)
     consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, ct, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
@@ -1126,12 +1149,22 @@ def _butterfly(R: torch.Tensor):
     return (r00.contiguous(), t) if ok else None
 
 
+def _qjl_map(codec, E: torch.Tensor, sk: torch.Tensor) -> torch.Tensor:
+    """``M = E·SK`` ``[D0 + D1, d]`` fp32, cached per codec state: row j sketches rotated coordinate j (in the
+    kernel's column order) — ``S·r = (r_rot @ M)`` for a residual ``r = r_rot @ E``."""
+    key = codec_key(codec, E.device) + ("qjl_map", E.shape[0])
+    hit = cached(_ENC_CACHE, key, (codec,))
+    if hit is not None:
+        return hit
+    return remember(_ENC_CACHE, key, (codec,), (E.double() @ sk.double()).float().contiguous())
+
+
 def _hoisted(codec) -> bool:
     """Whether each persistent program holds its rotation blocks for its whole life: when they fit (d ≤ 128: ±1
     entries in bf16, ≤ 32 KB); d = 256 streams [d, 64] chunks from L2 per tile instead (a hoisted block is one
-    chunk: DC = 128 covers every segment of d ≤ 128). QJL streams too: its [d, 64] sketch and unrotation tiles
-    need the shared memory."""
-    return codec.dim <= 128 and not codec.qjl
+    chunk: DC = 128 covers every segment of d ≤ 128). With QJL the program also keeps M = E·Sᵀ (≤ 64 KB fp32),
+    which sketches the rotated residual directly."""
+    return codec.dim <= 128
 
 
 def _grid(n_items: int, n_tiles: int, max_programs: int, fold: bool) -> int:
