@@ -10,6 +10,7 @@ working channels ``[o_s, o_s + d_s)``)::
     code_s = code_order(idx_s): idx_s from L/2 up, else L/2 − 1 − idx_s      (sign-magnitude, L = 2^b_s)
     n̂_s   = n_s / ‖levels_s[idx_s]‖   (norm correction; else n_s), clamped to 65504 and stored as fp16
     QJL:   r = x_w − ⊕_s (n̂_s·levels_s[idx_s]) @ rot_s,  signs = [S·r > 0],  γ = ‖r‖ (fp16)
+           (d ≤ 128: computed as r_rot @ (E·Sᵀ) and ‖r_rot‖ from the rotated residual r_rot = y − n̂·levels)
 
 The permutation and the channel scale (one vector, or one per KV head) are folded into what the kernel
 multiplies by, so it reads ``x`` in its original channel order once. Bytes per token (d = 128, bf16 in, 4 bits
