@@ -496,7 +496,7 @@ def _quant_segment(xin, segm, r, R, col0, rs, LV, BD,
     chunk (DC = DS); PRE (and HOIST): ``r`` is the rotated segment itself, ``[T, DS]`` fp32; BFLY (PRE, HOIST):
     ``r`` and ``y2`` are its two chunks ``[T, DS/2]`` (DC = DS/2; see the kernel); else ``[D, DC]`` chunks are
     streamed from ``R``. Returns the fp16 scale ``[T]`` and, with QJL, ``c[idx] @ rot`` in original channel
-    order ``[T, D]`` fp32.
+    order ``[T, D]`` fp32 — or, HOIST, the residual in rotated coordinates ``y·rs − scale·c[idx]`` ``[T, DS]``.
     """
     csq = tl.zeros((xin.shape[0],), tl.float32)
     xr = tl.zeros(xin.shape, tl.float32)
@@ -654,27 +654,24 @@ def _encode_kernel(
             # (encode_into checks it), so y = [a + b, a − b] with a = x_lo @ R00 and b = (x_hi·t) @ R00 — two
             # [T, 128] × [128, 128] products on one block kept for the program's life, instead of [T, 256] ×
             # [256, 256] streamed from L2 in [256, 64] chunks per tile. t is folded into the high half of CS (which
-            # holds [1, t] when the codec has no channel scale): x_hi·t is exact.
+            # holds [1, t] when the codec has no channel scale): x_hi·t is exact. x is the low half from here on.
             HD: tl.constexpr = D // 2
-            offs_h = tl.arange(0, HD)
-            xp = X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_h[None, :]
+            offs_x = tl.arange(0, HD)
+            xp = X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_x[None, :]
             x = tl.load(xp, mask=tmask[:, None], other=0.0)
-            xh = tl.load(xp + HD, mask=tmask[:, None], other=0.0)
-            if HAS_CS:
-                x = _scaled(x, tl.load(CS + h * stride_csh + offs_h), CS_MUL16, CS_BF16, PIECES)
-            elif X_REGS:
-                x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-            xh = _scaled(xh, tl.load(CS + h * stride_csh + HD + offs_h), CS_MUL16, CS_BF16, PIECES)
+            xh = _scaled(tl.load(xp + HD, mask=tmask[:, None], other=0.0),
+                         tl.load(CS + h * stride_csh + HD + offs_x), CS_MUL16, CS_BF16, PIECES)
         else:
+            offs_x = offs_d
             x = tl.load(X + b * stride_xb + h * stride_xh + offs_t[:, None] * stride_xn + offs_d[None, :],
                         mask=tmask[:, None], other=0.0)
-        if X_REGS and not BFLY:  # the tile through registers (identity moves): see encode_into
+        if X_REGS:  # the tile through registers (identity moves): see encode_into
             x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-        if FOLD or BFLY:  # the scale is in the rotation (BFLY: scaled above, per half)
+        if FOLD:  # the scale is in the rotation
             pass
         elif HAS_CS:  # the reciprocal channel scale: one shared vector (stride_csh = 0) or one per KV head; the
             # codec's bf16 working space (TurboQuantizer.bf16_working) rounds it to one exact bf16 piece
-            x = _scaled(x, tl.load(CS + h * stride_csh + offs_d), CS_MUL16, CS_BF16, PIECES)
+            x = _scaled(x, tl.load(CS + h * stride_csh + offs_x), CS_MUL16, CS_BF16, PIECES)
 
         slot = start + offs_t
         oc_row = OC + b * stride_ocb + h * stride_och + slot * stride_oct
@@ -947,7 +944,9 @@ def _enc_matrices(codec, device, chunk: int = 0):
     for s, t in tables:
         ct[s, : len(t)] = t
     cells["CLEN"] = clen
-    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, ct.to(device), E.contiguous(), sk.contiguous(), signs_only,
+    # QJL's M = E·SK: row j sketches rotated coordinate j (kernel column order), S·r = r_rot @ M for r = r_rot @ E
+    qm = (E.double() @ sk.double()).float().contiguous() if codec.qjl else E
+    out = (R.contiguous(), rs, seg, cs, lv, bd, tg, ct.to(device), E.contiguous(), sk.contiguous(), qm, signs_only,
            cs_mul16, cs_pow2, sym_consts if sym else None, cells)
     return remember(_ENC_CACHE, key, (codec,), out)
 
@@ -1043,7 +1042,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
         # Codes packed in registers (2-4 bits, power-of-two chunks of 32-128 codes): the rotation's columns in
         # thread order. Else the tensor-core packing products (5 bits, byte stores of a misaligned buffer).
         local = words and all(b_s in (2, 3, 4) and min(dc, d_s) in (32, 64, 128) for d_s, b_s in codec.segments)
-        R, rs, seg, cs, lv, bd, tg, ct, E, sk, signs_only, cs_mul16, cs_pow2, sym_consts, cells = _enc_matrices(
+        R, rs, seg, cs, lv, bd, tg, ct, E, sk, qm, signs_only, cs_mul16, cs_pow2, sym_consts, cells = _enc_matrices(
             codec, x.device, dc if local else 0)
         bfly = _butterfly(R) if bfly_try and dc == 128 else None
         if bfly is not None or not bfly_try:
@@ -1084,7 +1083,7 @@ def encode_into(codec, x: torch.Tensor, fields: dict, start: int, *, block_t: in
             cs = torch.cat([torch.ones_like(t), t]).reshape(1, d).contiguous()
     sign16 = x.device.type == "cuda" and x.dtype == torch.bfloat16 and pieces == 1
     if codec.qjl and hoist:  # the sketch of a residual in rotated coordinates: M = E·Sᵀ (float64 on the host)
-        E = _qjl_map(codec, E, sk)
+        E = qm
     consts = (R, rs, seg, cs, cs.stride(0) if cs.shape[0] > 1 else 0, lv, bd, tg, ct, E, sk)
     args = _encode_args(x, fields, start, consts, codec.qjl, n_tiles, n_items)
     meta = dict(
@@ -1148,16 +1147,6 @@ def _butterfly(R: torch.Tensor):
     ok = (bool(torch.all(t.abs() == 1)) and torch.equal(r01, r00) and torch.equal(r11, -r10)
           and torch.equal(r10, (t[:, None] * r00.float()).to(R.dtype)))
     return (r00.contiguous(), t) if ok else None
-
-
-def _qjl_map(codec, E: torch.Tensor, sk: torch.Tensor) -> torch.Tensor:
-    """``M = E·SK`` ``[D0 + D1, d]`` fp32, cached per codec state: row j sketches rotated coordinate j (in the
-    kernel's column order) — ``S·r = (r_rot @ M)`` for a residual ``r = r_rot @ E``."""
-    key = codec_key(codec, E.device) + ("qjl_map", E.shape[0])
-    hit = cached(_ENC_CACHE, key, (codec,))
-    if hit is not None:
-        return hit
-    return remember(_ENC_CACHE, key, (codec,), (E.double() @ sk.double()).float().contiguous())
 
 
 def _hoisted(codec) -> bool:
